@@ -1,0 +1,210 @@
+//! `sd`: the command-line front end. Argument parsing, a progress bar and PNG files; all the
+//! work is the library's pipeline.
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use stable_diffusion::pipeline::{Control, GenerateParams, LoadOptions, StableDiffusion, StepInfo};
+use stable_diffusion::{image_io, Error, Result};
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind};
+
+#[derive(Parser)]
+#[command(name = "sd", version, about = "Stable Diffusion on libtorch")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate images from a text prompt.
+    Txt2img(CommonArgs),
+}
+
+#[derive(Args)]
+struct CommonArgs {
+    /// Model folder in the diffusers layout.
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, short)]
+    prompt: String,
+    #[arg(long, short = 'n')]
+    negative_prompt: Option<String>,
+    #[arg(long, default_value_t = 30)]
+    steps: usize,
+    /// Classifier-free guidance scale (<= 1 disables guidance).
+    #[arg(long, default_value_t = 7.5)]
+    guidance: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Image width in pixels (multiple of 8); the model's native size if omitted.
+    #[arg(long)]
+    width: Option<i64>,
+    #[arg(long)]
+    height: Option<i64>,
+    /// Scheduler (e.g. ddim, ddpm, or a diffusers class name); the model's own if omitted.
+    #[arg(long)]
+    scheduler: Option<String>,
+    /// Number of images.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    #[arg(long, default_value_t = 0)]
+    clip_skip: usize,
+    /// DDIM eta.
+    #[arg(long, default_value_t = 0.0)]
+    eta: f64,
+    /// cpu, cuda, cuda:N or mps.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// fp32, fp16 or bf16.
+    #[arg(long, default_value = "fp32")]
+    dtype: String,
+    /// Output PNG; with --batch N > 1, files are numbered (out-1.png, out-2.png, ...).
+    #[arg(long, short, default_value = "out.png")]
+    out: PathBuf,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn parse_device(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        "mps" => Ok(Device::Mps),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(Device::Cuda)
+            .ok_or_else(|| Error::invalid(format!("--device `{s}`: use cpu, cuda, cuda:N or mps"))),
+    }
+}
+
+fn parse_dtype(s: &str) -> Result<Kind> {
+    match s.to_ascii_lowercase().as_str() {
+        "fp32" | "f32" | "float32" => Ok(Kind::Float),
+        "fp16" | "f16" | "float16" | "half" => Ok(Kind::Half),
+        "bf16" | "bfloat16" => Ok(Kind::BFloat16),
+        _ => Err(Error::invalid(format!(
+            "--dtype `{s}`: use fp32, fp16 or bf16"
+        ))),
+    }
+}
+
+fn output_paths(out: &Path, n: usize) -> Vec<PathBuf> {
+    if n == 1 {
+        return vec![out.to_path_buf()];
+    }
+    let stem = out.file_stem().and_then(|s| s.to_str()).unwrap_or("out");
+    let ext = out.extension().and_then(|s| s.to_str()).unwrap_or("png");
+    (1..=n)
+        .map(|i| out.with_file_name(format!("{stem}-{i}.{ext}")))
+        .collect()
+}
+
+/// A1111's `parameters` text: prompt, negative prompt, then the settings line.
+fn a1111_parameters(
+    a: &CommonArgs,
+    scheduler: &str,
+    width: u32,
+    height: u32,
+    model: &str,
+) -> String {
+    let mut s = a.prompt.clone();
+    if let Some(n) = &a.negative_prompt {
+        s.push_str(&format!("\nNegative prompt: {n}"));
+    }
+    s.push_str(&format!(
+        "\nSteps: {}, Sampler: {scheduler}, CFG scale: {}, Seed: {}, Size: {width}x{height}, Model: {model}",
+        a.steps, a.guidance, a.seed
+    ));
+    if a.clip_skip > 0 {
+        s.push_str(&format!(", Clip skip: {}", a.clip_skip + 1));
+    }
+    if a.batch > 1 {
+        s.push_str(&format!(", Batch size: {}", a.batch));
+    }
+    s
+}
+
+fn txt2img(a: &CommonArgs) -> Result<()> {
+    let options = LoadOptions {
+        device: parse_device(&a.device)?,
+        kind: parse_dtype(&a.dtype)?,
+    };
+    let sd = StableDiffusion::load(&a.model, &options)?;
+    let params = GenerateParams {
+        prompt: a.prompt.clone(),
+        negative_prompt: a.negative_prompt.clone(),
+        steps: a.steps,
+        guidance: a.guidance,
+        seed: a.seed,
+        width: a.width,
+        height: a.height,
+        batch: a.batch,
+        scheduler: a.scheduler.clone(),
+        clip_skip: a.clip_skip,
+        eta: a.eta,
+    };
+    let scheduler_name = a
+        .scheduler
+        .clone()
+        .or_else(|| sd.scheduler_config.class_name.clone())
+        .unwrap_or_else(|| "default".into());
+    let bar = if a.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(a.steps as u64)
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} steps {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut on_step = |info: &StepInfo| {
+        bar.set_length(info.total as u64);
+        bar.set_position(info.step as u64);
+        bar.set_message(format!("t={}", info.timestep));
+        Control::Continue
+    };
+    let images = sd.txt2img(&params, Some(&mut on_step))?;
+    bar.finish_and_clear();
+    let model_name = a
+        .model
+        .file_name()
+        .and_then(|s| s.to_str())
+        .unwrap_or("model");
+    let text = a1111_parameters(
+        a,
+        &scheduler_name,
+        images.width(),
+        images.height(),
+        model_name,
+    );
+    for (rgb, path) in images
+        .to_rgb8()?
+        .iter()
+        .zip(output_paths(&a.out, images.len()))
+    {
+        image_io::save_png(
+            &path,
+            rgb,
+            images.width(),
+            images.height(),
+            &[("parameters", &text)],
+        )?;
+        println!("{}", path.display());
+    }
+    Ok(())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Txt2img(a) => txt2img(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,12 @@
+//! Stable Diffusion on libtorch: CLIP text encoder, UNet, VAE, schedulers and one pipeline,
+//! loadable from the checkpoints users download, with a stable C ABI on top.
+pub mod error;
+pub mod image_io;
+pub mod models;
+pub mod pipeline;
+pub mod rng;
+pub mod schedulers;
+pub mod tokenizer;
+pub mod weights;
+
+pub use error::{Error, Result};

@@ -1,0 +1,239 @@
+//! The CLIP text transformer (transformers' `CLIPTextModel`) that conditions the UNet.
+use super::blocks::{multi_head_attention, LayerNorm, Linear};
+use super::config::read_json;
+use crate::{Error, Result};
+use std::path::Path;
+use tch::nn::{self, Init};
+use tch::{Kind, Tensor};
+
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct ClipTextConfig {
+    #[serde(default = "d_vocab")]
+    pub vocab_size: i64,
+    #[serde(default = "d_hidden")]
+    pub hidden_size: i64,
+    #[serde(default = "d_intermediate")]
+    pub intermediate_size: i64,
+    #[serde(default = "d_layers")]
+    pub num_hidden_layers: i64,
+    #[serde(default = "d_heads")]
+    pub num_attention_heads: i64,
+    #[serde(default = "d_positions")]
+    pub max_position_embeddings: i64,
+    #[serde(default = "d_act")]
+    pub hidden_act: String,
+    #[serde(default = "d_eps")]
+    pub layer_norm_eps: f64,
+}
+
+fn d_vocab() -> i64 {
+    49408
+}
+fn d_hidden() -> i64 {
+    512
+}
+fn d_intermediate() -> i64 {
+    2048
+}
+fn d_layers() -> i64 {
+    12
+}
+fn d_heads() -> i64 {
+    8
+}
+fn d_positions() -> i64 {
+    77
+}
+fn d_act() -> String {
+    "quick_gelu".into()
+}
+fn d_eps() -> f64 {
+    1e-5
+}
+
+impl ClipTextConfig {
+    /// Reads `text_encoder/config.json`; a full `CLIPModel` config's `text_config` is accepted too.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let value: serde_json::Value = read_json(path)?;
+        let text = value.get("text_config").cloned().unwrap_or(value);
+        let cfg: Self = serde_json::from_value(text).map_err(|e| Error::Json {
+            path: path.into(),
+            source: e,
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.hidden_size % self.num_attention_heads != 0 {
+            return Err(Error::bad_model(format!(
+                "text encoder hidden_size {} is not a multiple of num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            )));
+        }
+        Activation::parse(&self.hidden_act)?;
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Activation {
+    QuickGelu,
+    Gelu,
+}
+
+impl Activation {
+    fn parse(name: &str) -> Result<Self> {
+        match name {
+            "quick_gelu" => Ok(Self::QuickGelu),
+            "gelu" => Ok(Self::Gelu),
+            other => Err(Error::Unsupported(format!(
+                "text encoder hidden_act `{other}` (supported: quick_gelu, gelu)"
+            ))),
+        }
+    }
+
+    fn apply(self, xs: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::QuickGelu => xs.f_mul(&xs.f_mul_scalar(1.702)?.f_sigmoid()?)?,
+            Self::Gelu => xs.f_gelu("none")?,
+        })
+    }
+}
+
+#[derive(Debug)]
+struct EncoderLayer {
+    layer_norm1: LayerNorm,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    heads: i64,
+    act: Activation,
+}
+
+impl EncoderLayer {
+    fn new(vs: nn::Path, c: &ClipTextConfig, act: Activation) -> Self {
+        let d = c.hidden_size;
+        let attn = &vs / "self_attn";
+        Self {
+            layer_norm1: LayerNorm::new(&vs / "layer_norm1", d, c.layer_norm_eps),
+            q_proj: Linear::new(&attn / "q_proj", d, d, true),
+            k_proj: Linear::new(&attn / "k_proj", d, d, true),
+            v_proj: Linear::new(&attn / "v_proj", d, d, true),
+            out_proj: Linear::new(&attn / "out_proj", d, d, true),
+            layer_norm2: LayerNorm::new(&vs / "layer_norm2", d, c.layer_norm_eps),
+            fc1: Linear::new(&vs / "mlp" / "fc1", d, c.intermediate_size, true),
+            fc2: Linear::new(&vs / "mlp" / "fc2", c.intermediate_size, d, true),
+            heads: c.num_attention_heads,
+            act,
+        }
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let h = self.layer_norm1.forward(xs)?;
+        let attn = multi_head_attention(
+            &self.q_proj.forward(&h)?,
+            &self.k_proj.forward(&h)?,
+            &self.v_proj.forward(&h)?,
+            self.heads,
+            true,
+        )?;
+        let xs = xs.f_add(&self.out_proj.forward(&attn)?)?;
+        let h = self.layer_norm2.forward(&xs)?;
+        let h = self.fc2.forward(&self.act.apply(&self.fc1.forward(&h)?)?)?;
+        Ok(xs.f_add(&h)?)
+    }
+}
+
+/// `text_model.*` of a `CLIPTextModel`: token + position embeddings, causal transformer
+/// layers, final layer norm.
+#[derive(Debug)]
+pub struct ClipTextTransformer {
+    token_embedding: Tensor,
+    position_embedding: Tensor,
+    layers: Vec<EncoderLayer>,
+    final_layer_norm: LayerNorm,
+    config: ClipTextConfig,
+}
+
+impl ClipTextTransformer {
+    /// `vs` is the model's root; variables live under `text_model.`.
+    pub fn new(vs: nn::Path, config: &ClipTextConfig) -> Result<Self> {
+        config.validate()?;
+        let act = Activation::parse(&config.hidden_act)?;
+        let tm = &vs / "text_model";
+        let emb = &tm / "embeddings";
+        let d = config.hidden_size;
+        let normal = Init::Randn {
+            mean: 0.,
+            stdev: 0.02,
+        };
+        let token_embedding =
+            (&emb / "token_embedding").var("weight", &[config.vocab_size, d], normal);
+        let position_embedding = (&emb / "position_embedding").var(
+            "weight",
+            &[config.max_position_embeddings, d],
+            normal,
+        );
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| EncoderLayer::new(&tm / "encoder" / "layers" / i, config, act))
+            .collect();
+        let final_layer_norm = LayerNorm::new(&tm / "final_layer_norm", d, config.layer_norm_eps);
+        Ok(Self {
+            token_embedding,
+            position_embedding,
+            layers,
+            final_layer_norm,
+            config: config.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &ClipTextConfig {
+        &self.config
+    }
+
+    /// Hidden states `[batch, tokens, hidden]` for token ids `[batch, tokens]`. `clip_skip`
+    /// stops that many layers before the last (diffusers' `clip_skip`); the final layer norm
+    /// is applied either way, as the SD pipelines do.
+    pub fn forward(&self, input_ids: &Tensor, clip_skip: usize) -> Result<Tensor> {
+        let (_, len) = input_ids.size2()?;
+        if len > self.config.max_position_embeddings {
+            return Err(Error::invalid(format!(
+                "{len} tokens exceed the text encoder's {} positions",
+                self.config.max_position_embeddings
+            )));
+        }
+        if clip_skip >= self.layers.len() {
+            return Err(Error::invalid(format!(
+                "clip_skip {clip_skip} must be below the text encoder's {} layers",
+                self.layers.len()
+            )));
+        }
+        let (min, max) = (
+            input_ids.f_min()?.int64_value(&[]),
+            input_ids.f_max()?.int64_value(&[]),
+        );
+        if min < 0 || max >= self.config.vocab_size {
+            return Err(Error::invalid(format!(
+                "token id out of range [0, {}): found {min}..{max}",
+                self.config.vocab_size
+            )));
+        }
+        let tokens = Tensor::f_embedding(&self.token_embedding, input_ids, -1, false, false)?;
+        let positions = self.position_embedding.f_narrow(0, 0, len)?;
+        let mut xs = tokens.f_add(&positions)?;
+        for layer in &self.layers[..self.layers.len() - clip_skip] {
+            xs = layer.forward(&xs)?;
+        }
+        self.final_layer_norm.forward(&xs)
+    }
+
+    /// The dtype the weights are held in.
+    pub fn kind(&self) -> Kind {
+        self.token_embedding.kind()
+    }
+}

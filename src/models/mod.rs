@@ -1,0 +1,10 @@
+//! The networks of Stable Diffusion.
+pub mod blocks;
+pub mod clip;
+pub mod config;
+pub mod unet;
+pub mod vae;
+
+pub use clip::{ClipTextConfig, ClipTextTransformer};
+pub use unet::{UNet2DConditionModel, UNetConfig};
+pub use vae::{AutoencoderKL, DiagonalGaussian, VaeConfig};

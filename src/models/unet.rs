@@ -1,0 +1,655 @@
+//! UNet2DConditionModel: predicts the noise (or v) in a latent from the timestep and the text.
+use super::blocks::{
+    Attention, Conv2d, Downsample2D, GroupNorm, LayerNorm, Linear, ResnetBlock2D, ResnetConfig,
+    Upsample2D,
+};
+use super::config::{read_json, PerBlock};
+use crate::{Error, Result};
+use std::path::Path;
+use tch::nn;
+use tch::{Device, Kind, Tensor};
+
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct UNetConfig {
+    #[serde(default)]
+    pub sample_size: Option<i64>,
+    #[serde(default = "d_four")]
+    pub in_channels: i64,
+    #[serde(default = "d_four")]
+    pub out_channels: i64,
+    #[serde(default)]
+    pub center_input_sample: bool,
+    #[serde(default = "d_true")]
+    pub flip_sin_to_cos: bool,
+    #[serde(default)]
+    pub freq_shift: f64,
+    #[serde(default = "d_down")]
+    pub down_block_types: Vec<String>,
+    #[serde(default = "d_mid")]
+    pub mid_block_type: Option<String>,
+    #[serde(default = "d_up")]
+    pub up_block_types: Vec<String>,
+    #[serde(default = "d_channels")]
+    pub block_out_channels: Vec<i64>,
+    #[serde(default = "d_layers")]
+    pub layers_per_block: PerBlock<i64>,
+    #[serde(default = "d_one_i")]
+    pub downsample_padding: i64,
+    #[serde(default = "d_one_f")]
+    pub mid_block_scale_factor: f64,
+    #[serde(default = "d_act")]
+    pub act_fn: String,
+    #[serde(default = "d_groups")]
+    pub norm_num_groups: i64,
+    #[serde(default = "d_eps")]
+    pub norm_eps: f64,
+    #[serde(default = "d_cross")]
+    pub cross_attention_dim: PerBlock<i64>,
+    #[serde(default = "d_tlayers")]
+    pub transformer_layers_per_block: PerBlock<i64>,
+    #[serde(default = "d_head_dim")]
+    pub attention_head_dim: PerBlock<i64>,
+    #[serde(default)]
+    pub num_attention_heads: Option<PerBlock<i64>>,
+    #[serde(default)]
+    pub use_linear_projection: bool,
+    #[serde(default)]
+    pub upcast_attention: bool,
+    #[serde(default)]
+    pub only_cross_attention: PerBlock<bool>,
+    #[serde(default)]
+    pub dual_cross_attention: bool,
+    #[serde(default)]
+    pub class_embed_type: Option<String>,
+    #[serde(default)]
+    pub addition_embed_type: Option<String>,
+    #[serde(default)]
+    pub time_cond_proj_dim: Option<i64>,
+    #[serde(default = "d_shift")]
+    pub resnet_time_scale_shift: String,
+    #[serde(default = "d_time_type")]
+    pub time_embedding_type: String,
+    #[serde(default)]
+    pub encoder_hid_dim: Option<i64>,
+}
+
+impl Default for PerBlock<bool> {
+    fn default() -> Self {
+        PerBlock::One(false)
+    }
+}
+
+fn d_four() -> i64 {
+    4
+}
+fn d_true() -> bool {
+    true
+}
+fn d_down() -> Vec<String> {
+    [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+fn d_mid() -> Option<String> {
+    Some("UNetMidBlock2DCrossAttn".into())
+}
+fn d_up() -> Vec<String> {
+    [
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+fn d_channels() -> Vec<i64> {
+    vec![320, 640, 1280, 1280]
+}
+fn d_layers() -> PerBlock<i64> {
+    PerBlock::One(2)
+}
+fn d_one_i() -> i64 {
+    1
+}
+fn d_one_f() -> f64 {
+    1.0
+}
+fn d_act() -> String {
+    "silu".into()
+}
+fn d_groups() -> i64 {
+    32
+}
+fn d_eps() -> f64 {
+    1e-5
+}
+fn d_cross() -> PerBlock<i64> {
+    PerBlock::One(1280)
+}
+fn d_tlayers() -> PerBlock<i64> {
+    PerBlock::One(1)
+}
+fn d_head_dim() -> PerBlock<i64> {
+    PerBlock::One(8)
+}
+fn d_shift() -> String {
+    "default".into()
+}
+fn d_time_type() -> String {
+    "positional".into()
+}
+
+/// Per-block settings, resolved from the config's one-or-per-block fields.
+struct Resolved {
+    layers: Vec<i64>,
+    heads: Vec<i64>,
+    cross_dims: Vec<i64>,
+    transformer_layers: Vec<i64>,
+}
+
+impl UNetConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let cfg: Self = read_json(path)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn resolve(&self) -> Result<Resolved> {
+        let n = self.block_out_channels.len();
+        // diffusers' historical naming: `attention_head_dim` holds the number of heads
+        // unless `num_attention_heads` is given.
+        let heads = match &self.num_attention_heads {
+            Some(h) => h.expand(n, "num_attention_heads")?,
+            None => self.attention_head_dim.expand(n, "attention_head_dim")?,
+        };
+        Ok(Resolved {
+            layers: self.layers_per_block.expand(n, "layers_per_block")?,
+            heads,
+            cross_dims: self.cross_attention_dim.expand(n, "cross_attention_dim")?,
+            transformer_layers: self
+                .transformer_layers_per_block
+                .expand(n, "transformer_layers_per_block")?,
+        })
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let n = self.block_out_channels.len();
+        if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
+            return Err(Error::bad_model(format!(
+                "UNet config: {} block_out_channels, {} down_block_types, {} up_block_types must agree",
+                n,
+                self.down_block_types.len(),
+                self.up_block_types.len()
+            )));
+        }
+        let unsupported = |what: String| Err(Error::Unsupported(format!("UNet {what}")));
+        for t in &self.down_block_types {
+            if t != "CrossAttnDownBlock2D" && t != "DownBlock2D" {
+                return unsupported(format!("down block type `{t}`"));
+            }
+        }
+        for t in &self.up_block_types {
+            if t != "CrossAttnUpBlock2D" && t != "UpBlock2D" {
+                return unsupported(format!("up block type `{t}`"));
+            }
+        }
+        if self.mid_block_type.as_deref() != Some("UNetMidBlock2DCrossAttn") {
+            return unsupported(format!("mid block type {:?}", self.mid_block_type));
+        }
+        if self.act_fn != "silu" {
+            return unsupported(format!("act_fn `{}`", self.act_fn));
+        }
+        if let Some(t) = &self.class_embed_type {
+            return unsupported(format!("class_embed_type `{t}`"));
+        }
+        if let Some(t) = &self.addition_embed_type {
+            return unsupported(format!("addition_embed_type `{t}` (SDXL-style UNets)"));
+        }
+        if self.time_cond_proj_dim.is_some() {
+            return unsupported("time_cond_proj_dim (guidance-embedded LCM UNets)".into());
+        }
+        if self.encoder_hid_dim.is_some() {
+            return unsupported("encoder_hid_dim".into());
+        }
+        if self.dual_cross_attention || self.only_cross_attention != PerBlock::One(false) {
+            return unsupported("dual or only cross-attention".into());
+        }
+        if self.resnet_time_scale_shift != "default" || self.time_embedding_type != "positional" {
+            return unsupported(format!(
+                "resnet_time_scale_shift `{}` / time_embedding_type `{}`",
+                self.resnet_time_scale_shift, self.time_embedding_type
+            ));
+        }
+        let r = self.resolve()?;
+        for (i, (&c, &h)) in self.block_out_channels.iter().zip(&r.heads).enumerate() {
+            if h <= 0 || c % h != 0 || c % self.norm_num_groups != 0 {
+                return Err(Error::bad_model(format!(
+                    "UNet block {i}: {c} channels must divide into {h} heads and {} groups",
+                    self.norm_num_groups
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Sinusoidal embedding of (possibly fractional) timesteps, as diffusers' `Timesteps`.
+fn timestep_embedding(
+    timesteps: &Tensor,
+    dim: i64,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+) -> Result<Tensor> {
+    let half = dim / 2;
+    let exponent = Tensor::f_arange(half, (Kind::Float, timesteps.device()))?
+        .f_mul_scalar(-(10000f64).ln())?
+        .f_div_scalar(half as f64 - freq_shift)?;
+    let freqs = exponent.f_exp()?;
+    let args = timesteps
+        .f_to_kind(Kind::Float)?
+        .f_unsqueeze(1)?
+        .f_mul(&freqs.f_unsqueeze(0)?)?;
+    let (sin, cos) = (args.f_sin()?, args.f_cos()?);
+    let emb = if flip_sin_to_cos {
+        Tensor::f_cat(&[cos, sin], -1)?
+    } else {
+        Tensor::f_cat(&[sin, cos], -1)?
+    };
+    if dim % 2 == 1 {
+        Ok(emb.f_constant_pad_nd([0, 1])?)
+    } else {
+        Ok(emb)
+    }
+}
+
+#[derive(Debug)]
+struct FeedForward {
+    proj_in: Linear,
+    proj_out: Linear,
+}
+
+impl FeedForward {
+    fn new(vs: nn::Path, dim: i64) -> Self {
+        let inner = 4 * dim;
+        Self {
+            proj_in: Linear::new(&vs / "net" / 0 / "proj", dim, 2 * inner, true),
+            proj_out: Linear::new(&vs / "net" / 2, inner, dim, true),
+        }
+    }
+
+    /// GEGLU: half of the projection gated by the GELU of the other half.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let parts = self.proj_in.forward(xs)?.f_chunk(2, -1)?;
+        let gated = parts[0].f_mul(&parts[1].f_gelu("none")?)?;
+        self.proj_out.forward(&gated)
+    }
+}
+
+#[derive(Debug)]
+struct BasicTransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+}
+
+impl BasicTransformerBlock {
+    fn new(vs: nn::Path, dim: i64, heads: i64, cross_dim: i64) -> Self {
+        let head_dim = dim / heads;
+        Self {
+            norm1: LayerNorm::new(&vs / "norm1", dim, 1e-5),
+            attn1: Attention::new(&vs / "attn1", dim, dim, heads, head_dim, false),
+            norm2: LayerNorm::new(&vs / "norm2", dim, 1e-5),
+            attn2: Attention::new(&vs / "attn2", dim, cross_dim, heads, head_dim, false),
+            norm3: LayerNorm::new(&vs / "norm3", dim, 1e-5),
+            ff: FeedForward::new(&vs / "ff", dim),
+        }
+    }
+
+    fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let xs = self
+            .attn1
+            .forward(&self.norm1.forward(xs)?, None)?
+            .f_add(xs)?;
+        let xs = self
+            .attn2
+            .forward(&self.norm2.forward(&xs)?, Some(context))?
+            .f_add(&xs)?;
+        Ok(self.ff.forward(&self.norm3.forward(&xs)?)?.f_add(&xs)?)
+    }
+}
+
+#[derive(Debug)]
+enum Projection {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+/// Transformer2DModel: group norm, projection to tokens, transformer blocks, projection back,
+/// residual.
+#[derive(Debug)]
+struct Transformer2D {
+    norm: GroupNorm,
+    proj_in: Projection,
+    blocks: Vec<BasicTransformerBlock>,
+    proj_out: Projection,
+}
+
+impl Transformer2D {
+    fn new(
+        vs: nn::Path,
+        channels: i64,
+        heads: i64,
+        layers: i64,
+        cross_dim: i64,
+        groups: i64,
+        linear: bool,
+    ) -> Self {
+        let proj = |name: &str| {
+            if linear {
+                Projection::Linear(Linear::new(&vs / name, channels, channels, true))
+            } else {
+                Projection::Conv(Conv2d::new(&vs / name, channels, channels, 1, 1, 0))
+            }
+        };
+        Self {
+            norm: GroupNorm::new(&vs / "norm", groups, channels, 1e-6),
+            proj_in: proj("proj_in"),
+            blocks: (0..layers)
+                .map(|i| {
+                    BasicTransformerBlock::new(
+                        &vs / "transformer_blocks" / i,
+                        channels,
+                        heads,
+                        cross_dim,
+                    )
+                })
+                .collect(),
+            proj_out: proj("proj_out"),
+        }
+    }
+
+    fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = xs.size4()?;
+        let normed = self.norm.forward(xs)?;
+        let to_tokens = |t: &Tensor| -> Result<Tensor> {
+            Ok(t.f_permute([0, 2, 3, 1])?.f_reshape([b, h * w, c])?)
+        };
+        let to_image = |t: &Tensor| -> Result<Tensor> {
+            Ok(t.f_reshape([b, h, w, c])?.f_permute([0, 3, 1, 2])?)
+        };
+        let mut tokens = match &self.proj_in {
+            Projection::Conv(conv) => to_tokens(&conv.forward(&normed)?)?,
+            Projection::Linear(lin) => lin.forward(&to_tokens(&normed)?)?,
+        };
+        for block in &self.blocks {
+            tokens = block.forward(&tokens, context)?;
+        }
+        let out = match &self.proj_out {
+            Projection::Conv(conv) => conv.forward(&to_image(&tokens)?.f_contiguous()?)?,
+            Projection::Linear(lin) => to_image(&lin.forward(&tokens)?)?,
+        };
+        Ok(out.f_add(xs)?)
+    }
+}
+
+#[derive(Debug)]
+struct DownBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2D>,
+    downsampler: Option<Downsample2D>,
+}
+
+#[derive(Debug)]
+struct UpBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2D>,
+    upsampler: Option<Upsample2D>,
+}
+
+#[derive(Debug)]
+struct MidBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2D>,
+}
+
+#[derive(Debug)]
+pub struct UNet2DConditionModel {
+    conv_in: Conv2d,
+    time_linear_1: Linear,
+    time_linear_2: Linear,
+    down_blocks: Vec<DownBlock>,
+    mid_block: MidBlock,
+    up_blocks: Vec<UpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+    config: UNetConfig,
+}
+
+impl UNet2DConditionModel {
+    pub fn new(vs: nn::Path, config: &UNetConfig) -> Result<Self> {
+        config.validate()?;
+        let c = config;
+        let r = c.resolve()?;
+        let ch = &c.block_out_channels;
+        let n = ch.len();
+        let temb_dim = ch[0] * 4;
+        let resnet_cfg = ResnetConfig {
+            groups: c.norm_num_groups,
+            eps: c.norm_eps,
+            temb_channels: Some(temb_dim),
+            output_scale_factor: 1.0,
+        };
+        let transformer = |vs: nn::Path, channels: i64, i: usize| {
+            Transformer2D::new(
+                vs,
+                channels,
+                r.heads[i],
+                r.transformer_layers[i],
+                r.cross_dims[i],
+                c.norm_num_groups,
+                c.use_linear_projection,
+            )
+        };
+
+        let mut down_blocks = Vec::with_capacity(n);
+        let mut out_c = ch[0];
+        for (i, kind) in c.down_block_types.iter().enumerate() {
+            let in_c = out_c;
+            out_c = ch[i];
+            let bvs = &vs / "down_blocks" / i;
+            let with_attn = kind == "CrossAttnDownBlock2D";
+            let mut resnets = Vec::new();
+            let mut attentions = Vec::new();
+            for j in 0..r.layers[i] {
+                let rin = if j == 0 { in_c } else { out_c };
+                resnets.push(ResnetBlock2D::new(
+                    &bvs / "resnets" / j,
+                    rin,
+                    out_c,
+                    resnet_cfg,
+                ));
+                if with_attn {
+                    attentions.push(transformer(&bvs / "attentions" / j, out_c, i));
+                }
+            }
+            let downsampler = (i + 1 < n)
+                .then(|| Downsample2D::new(&bvs / "downsamplers" / 0, out_c, c.downsample_padding));
+            down_blocks.push(DownBlock {
+                resnets,
+                attentions,
+                downsampler,
+            });
+        }
+
+        let mid_c = ch[n - 1];
+        let mvs = &vs / "mid_block";
+        let mid_cfg = ResnetConfig {
+            output_scale_factor: c.mid_block_scale_factor,
+            ..resnet_cfg
+        };
+        let mid_block = MidBlock {
+            resnets: (0..2)
+                .map(|j| ResnetBlock2D::new(&mvs / "resnets" / j, mid_c, mid_c, mid_cfg))
+                .collect(),
+            attentions: vec![transformer(&mvs / "attentions" / 0, mid_c, n - 1)],
+        };
+
+        let reversed: Vec<i64> = ch.iter().rev().copied().collect();
+        let mut up_blocks = Vec::with_capacity(n);
+        let mut out_c = reversed[0];
+        for (i, kind) in c.up_block_types.iter().enumerate() {
+            let rev_i = n - 1 - i;
+            let prev_c = out_c;
+            out_c = reversed[i];
+            let in_c = reversed[(i + 1).min(n - 1)];
+            let bvs = &vs / "up_blocks" / i;
+            let with_attn = kind == "CrossAttnUpBlock2D";
+            let layers = r.layers[rev_i] + 1;
+            let mut resnets = Vec::new();
+            let mut attentions = Vec::new();
+            for j in 0..layers {
+                let skip_c = if j == layers - 1 { in_c } else { out_c };
+                let rin = if j == 0 { prev_c } else { out_c };
+                resnets.push(ResnetBlock2D::new(
+                    &bvs / "resnets" / j,
+                    rin + skip_c,
+                    out_c,
+                    resnet_cfg,
+                ));
+                if with_attn {
+                    attentions.push(transformer(&bvs / "attentions" / j, out_c, rev_i));
+                }
+            }
+            let upsampler = (i + 1 < n).then(|| Upsample2D::new(&bvs / "upsamplers" / 0, out_c));
+            up_blocks.push(UpBlock {
+                resnets,
+                attentions,
+                upsampler,
+            });
+        }
+
+        Ok(Self {
+            conv_in: Conv2d::new(&vs / "conv_in", c.in_channels, ch[0], 3, 1, 1),
+            time_linear_1: Linear::new(&vs / "time_embedding" / "linear_1", ch[0], temb_dim, true),
+            time_linear_2: Linear::new(
+                &vs / "time_embedding" / "linear_2",
+                temb_dim,
+                temb_dim,
+                true,
+            ),
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out: GroupNorm::new(
+                &vs / "conv_norm_out",
+                c.norm_num_groups,
+                ch[0],
+                c.norm_eps,
+            ),
+            conv_out: Conv2d::new(&vs / "conv_out", ch[0], c.out_channels, 3, 1, 1),
+            config: config.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &UNetConfig {
+        &self.config
+    }
+
+    /// Predicts noise (or v) for `sample` `[b, in_channels, h, w]` at `timestep`, conditioned on
+    /// `context` `[b, tokens, cross_attention_dim]`.
+    pub fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
+        let (b, c, _, _) = sample.size4()?;
+        if c != self.config.in_channels {
+            return Err(Error::invalid(format!(
+                "UNet input has {c} channels, the model takes {}",
+                self.config.in_channels
+            )));
+        }
+        let (cb, _, _) = context.size3()?;
+        if cb != b {
+            return Err(Error::invalid(format!(
+                "UNet context batch {cb} differs from sample batch {b}"
+            )));
+        }
+        let kind = sample.kind();
+        let t = Tensor::f_full([b], timestep, (Kind::Float, sample.device()))?;
+        let t_emb = timestep_embedding(
+            &t,
+            self.config.block_out_channels[0],
+            self.config.flip_sin_to_cos,
+            self.config.freq_shift,
+        )?
+        .f_to_kind(kind)?;
+        let emb = self
+            .time_linear_2
+            .forward(&self.time_linear_1.forward(&t_emb)?.f_silu()?)?;
+        // Every resnet applies SiLU to the time embedding first: do it once.
+        let emb = emb.f_silu()?;
+        let emb = Some(&emb);
+
+        let sample = if self.config.center_input_sample {
+            sample.f_mul_scalar(2.0)?.f_sub_scalar(1.0)?
+        } else {
+            sample.shallow_clone()
+        };
+        let mut h = self.conv_in.forward(&sample)?;
+        let mut skips = vec![h.shallow_clone()];
+        for block in &self.down_blocks {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                h = resnet.forward(&h, emb)?;
+                if let Some(attn) = block.attentions.get(j) {
+                    h = attn.forward(&h, context)?;
+                }
+                skips.push(h.shallow_clone());
+            }
+            if let Some(down) = &block.downsampler {
+                h = down.forward(&h)?;
+                skips.push(h.shallow_clone());
+            }
+        }
+
+        h = self.mid_block.resnets[0].forward(&h, emb)?;
+        for (attn, resnet) in self
+            .mid_block
+            .attentions
+            .iter()
+            .zip(&self.mid_block.resnets[1..])
+        {
+            h = attn.forward(&h, context)?;
+            h = resnet.forward(&h, emb)?;
+        }
+
+        for block in &self.up_blocks {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                let skip = skips
+                    .pop()
+                    .ok_or_else(|| Error::Internal("UNet skip connections exhausted".into()))?;
+                h = resnet.forward(&Tensor::f_cat(&[&h, &skip], 1)?, emb)?;
+                if let Some(attn) = block.attentions.get(j) {
+                    h = attn.forward(&h, context)?;
+                }
+            }
+            if let Some(up) = &block.upsampler {
+                // Upsample to the size of the skip that comes next, which is 2x except after
+                // a stride-2 convolution of an odd side.
+                let size = skips.last().map(|s| (s.size()[2], s.size()[3]));
+                h = up.forward(&h, size)?;
+            }
+        }
+        let h = self.conv_norm_out.forward(&h)?.f_silu()?;
+        self.conv_out.forward(&h)
+    }
+
+    pub fn device(&self) -> Device {
+        self.conv_in.weight.device()
+    }
+}

@@ -1,0 +1,115 @@
+use crate::{Error, Result};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, Metadata};
+use std::path::{Path, PathBuf};
+use tch::{Kind, Tensor};
+
+/// Shape and dtype of one tensor in a file, and where its bytes are.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    pub shape: Vec<i64>,
+    pub dtype: Dtype,
+    start: usize,
+    end: usize,
+}
+
+/// A `.safetensors` file mapped read-only; tensors are materialised one at a time, so
+/// loading never holds a second copy of the whole model.
+pub struct SafetensorsFile {
+    path: PathBuf,
+    mmap: Mmap,
+    data_start: usize,
+    tensors: std::collections::HashMap<String, TensorInfo>,
+}
+
+impl SafetensorsFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the map is read-only and private to us; a file truncated under us by
+        // another process is outside what any reader of on-disk weights can defend against.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let (header_len, metadata): (usize, Metadata) =
+            safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
+                Error::bad_model(format!(
+                    "{} is not a valid safetensors file: {e}",
+                    path.display()
+                ))
+            })?;
+        let data_start = 8 + header_len;
+        let mut tensors = std::collections::HashMap::new();
+        for (name, info) in metadata.tensors() {
+            let (start, end) = info.data_offsets;
+            if start > end || data_start + end > mmap.len() {
+                return Err(Error::bad_model(format!(
+                    "tensor `{name}` in {} points outside the file",
+                    path.display()
+                )));
+            }
+            tensors.insert(
+                name,
+                TensorInfo {
+                    shape: info.shape.iter().map(|&d| d as i64).collect(),
+                    dtype: info.dtype,
+                    start: data_start + start,
+                    end: data_start + end,
+                },
+            );
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            mmap,
+            data_start,
+            tensors,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn info(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.get(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(|s| s.as_str())
+    }
+
+    /// Size in bytes of the header plus data, as on disk.
+    pub fn data_start(&self) -> usize {
+        self.data_start
+    }
+
+    /// The tensor `name` on the CPU, in its stored dtype.
+    pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        let info = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            file: self.path.display().to_string(),
+        })?;
+        let kind = kind_of(info.dtype).ok_or_else(|| {
+            Error::Unsupported(format!(
+                "tensor `{name}` in {} has dtype {:?}",
+                self.path.display(),
+                info.dtype
+            ))
+        })?;
+        let bytes = &self.mmap[info.start..info.end];
+        Ok(Tensor::f_from_data_size(bytes, &info.shape, kind)?)
+    }
+}
+
+fn kind_of(dtype: Dtype) -> Option<Kind> {
+    Some(match dtype {
+        Dtype::F32 => Kind::Float,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::F64 => Kind::Double,
+        Dtype::I64 => Kind::Int64,
+        Dtype::I32 => Kind::Int,
+        Dtype::I16 => Kind::Int16,
+        Dtype::I8 => Kind::Int8,
+        Dtype::U8 => Kind::Uint8,
+        Dtype::BOOL => Kind::Bool,
+        _ => return None,
+    })
+}
