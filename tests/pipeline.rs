@@ -1,0 +1,189 @@
+//! The whole txt2img pipeline against diffusers' StableDiffusionPipeline on the tiny fixtures:
+//! same components, seed, steps, guidance and scheduler give the same float image.
+mod common;
+
+use common::{assert_close, cases, fixtures, Refs};
+use stable_diffusion::pipeline::{Control, GenerateParams, LoadOptions, StableDiffusion, StepInfo};
+use stable_diffusion::Error;
+
+fn load(model: &str) -> StableDiffusion {
+    StableDiffusion::load(&fixtures().join(model), &LoadOptions::default())
+        .unwrap_or_else(|e| panic!("{model}: {e}"))
+}
+
+fn params_of(case: &serde_json::Value) -> GenerateParams {
+    GenerateParams {
+        prompt: case["prompt"].as_str().unwrap().to_string(),
+        negative_prompt: case["negative_prompt"].as_str().map(String::from),
+        steps: case["steps"].as_u64().unwrap() as usize,
+        guidance: case["guidance"].as_f64().unwrap(),
+        seed: case["seed"].as_u64().unwrap(),
+        width: case["width"].as_i64(),
+        height: case["height"].as_i64(),
+        batch: case["batch"].as_u64().unwrap() as usize,
+        scheduler: case["scheduler"].as_str().map(String::from),
+        clip_skip: case["clip_skip"].as_u64().unwrap_or(0) as usize,
+        eta: case["eta"].as_f64().unwrap_or(0.0),
+    }
+}
+
+#[test]
+fn txt2img_matches_diffusers() {
+    for model in ["tiny-sd1", "tiny-sd2"] {
+        let sd = load(model);
+        let refs = Refs::open(model);
+        for case in cases(model)["cases"].as_array().unwrap() {
+            let name = case["name"].as_str().unwrap();
+            let params = params_of(case);
+            let mut seen = Vec::new();
+            let mut on_step = |info: &StepInfo| {
+                seen.push(info.timestep);
+                Control::Continue
+            };
+            let images = sd
+                .txt2img(&params, Some(&mut on_step))
+                .unwrap_or_else(|e| panic!("{model}/{name}: {e}"));
+            let expected_t: Vec<f64> = case["timesteps"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_f64().unwrap())
+                .collect();
+            assert_eq!(
+                seen, expected_t,
+                "{model}/{name}: timesteps seen by the callback"
+            );
+            assert_close(
+                &format!("{model}/{name}"),
+                &images.pixels,
+                &refs.get(&format!("pipe_{name}")),
+                1e-3,
+            );
+        }
+    }
+}
+
+#[test]
+fn same_seed_same_image_other_seed_other_image() {
+    let sd = load("tiny-sd1");
+    let p = GenerateParams {
+        prompt: "a blue square".into(),
+        steps: 3,
+        width: Some(32),
+        height: Some(32),
+        ..Default::default()
+    };
+    let a = sd.txt2img(&p, None).unwrap().to_rgb8().unwrap();
+    let b = sd.txt2img(&p, None).unwrap().to_rgb8().unwrap();
+    assert_eq!(a, b);
+    let c = sd
+        .txt2img(&GenerateParams { seed: 1, ..p }, None)
+        .unwrap()
+        .to_rgb8()
+        .unwrap();
+    assert_ne!(a, c);
+}
+
+#[test]
+fn callback_cancels_the_run() {
+    let sd = load("tiny-sd1");
+    let p = GenerateParams {
+        prompt: "x".into(),
+        steps: 5,
+        width: Some(32),
+        height: Some(32),
+        ..Default::default()
+    };
+    let mut calls = 0;
+    let mut on_step = |info: &StepInfo| {
+        calls += 1;
+        assert_eq!(info.total, 5);
+        assert_eq!(info.latents.size(), vec![1, 4, 16, 16]);
+        if info.step == 2 {
+            Control::Cancel
+        } else {
+            Control::Continue
+        }
+    };
+    let err = sd
+        .txt2img(&p, Some(&mut on_step))
+        .err()
+        .expect("cancelled run must fail");
+    assert!(matches!(err, Error::Cancelled), "{err}");
+    assert_eq!(calls, 2);
+}
+
+#[test]
+fn bad_arguments_are_clear_errors() {
+    let sd = load("tiny-sd1");
+    let base = GenerateParams {
+        prompt: "x".into(),
+        steps: 2,
+        width: Some(32),
+        height: Some(32),
+        ..Default::default()
+    };
+    let cases: Vec<(GenerateParams, &str)> = vec![
+        (
+            GenerateParams {
+                width: Some(33),
+                ..base.clone()
+            },
+            "width",
+        ),
+        (
+            GenerateParams {
+                height: Some(0),
+                ..base.clone()
+            },
+            "height",
+        ),
+        (
+            GenerateParams {
+                steps: 0,
+                ..base.clone()
+            },
+            "steps",
+        ),
+        (
+            GenerateParams {
+                batch: 0,
+                ..base.clone()
+            },
+            "batch",
+        ),
+        (
+            GenerateParams {
+                guidance: f64::NAN,
+                ..base.clone()
+            },
+            "guidance",
+        ),
+        (
+            GenerateParams {
+                scheduler: Some("nope".into()),
+                ..base.clone()
+            },
+            "nope",
+        ),
+    ];
+    for (p, needle) in cases {
+        let err = sd.txt2img(&p, None).err().expect("must fail").to_string();
+        assert!(
+            err.contains(needle),
+            "error `{err}` should mention `{needle}`"
+        );
+    }
+}
+
+#[test]
+fn load_errors_name_the_problem() {
+    let err = StableDiffusion::load(
+        std::path::Path::new("/nonexistent/model"),
+        &LoadOptions::default(),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("/nonexistent/model"), "{err}");
+}
