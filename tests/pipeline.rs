@@ -24,6 +24,7 @@ fn params_of(case: &serde_json::Value) -> GenerateParams {
         scheduler: case["scheduler"].as_str().map(String::from),
         clip_skip: case["clip_skip"].as_u64().unwrap_or(0) as usize,
         eta: case["eta"].as_f64().unwrap_or(0.0),
+        ..Default::default()
     }
 }
 

@@ -2,8 +2,9 @@
 //! work is the library's pipeline.
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use stable_diffusion::image_io::{self, Image};
 use stable_diffusion::pipeline::{Control, GenerateParams, LoadOptions, StableDiffusion, StepInfo};
-use stable_diffusion::{image_io, Error, Result};
+use stable_diffusion::{Error, Result};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind};
 
@@ -18,6 +19,41 @@ struct Cli {
 enum Command {
     /// Generate images from a text prompt.
     Txt2img(CommonArgs),
+    /// Redraw an image following a prompt.
+    Img2img {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// The image to start from (PNG or JPEG; resized to --width/--height if given).
+        #[arg(long)]
+        init: PathBuf,
+        /// How much the image may change, in [0, 1].
+        #[arg(long, default_value_t = 0.8)]
+        strength: f64,
+    },
+    /// Repaint the white region of a mask.
+    Inpaint {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[arg(long)]
+        init: PathBuf,
+        /// White = repaint, black = keep.
+        #[arg(long)]
+        mask: PathBuf,
+        #[arg(long, default_value_t = 1.0)]
+        strength: f64,
+        /// Copy the original pixels back outside the mask.
+        #[arg(long)]
+        paste_back: bool,
+    },
+}
+
+/// What the editing subcommands add to the common options.
+#[derive(Default)]
+struct Edit {
+    init: Option<PathBuf>,
+    mask: Option<PathBuf>,
+    strength: Option<f64>,
+    paste_back: bool,
 }
 
 #[derive(Args)]
@@ -126,13 +162,19 @@ fn a1111_parameters(
     s
 }
 
-fn txt2img(a: &CommonArgs) -> Result<()> {
+fn run(a: &CommonArgs, edit: Edit) -> Result<()> {
     let options = LoadOptions {
         device: parse_device(&a.device)?,
         kind: parse_dtype(&a.dtype)?,
     };
+    let init_image = edit.init.as_deref().map(Image::load).transpose()?;
+    let mask = edit.mask.as_deref().map(Image::load).transpose()?;
     let sd = StableDiffusion::load(&a.model, &options)?;
     let params = GenerateParams {
+        init_image,
+        mask,
+        strength: edit.strength,
+        paste_back: edit.paste_back,
         prompt: a.prompt.clone(),
         negative_prompt: a.negative_prompt.clone(),
         steps: a.steps,
@@ -167,20 +209,23 @@ fn txt2img(a: &CommonArgs) -> Result<()> {
         bar.set_message(format!("t={}", info.timestep));
         Control::Continue
     };
-    let images = sd.txt2img(&params, Some(&mut on_step))?;
+    let images = sd.generate(&params, Some(&mut on_step))?;
     bar.finish_and_clear();
     let model_name = a
         .model
         .file_name()
         .and_then(|s| s.to_str())
         .unwrap_or("model");
-    let text = a1111_parameters(
+    let mut text = a1111_parameters(
         a,
         &scheduler_name,
         images.width(),
         images.height(),
         model_name,
     );
+    if let Some(s) = edit.strength {
+        text.push_str(&format!(", Denoising strength: {s}"));
+    }
     for (rgb, path) in images
         .to_rgb8()?
         .iter()
@@ -201,7 +246,34 @@ fn txt2img(a: &CommonArgs) -> Result<()> {
 fn main() {
     let cli = Cli::parse();
     let result = match &cli.command {
-        Command::Txt2img(a) => txt2img(a),
+        Command::Txt2img(a) => run(a, Edit::default()),
+        Command::Img2img {
+            common,
+            init,
+            strength,
+        } => run(
+            common,
+            Edit {
+                init: Some(init.clone()),
+                strength: Some(*strength),
+                ..Default::default()
+            },
+        ),
+        Command::Inpaint {
+            common,
+            init,
+            mask,
+            strength,
+            paste_back,
+        } => run(
+            common,
+            Edit {
+                init: Some(init.clone()),
+                mask: Some(mask.clone()),
+                strength: Some(*strength),
+                paste_back: *paste_back,
+            },
+        ),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

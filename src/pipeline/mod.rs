@@ -4,8 +4,9 @@ mod loader;
 
 pub use loader::{LoadOptions, ModelFiles};
 
+use crate::image_io::Image;
 use crate::models::{AutoencoderKL, ClipTextTransformer, UNet2DConditionModel};
-use crate::rng::PredrawnNoise;
+use crate::rng::{NoiseSource, PredrawnNoise};
 use crate::schedulers::{self, Scheduler, SchedulerConfig};
 use crate::tokenizer::ClipTokenizer;
 use crate::{Error, Result};
@@ -40,6 +41,16 @@ pub struct GenerateParams {
     pub clip_skip: usize,
     /// DDIM's eta (0 = deterministic DDIM); ignored by schedulers without one.
     pub eta: f64,
+    /// img2img / inpainting: the image to start from (resized to width x height with Lanczos
+    /// when its size differs; width and height default to its size rounded down to 8).
+    pub init_image: Option<Image>,
+    /// Inpainting: white = repaint, black = keep (binarised at 0.5 after grey conversion).
+    pub mask: Option<Image>,
+    /// How much noise is added to the init image, in [0, 1]: the first `int(steps * (1 - strength))`
+    /// steps are skipped. `None`: 0.8 for img2img, 1.0 for inpainting (diffusers' defaults).
+    pub strength: Option<f64>,
+    /// Inpainting: copy the original pixels back outside the mask after decoding.
+    pub paste_back: bool,
 }
 
 impl Default for GenerateParams {
@@ -56,6 +67,10 @@ impl Default for GenerateParams {
             scheduler: None,
             clip_skip: 0,
             eta: 0.0,
+            init_image: None,
+            mask: None,
+            strength: None,
+            paste_back: false,
         }
     }
 }
@@ -172,8 +187,16 @@ impl StableDiffusion {
     }
 
     fn check_params(&self, p: &GenerateParams) -> Result<(i64, i64)> {
-        let width = p.width.unwrap_or_else(|| self.default_size());
-        let height = p.height.unwrap_or_else(|| self.default_size());
+        // Editing modes take their default size from the init image, rounded down to 8.
+        let from_image = |side: u32| (side as i64) / 8 * 8;
+        let width = p
+            .width
+            .or(p.init_image.as_ref().map(|i| from_image(i.width)))
+            .unwrap_or_else(|| self.default_size());
+        let height = p
+            .height
+            .or(p.init_image.as_ref().map(|i| from_image(i.height)))
+            .unwrap_or_else(|| self.default_size());
         for (name, v) in [("width", width), ("height", height)] {
             if v <= 0 || v % 8 != 0 || v > MAX_SIDE {
                 return Err(Error::invalid(format!(
@@ -208,11 +231,48 @@ impl StableDiffusion {
         if !p.eta.is_finite() || p.eta < 0.0 {
             return Err(Error::invalid(format!("eta must be >= 0, got {}", p.eta)));
         }
+        if let Some(s) = p.strength {
+            if !(0.0..=1.0).contains(&s) {
+                return Err(Error::invalid(format!(
+                    "strength must be in [0, 1], got {s}"
+                )));
+            }
+        }
+        if p.mask.is_some() && p.init_image.is_none() {
+            return Err(Error::invalid("a mask needs an init image to inpaint"));
+        }
+        let unet_in = self.unet.config().in_channels;
+        let latent_c = self.vae.config().latent_channels;
+        if unet_in == 2 * latent_c + 1 && p.mask.is_none() {
+            return Err(Error::invalid(format!(
+                "this is an inpainting model ({unet_in}-channel UNet): give an init image and a mask"
+            )));
+        }
+        if unet_in != latent_c && unet_in != 2 * latent_c + 1 {
+            return Err(Error::Unsupported(format!(
+                "a UNet with {unet_in} input channels"
+            )));
+        }
         Ok((width, height))
     }
 
     /// Text to image. `on_step` runs after every denoising step and may cancel the run.
+    /// Same as [`StableDiffusion::generate`] without an init image.
     pub fn txt2img(
+        &self,
+        params: &GenerateParams,
+        on_step: Option<&mut dyn FnMut(&StepInfo) -> Control>,
+    ) -> Result<Images> {
+        if params.init_image.is_some() {
+            return Err(Error::invalid("txt2img takes no init image; use generate"));
+        }
+        self.generate(params, on_step)
+    }
+
+    /// Runs text-to-image, image-to-image (with `init_image`) or inpainting (with `init_image`
+    /// and `mask`), as diffusers' StableDiffusion{,Img2Img,Inpaint}Pipeline. `on_step` runs
+    /// after every denoising step and may cancel the run.
+    pub fn generate(
         &self,
         params: &GenerateParams,
         mut on_step: Option<&mut dyn FnMut(&StepInfo) -> Control>,
@@ -224,44 +284,131 @@ impl StableDiffusion {
         scheduler.set_timesteps(params.steps)?;
 
         let batch = params.batch as i64;
-        let cfg = params.guidance > 1.0;
-        let cond = self.encode_prompt(&params.prompt, params.batch, params.clip_skip)?;
-        let context = if cfg {
-            let negative = params.negative_prompt.as_deref().unwrap_or("");
-            // diffusers applies clip_skip to the prompt only, not to the negative prompt.
-            let uncond = self.encode_prompt(negative, params.batch, 0)?;
-            Tensor::f_cat(&[uncond, cond], 0)?
-        } else {
-            cond
+        let vsf = self.vae_scale_factor();
+        let latent_c = self.vae.config().latent_channels;
+        let shape = vec![batch, latent_c, height / vsf, width / vsf];
+        let single = vec![1, latent_c, height / vsf, width / vsf];
+
+        // The editing inputs, at the output size.
+        let init = match &params.init_image {
+            Some(img) => Some(self.image_to_tensor(&img.resized(width as u32, height as u32)?)?),
+            None => None,
+        };
+        let mask = match &params.mask {
+            Some(m) => Some(mask_to_tensor(
+                &m.resized(width as u32, height as u32)?,
+                self.device,
+                self.kind,
+            )?),
+            None => None,
+        };
+        let inpaint_unet = self.unet.config().in_channels != latent_c;
+
+        // Which timesteps run: editing modes skip the first ones (diffusers' get_timesteps).
+        let all_timesteps = scheduler.timesteps().to_vec();
+        let strength = params
+            .strength
+            .unwrap_or(if mask.is_some() { 1.0 } else { 0.8 });
+        let t_start = match &init {
+            None => 0,
+            Some(_) => {
+                let init_steps = ((params.steps as f64 * strength) as usize).min(params.steps);
+                params.steps - init_steps
+            }
+        };
+        let order = scheduler.order();
+        let timesteps = all_timesteps[(t_start * order).min(all_timesteps.len())..].to_vec();
+        if let Some(init) = &init {
+            if timesteps.is_empty() {
+                // Nothing to denoise: the encoded-decoded input (posterior mean).
+                let z = self.vae.scale_latents(&self.vae.encode(init)?.mean)?;
+                let z = z.f_repeat([batch, 1, 1, 1])?;
+                return self.finish(&z, params, mask.as_ref(), Some(init));
+            }
+            scheduler.set_begin_index(t_start * order);
+        }
+        let strength_max = init.is_none() || (mask.is_some() && strength >= 1.0);
+
+        // All noise of the run, drawn up front in diffusers' order.
+        let mut shapes = Vec::new();
+        let needs_image_latents =
+            init.is_some() && (mask.is_none() || !inpaint_unet || !strength_max);
+        if needs_image_latents {
+            shapes.push(single.clone());
+        }
+        shapes.push(shape.clone());
+        if mask.is_some() {
+            shapes.push(single.clone());
+        }
+        shapes.extend(std::iter::repeat_n(shape.clone(), scheduler.noise_draws()));
+        let mut noise_source = PredrawnNoise::draw(params.seed, &shapes, self.kind, self.device)?;
+
+        let image_latents = match (&init, needs_image_latents) {
+            (Some(init), true) => {
+                let z = self.vae.encode(init)?.sample(&mut noise_source)?;
+                Some(self.vae.scale_latents(&z)?.f_repeat([batch, 1, 1, 1])?)
+            }
+            _ => None,
+        };
+        let noise = noise_source.randn(&shape)?;
+        let mut latents = match (&image_latents, strength_max) {
+            (Some(z0), false) => scheduler.add_noise(z0, &noise, timesteps[0])?,
+            _ => noise.f_mul_scalar(scheduler.init_noise_sigma())?,
         };
 
-        let vsf = self.vae_scale_factor();
-        let channels = self.vae.config().latent_channels;
-        let shape = vec![batch, channels, height / vsf, width / vsf];
-        // All noise of the run, drawn up front in the reference's order: the initial latents,
-        // then whatever the scheduler's steps draw.
-        let mut shapes = vec![shape.clone()];
-        shapes.extend(std::iter::repeat_n(shape.clone(), scheduler.noise_draws()));
-        let mut noise = PredrawnNoise::draw(params.seed, &shapes, self.kind, self.device)?;
-        let mut latents = crate::rng::NoiseSource::randn(&mut noise, &shape)?
-            .f_mul_scalar(scheduler.init_noise_sigma())?;
+        // Inpainting conditions: the mask at latent size and the masked image's latents.
+        let mut inpaint = None;
+        if let (Some(init), Some(mask)) = (&init, &mask) {
+            let keep = mask.f_lt(0.5)?.f_to_kind(self.kind)?;
+            let masked = init.f_mul(&keep)?;
+            let masked_latents = self
+                .vae
+                .scale_latents(&self.vae.encode(&masked)?.sample(&mut noise_source)?)?;
+            let small = mask.f_upsample_nearest2d([height / vsf, width / vsf], None, None)?;
+            inpaint = Some((
+                small.f_repeat([batch, 1, 1, 1])?,
+                masked_latents.f_repeat([batch, 1, 1, 1])?,
+            ));
+        }
 
-        let timesteps = scheduler.timesteps().to_vec();
+        let cfg = params.guidance > 1.0;
+        let context = self.text_context(params, cfg)?;
+        let double = |t: &Tensor| -> Result<Tensor> {
+            Ok(if cfg {
+                Tensor::f_cat(&[t, t], 0)?
+            } else {
+                t.shallow_clone()
+            })
+        };
+        let unet_extra = match (&inpaint, inpaint_unet) {
+            (Some((m, z)), true) => Some((double(m)?, double(z)?)),
+            _ => None,
+        };
+
         let total = timesteps.len();
         for (i, &t) in timesteps.iter().enumerate() {
-            let model_input = if cfg {
-                Tensor::f_cat(&[&latents, &latents], 0)?
-            } else {
-                latents.shallow_clone()
-            };
-            let model_input = scheduler.scale_model_input(&model_input, t)?;
+            let mut model_input = scheduler.scale_model_input(&double(&latents)?, t)?;
+            if let Some((m, z)) = &unet_extra {
+                model_input = Tensor::f_cat(&[&model_input, m, z], 1)?;
+            }
             let mut pred = self.unet.forward(&model_input, t, &context)?;
             if cfg {
                 let parts = pred.f_chunk(2, 0)?;
                 let (uncond, cond) = (&parts[0], &parts[1]);
                 pred = uncond.f_add(&cond.f_sub(uncond)?.f_mul_scalar(params.guidance)?)?;
             }
-            latents = scheduler.step(&pred, t, &latents, &mut noise)?;
+            latents = scheduler.step(&pred, t, &latents, &mut noise_source)?;
+            // An ordinary UNet inpaints by putting back the known region, noised to the level
+            // of the next step.
+            if let (Some((m, _)), false, Some(z0)) = (&inpaint, inpaint_unet, &image_latents) {
+                let known = match timesteps.get(i + 1) {
+                    Some(&next) => scheduler.add_noise(z0, &noise, next)?,
+                    None => z0.shallow_clone(),
+                };
+                latents = known
+                    .f_mul(&m.f_neg()?.f_add_scalar(1.0)?)?
+                    .f_add(&m.f_mul(&latents)?)?;
+            }
             if let Some(cb) = on_step.as_mut() {
                 let info = StepInfo {
                     step: i + 1,
@@ -274,7 +421,68 @@ impl StableDiffusion {
                 }
             }
         }
-        self.decode_latents(&latents)
+        self.finish(&latents, params, mask.as_ref(), init.as_ref())
+    }
+
+    /// Prompt embeddings, preceded by the negative prompt's when guidance is on.
+    fn text_context(&self, params: &GenerateParams, cfg: bool) -> Result<Tensor> {
+        let cond = self.encode_prompt(&params.prompt, params.batch, params.clip_skip)?;
+        if !cfg {
+            return Ok(cond);
+        }
+        let negative = params.negative_prompt.as_deref().unwrap_or("");
+        // diffusers applies clip_skip to the prompt only, not to the negative prompt.
+        let uncond = self.encode_prompt(negative, params.batch, 0)?;
+        Ok(Tensor::f_cat(&[uncond, cond], 0)?)
+    }
+
+    /// Decodes, then (inpainting with `paste_back`) restores the original pixels outside the mask.
+    fn finish(
+        &self,
+        latents: &Tensor,
+        params: &GenerateParams,
+        mask: Option<&Tensor>,
+        init: Option<&Tensor>,
+    ) -> Result<Images> {
+        let images = self.decode_latents(latents)?;
+        match (params.paste_back, mask, init) {
+            (true, Some(mask), Some(init)) => {
+                let to_hwc = |t: &Tensor| -> Result<Tensor> {
+                    Ok(t.f_permute([0, 2, 3, 1])?
+                        .f_to_kind(Kind::Float)?
+                        .f_to_device(Device::Cpu)?)
+                };
+                let m = to_hwc(&mask.f_ge(0.5)?.f_to_kind(Kind::Float)?)?;
+                let original = to_hwc(
+                    &init
+                        .f_div_scalar(2.0)?
+                        .f_add_scalar(0.5)?
+                        .f_clamp(0.0, 1.0)?,
+                )?;
+                let pixels = original
+                    .f_mul(&m.f_neg()?.f_add_scalar(1.0)?)?
+                    .f_add(&images.pixels.f_mul(&m)?)?;
+                Ok(Images {
+                    pixels: pixels.f_contiguous()?,
+                })
+            }
+            _ => Ok(images),
+        }
+    }
+
+    /// RGB bytes to `[1, 3, h, w]` in [-1, 1] (diffusers' `x / 255 * 2 - 1`).
+    fn image_to_tensor(&self, img: &Image) -> Result<Tensor> {
+        let t = Tensor::f_from_slice(&img.rgb)?
+            .f_view([img.height as i64, img.width as i64, 3])?
+            .f_permute([2, 0, 1])?
+            .f_unsqueeze(0)?
+            .f_to_kind(Kind::Float)?
+            .f_div_scalar(255.0)?
+            .f_mul_scalar(2.0)?
+            .f_sub_scalar(1.0)?;
+        Ok(t.f_to_device(self.device)?
+            .f_to_kind(self.kind)?
+            .f_contiguous()?)
     }
 
     /// Latents (as the UNet sees them) to images in [0, 1], `[batch, h, w, 3]` on the CPU.
@@ -291,4 +499,23 @@ impl StableDiffusion {
             .f_contiguous()?;
         Ok(Images { pixels })
     }
+}
+
+/// A mask image to `[1, 1, h, w]` in {0, 1}: grey as PIL's `convert("L")`, then binarised at
+/// 0.5 (diffusers' mask processor). White (1) marks what is repainted.
+fn mask_to_tensor(img: &Image, device: Device, kind: Kind) -> Result<Tensor> {
+    let grey: Vec<f32> = img
+        .rgb
+        .chunks_exact(3)
+        .map(|p| {
+            let l = (p[0] as u32 * 19595 + p[1] as u32 * 38470 + p[2] as u32 * 7471 + 0x8000) >> 16;
+            if l as f32 / 255.0 < 0.5 {
+                0.0
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    let t = Tensor::f_from_slice(&grey)?.f_view([1, 1, img.height as i64, img.width as i64])?;
+    Ok(t.f_to_device(device)?.f_to_kind(kind)?)
 }
