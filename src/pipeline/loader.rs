@@ -196,6 +196,7 @@ impl StableDiffusion {
             scheduler_config,
             device,
             kind,
+            logger: None,
         })
     }
 }

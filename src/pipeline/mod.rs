@@ -141,9 +141,32 @@ pub struct StableDiffusion {
     pub scheduler_config: SchedulerConfig,
     device: Device,
     kind: Kind,
+    logger: Option<Logger>,
 }
 
+/// How much a log message matters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LogLevel {
+    Debug,
+    Info,
+    Warn,
+}
+
+/// Receives the pipeline's log messages (e.g. a prompt cut at 77 tokens, a scheduler fallback).
+pub type Logger = std::sync::Arc<dyn Fn(LogLevel, &str) + Send + Sync>;
+
 impl StableDiffusion {
+    /// Routes this pipeline's log messages to `logger` (none: dropped).
+    pub fn set_logger(&mut self, logger: Option<Logger>) {
+        self.logger = logger;
+    }
+
+    fn log(&self, level: LogLevel, message: impl FnOnce() -> String) {
+        if let Some(logger) = &self.logger {
+            logger(level, &message());
+        }
+    }
+
     pub fn device(&self) -> Device {
         self.device
     }
@@ -168,7 +191,8 @@ impl StableDiffusion {
         match name {
             Some(n) => schedulers::scheduler_from_name(n, &self.scheduler_config),
             None => match schedulers::scheduler_from_config(&self.scheduler_config) {
-                Err(Error::Unsupported(_)) => {
+                Err(Error::Unsupported(why)) => {
+                    self.log(LogLevel::Warn, || format!("{why}; using DDIM with its settings"));
                     schedulers::scheduler_from_name("ddim", &self.scheduler_config)
                 }
                 other => other,
@@ -179,6 +203,12 @@ impl StableDiffusion {
     /// Text embeddings `[batch, tokens, dim]` for one prompt repeated `batch` times.
     pub fn encode_prompt(&self, prompt: &str, batch: usize, clip_skip: usize) -> Result<Tensor> {
         let ids = self.tokenizer.encode_padded(prompt);
+        let full = self.tokenizer.encode(prompt).len();
+        if full > ids.len() {
+            self.log(LogLevel::Warn, || {
+                format!("prompt is {full} tokens; only the first {} are used", ids.len())
+            });
+        }
         let ids = Tensor::from_slice(&ids)
             .f_unsqueeze(0)?
             .f_to_device(self.device)?;
