@@ -7,12 +7,22 @@ use std::path::PathBuf;
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
-    let model = PathBuf::from(args.next().unwrap_or_else(|| "tests/fixtures/tiny-sd1".into()));
-    let prompt = args.next().unwrap_or_else(|| "a red circle on a white background".into());
+    let model = PathBuf::from(
+        args.next()
+            .unwrap_or_else(|| "tests/fixtures/tiny-sd1".into()),
+    );
+    let prompt = args
+        .next()
+        .unwrap_or_else(|| "a red circle on a white background".into());
     let out = PathBuf::from(args.next().unwrap_or_else(|| "example.png".into()));
 
     let sd = StableDiffusion::load(&model, &LoadOptions::default())?;
-    let params = GenerateParams { prompt, steps: 20, seed: 42, ..Default::default() };
+    let params = GenerateParams {
+        prompt,
+        steps: 20,
+        seed: 42,
+        ..Default::default()
+    };
     let images = sd.txt2img(
         &params,
         Some(&mut |s| {

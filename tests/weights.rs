@@ -21,7 +21,9 @@ impl ScratchModel {
     }
 
     fn unet_file(&self) -> PathBuf {
-        self.root.join("unet").join("diffusion_pytorch_model.safetensors")
+        self.root
+            .join("unet")
+            .join("diffusion_pytorch_model.safetensors")
     }
 
     /// Rewrites the UNet weights through `edit`.
@@ -53,11 +55,20 @@ fn copy_dir(from: &Path, to: &Path) {
 #[test]
 fn missing_tensor_is_named() {
     let m = ScratchModel::new("tiny-sd1", "missing");
-    m.edit_unet(|t| t.into_iter().filter(|(n, _)| n != "mid_block.attentions.0.proj_in.weight").collect());
-    let err = StableDiffusion::load(&m.root, &LoadOptions::default()).err().expect("must fail");
+    m.edit_unet(|t| {
+        t.into_iter()
+            .filter(|(n, _)| n != "mid_block.attentions.0.proj_in.weight")
+            .collect()
+    });
+    let err = StableDiffusion::load(&m.root, &LoadOptions::default())
+        .err()
+        .expect("must fail");
     assert!(matches!(err, Error::MissingTensor { .. }), "{err}");
     let msg = err.to_string();
-    assert!(msg.contains("mid_block.attentions.0.proj_in.weight"), "{msg}");
+    assert!(
+        msg.contains("mid_block.attentions.0.proj_in.weight"),
+        "{msg}"
+    );
     assert!(msg.contains("diffusion_pytorch_model.safetensors"), "{msg}");
 }
 
@@ -66,25 +77,45 @@ fn wrong_shape_names_tensor_and_both_shapes() {
     let m = ScratchModel::new("tiny-sd1", "shape");
     m.edit_unet(|t| {
         t.into_iter()
-            .map(|(n, x)| if n == "conv_out.bias" { (n, Tensor::zeros([5], (Kind::Float, tch::Device::Cpu))) } else { (n, x) })
+            .map(|(n, x)| {
+                if n == "conv_out.bias" {
+                    (n, Tensor::zeros([5], (Kind::Float, tch::Device::Cpu)))
+                } else {
+                    (n, x)
+                }
+            })
             .collect()
     });
-    let err = StableDiffusion::load(&m.root, &LoadOptions::default()).err().expect("must fail");
+    let err = StableDiffusion::load(&m.root, &LoadOptions::default())
+        .err()
+        .expect("must fail");
     let msg = err.to_string();
     assert!(matches!(err, Error::ShapeMismatch { .. }), "{msg}");
-    assert!(msg.contains("conv_out.bias") && msg.contains("[5]") && msg.contains("[4]"), "{msg}");
+    assert!(
+        msg.contains("conv_out.bias") && msg.contains("[5]") && msg.contains("[4]"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn missing_weights_file_and_config_are_named() {
     let m = ScratchModel::new("tiny-sd1", "nofile");
     std::fs::remove_file(m.unet_file()).unwrap();
-    let msg = StableDiffusion::load(&m.root, &LoadOptions::default()).err().expect("must fail").to_string();
-    assert!(msg.contains("diffusion_pytorch_model.safetensors") && msg.contains("unet"), "{msg}");
+    let msg = StableDiffusion::load(&m.root, &LoadOptions::default())
+        .err()
+        .expect("must fail")
+        .to_string();
+    assert!(
+        msg.contains("diffusion_pytorch_model.safetensors") && msg.contains("unet"),
+        "{msg}"
+    );
 
     let m = ScratchModel::new("tiny-sd1", "noconfig");
     std::fs::remove_file(m.root.join("vae").join("config.json")).unwrap();
-    let msg = StableDiffusion::load(&m.root, &LoadOptions::default()).err().expect("must fail").to_string();
+    let msg = StableDiffusion::load(&m.root, &LoadOptions::default())
+        .err()
+        .expect("must fail")
+        .to_string();
     assert!(msg.contains("vae") && msg.contains("config.json"), "{msg}");
 }
 
@@ -93,20 +124,28 @@ fn truncated_file_is_an_error_not_a_crash() {
     let m = ScratchModel::new("tiny-sd1", "truncated");
     let bytes = std::fs::read(m.unet_file()).unwrap();
     std::fs::write(m.unet_file(), &bytes[..bytes.len() / 2]).unwrap();
-    let msg = StableDiffusion::load(&m.root, &LoadOptions::default()).err().expect("must fail").to_string();
+    let msg = StableDiffusion::load(&m.root, &LoadOptions::default())
+        .err()
+        .expect("must fail")
+        .to_string();
     assert!(msg.contains("diffusion_pytorch_model.safetensors"), "{msg}");
 }
 
 #[test]
 fn loading_leaves_the_files_untouched() {
     let dir = fixtures().join("tiny-sd2");
-    let file = dir.join("unet").join("diffusion_pytorch_model.fp16.safetensors");
+    let file = dir
+        .join("unet")
+        .join("diffusion_pytorch_model.fp16.safetensors");
     let before = std::fs::read(&file).unwrap();
     let modified = std::fs::metadata(&file).unwrap().modified().unwrap();
     let sd = StableDiffusion::load(&dir, &LoadOptions::default()).unwrap();
     drop(sd);
     assert_eq!(std::fs::read(&file).unwrap(), before);
-    assert_eq!(std::fs::metadata(&file).unwrap().modified().unwrap(), modified);
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().modified().unwrap(),
+        modified
+    );
 }
 
 #[test]
@@ -114,12 +153,19 @@ fn bf16_weights_run_on_cpu() {
     // The fp16 UNet file of tiny-sd2, held and run in bf16: close to the fp32 reference within
     // bf16's precision (8 bits of mantissa).
     let _g = tch::no_grad_guard();
-    let options = LoadOptions { kind: Kind::BFloat16, ..Default::default() };
+    let options = LoadOptions {
+        kind: Kind::BFloat16,
+        ..Default::default()
+    };
     let sd = StableDiffusion::load(&fixtures().join("tiny-sd2"), &options).unwrap();
     let refs = Refs::open("tiny-sd2");
     let out = sd
         .unet
-        .forward(&refs.get("unet_sample").to_kind(Kind::BFloat16), 537.0, &refs.get("unet_ehs").to_kind(Kind::BFloat16))
+        .forward(
+            &refs.get("unet_sample").to_kind(Kind::BFloat16),
+            537.0,
+            &refs.get("unet_ehs").to_kind(Kind::BFloat16),
+        )
         .unwrap();
     assert_eq!(out.kind(), Kind::BFloat16);
     let expected = refs.get("unet_out");
