@@ -20,7 +20,10 @@ const SD15_UNET: &str = r#"{
 }"#;
 
 fn env_or(name: &str, default: i64) -> i64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn peak_rss_mib() -> f64 {
@@ -41,8 +44,15 @@ fn main() -> stable_diffusion::Result<()> {
     let mut vs = VarStore::new(Device::Cpu);
     let unet = UNet2DConditionModel::new(vs.root(), &config)?;
     vs.freeze();
-    let params: i64 = vs.trainable_variables().iter().map(|t| t.numel() as i64).sum::<i64>()
-        + vs.variables().values().map(|t| t.numel() as i64).sum::<i64>();
+    let params: i64 = vs
+        .trainable_variables()
+        .iter()
+        .map(|t| t.numel() as i64)
+        .sum::<i64>()
+        + vs.variables()
+            .values()
+            .map(|t| t.numel() as i64)
+            .sum::<i64>();
     let _no_grad = tch::no_grad_guard();
     let latents = Tensor::randn([batch, 4, size / 8, size / 8], (Kind::Float, Device::Cpu));
     let context = Tensor::randn([batch, 77, 768], (Kind::Float, Device::Cpu));
@@ -53,13 +63,16 @@ fn main() -> stable_diffusion::Result<()> {
         latents.size()
     );
     let warm = Instant::now();
-    unet.forward(&latents, 999.0, &context)?;
+    let _ = unet.forward(&latents, 999.0, &context)?;
     println!("warm-up step: {:.2} s", warm.elapsed().as_secs_f64());
     let start = Instant::now();
     for i in 0..steps {
-        unet.forward(&latents, 999.0 - 50.0 * i as f64, &context)?;
+        let _ = unet.forward(&latents, 999.0 - 50.0 * i as f64, &context)?;
     }
     let per_step = start.elapsed().as_secs_f64() / steps as f64;
-    println!("ours: {per_step:.3} s per UNet step (mean of {steps}), peak RSS {:.0} MiB", peak_rss_mib());
+    println!(
+        "ours: {per_step:.3} s per UNet step (mean of {steps}), peak RSS {:.0} MiB",
+        peak_rss_mib()
+    );
     Ok(())
 }
