@@ -188,3 +188,34 @@ fn load_errors_name_the_problem() {
     .to_string();
     assert!(err.contains("/nonexistent/model"), "{err}");
 }
+
+/// txt2img with every scheduler family, chosen by its A1111 name, against diffusers'
+/// StableDiffusionPipeline with `Cls.from_config(config, **overrides)`.
+#[test]
+fn txt2img_with_each_scheduler_matches_diffusers() {
+    let sd = load("tiny-sd1");
+    let refs = Refs::open("scheduler-pipeline");
+    let all = cases("scheduler-pipeline");
+    let list = all["cases"].as_array().unwrap();
+    assert!(list.len() >= 10, "expected a case per scheduler");
+    for case in list {
+        let name = case["name"].as_str().unwrap();
+        let params = GenerateParams {
+            scheduler: Some(case["a1111"].as_str().unwrap().to_string()),
+            ..params_of(case)
+        };
+        let mut seen = Vec::new();
+        let mut on_step = |info: &StepInfo| {
+            seen.push(info.timestep);
+            Control::Continue
+        };
+        let images = sd.txt2img(&params, Some(&mut on_step)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let expected_t: Vec<f64> =
+            case["timesteps"].as_array().unwrap().iter().map(|t| t.as_f64().unwrap()).collect();
+        assert_eq!(seen.len(), expected_t.len(), "{name}: number of UNet calls");
+        for (a, b) in seen.iter().zip(&expected_t) {
+            assert!((a - b).abs() < 1e-3, "{name}: timesteps {seen:?} vs {expected_t:?}");
+        }
+        assert_close(&format!("scheduler {name}"), &images.pixels, &refs.get(&format!("pipe_{name}")), 1e-3);
+    }
+}

@@ -249,7 +249,8 @@ fn contains_all(msg: &str, parts: &[&str]) {
 
 #[test]
 fn set_timesteps_bounds() {
-    for name in scheduler_names() {
+    // The DDPM/DDIM family; the other families have their own bounds tests.
+    for name in ["ddim", "ddpm"] {
         let mut s = scheduler_from_name(name, &SchedulerConfig::default()).unwrap();
         contains_all(&err_text(s.set_timesteps(0)), &["num_inference_steps", "0"]);
         contains_all(
@@ -268,7 +269,9 @@ fn set_timesteps_bounds() {
 
 #[test]
 fn names() {
-    assert_eq!(scheduler_names(), &["ddim", "ddpm"]);
+    for expected in ["ddim", "ddpm"] {
+        assert!(scheduler_names().contains(&expected), "{expected} missing");
+    }
     let c = SchedulerConfig::default();
     for name in [
         "ddim",
@@ -280,19 +283,19 @@ fn names() {
     ] {
         scheduler_from_name(name, &c).unwrap();
     }
-    let e = scheduler_from_name("euler_a", &c).err().unwrap();
+    let e = scheduler_from_name("no_such_sampler", &c).err().unwrap();
     assert!(matches!(e, Error::InvalidArgument(_)));
     contains_all(
         &e.to_string(),
-        &["euler_a", "ddim", "ddpm", "DDIMScheduler", "DDPMScheduler"],
+        &["no_such_sampler", "ddim", "ddpm", "DDIMScheduler", "DDPMScheduler"],
     );
 
     let e = scheduler_from_config(&c).err().unwrap();
     contains_all(&e.to_string(), &["_class_name", "ddim"]);
-    let pndm = c.clone().with_class_name("PNDMScheduler");
-    let e = scheduler_from_config(&pndm).err().unwrap();
+    let unknown = c.clone().with_class_name("FlowMatchEulerDiscreteScheduler");
+    let e = scheduler_from_config(&unknown).err().unwrap();
     assert!(matches!(e, Error::Unsupported(_)));
-    contains_all(&e.to_string(), &["PNDMScheduler", "DDIMScheduler"]);
+    contains_all(&e.to_string(), &["FlowMatchEulerDiscreteScheduler", "DDIMScheduler"]);
     let ddpm = c.with_class_name("DDPMScheduler");
     scheduler_from_config(&ddpm).unwrap();
 }

@@ -10,9 +10,27 @@
 //! that the latents agree with diffusers' to float32 rounding.
 pub mod ddim;
 pub mod ddpm;
+mod dpm_common;
+pub mod dpm_solver;
+pub mod euler;
+pub mod euler_ancestral;
+pub mod heun;
+pub mod lcm;
+pub mod lms;
+pub mod pndm;
+pub mod sigmas;
+pub mod unipc;
 
 pub use ddim::DdimScheduler;
 pub use ddpm::DdpmScheduler;
+pub use dpm_solver::DpmSolverMultistepScheduler;
+pub use euler::EulerDiscreteScheduler;
+pub use euler_ancestral::EulerAncestralDiscreteScheduler;
+pub use heun::HeunDiscreteScheduler;
+pub use lcm::LcmScheduler;
+pub use lms::LmsDiscreteScheduler;
+pub use pndm::PndmScheduler;
+pub use unipc::UniPcMultistepScheduler;
 
 use crate::rng::NoiseSource;
 use crate::{Error, Result};
@@ -57,6 +75,12 @@ macro_rules! config_enum {
         impl std::fmt::Display for $name {
             fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str(self.as_str())
+            }
+        }
+
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
             }
         }
 
@@ -125,7 +149,7 @@ config_enum! {
 /// diffusers' `scheduler_config.json`. Every field is optional; a scheduler substitutes its
 /// diffusers class's default for a missing (or `null`) field. Fields that no scheduler here
 /// reads are kept in `extra`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
 pub struct SchedulerConfig {
     #[serde(rename = "_class_name")]
     pub class_name: Option<String>,
@@ -158,8 +182,8 @@ impl SchedulerConfig {
     /// file, the field and (for string enums) the valid values.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let value: serde_json::Value =
-            serde_json::from_str(&text).map_err(|source| Error::Json {
+        let value: serde_json::Value = serde_json::from_str(&dpm_common::quote_nonfinite(&text))
+            .map_err(|source| Error::Json {
                 path: path.to_path_buf(),
                 source,
             })?;
@@ -169,7 +193,7 @@ impl SchedulerConfig {
     /// Parses the JSON text of a scheduler config. Malformed JSON or a field with a wrong type
     /// or value is [`Error::InvalidArgument`] naming the field.
     pub fn from_json_str(s: &str) -> Result<Self> {
-        let value: serde_json::Value = serde_json::from_str(s)
+        let value: serde_json::Value = serde_json::from_str(&dpm_common::quote_nonfinite(s))
             .map_err(|e| Error::invalid(format!("scheduler config is not valid JSON: {e}")))?;
         Self::from_value(value).map_err(Error::InvalidArgument)
     }
@@ -200,6 +224,27 @@ impl SchedulerConfig {
                 Err(format!("scheduler config: {whole}"))
             }
         }
+    }
+
+    /// The config with some fields replaced: each override is a field name and its value as
+    /// JSON text (e.g. `("use_karras_sigmas", "true")`), typed field or not. A value of the
+    /// wrong type is an [`Error::InvalidArgument`] naming the field.
+    pub fn with_overrides(&self, overrides: &[(&str, &str)]) -> Result<Self> {
+        if overrides.is_empty() {
+            return Ok(self.clone());
+        }
+        let mut value = serde_json::to_value(self)
+            .map_err(|e| Error::Internal(format!("scheduler config does not serialise: {e}")))?;
+        let map = value
+            .as_object_mut()
+            .ok_or_else(|| Error::Internal("scheduler config is not a JSON object".into()))?;
+        for (key, json) in overrides {
+            let v: serde_json::Value = serde_json::from_str(json).map_err(|e| {
+                Error::invalid(format!("override of `{key}`: {json:?} is not JSON: {e}"))
+            })?;
+            map.insert((*key).to_string(), v);
+        }
+        Self::from_value(value).map_err(Error::InvalidArgument)
     }
 
     /// The config with `_class_name` replaced.
@@ -285,42 +330,167 @@ pub(crate) fn check_eta(eta: f64) -> Result<()> {
     }
 }
 
-/// (short name, diffusers class name) of every supported scheduler.
-const SCHEDULERS: &[(&str, &str)] = &[("ddim", "DDIMScheduler"), ("ddpm", "DDPMScheduler")];
+/// (short name, diffusers class name) of every supported scheduler. To add one: an entry
+/// here and an arm in [`build_scheduler`].
+const SCHEDULERS: &[(&str, &str)] = &[
+    ("ddim", "DDIMScheduler"),
+    ("ddpm", "DDPMScheduler"),
+    ("euler", "EulerDiscreteScheduler"),
+    ("euler_a", "EulerAncestralDiscreteScheduler"),
+    ("heun", "HeunDiscreteScheduler"),
+    ("lms", "LMSDiscreteScheduler"),
+    ("pndm", "PNDMScheduler"),
+    ("dpmpp_2m", "DPMSolverMultistepScheduler"),
+    ("unipc", "UniPCMultistepScheduler"),
+    ("lcm", "LCMScheduler"),
+];
 
-/// The short names of the supported schedulers.
-pub fn scheduler_names() -> &'static [&'static str] {
-    &["ddim", "ddpm"]
-}
+/// Sampler names of the AUTOMATIC1111 web UI: (name, diffusers class, config overrides as
+/// (field, JSON value)) — the overrides are applied on top of the model's scheduler config.
+/// An entry whose class is not (yet) in [`SCHEDULERS`] is reported as unavailable.
+/// Config overrides of a scheduler name: (field, value as JSON text).
+type ConfigOverrides = &'static [(&'static str, &'static str)];
 
-fn valid_names() -> String {
-    SCHEDULERS
-        .iter()
-        .map(|(short, class)| format!("{short} ({class})"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
+const A1111_NAMES: &[(&str, &str, ConfigOverrides)] = &[
+    ("Euler", "EulerDiscreteScheduler", &[]),
+    ("Euler a", "EulerAncestralDiscreteScheduler", &[]),
+    ("Heun", "HeunDiscreteScheduler", &[]),
+    ("LMS", "LMSDiscreteScheduler", &[]),
+    (
+        "LMS Karras",
+        "LMSDiscreteScheduler",
+        &[("use_karras_sigmas", "true")],
+    ),
+    // CompVis' PLMS starts with the pseudo improved Euler step, not Runge-Kutta.
+    ("PLMS", "PNDMScheduler", &[("skip_prk_steps", "true")]),
+    ("DDIM", "DDIMScheduler", &[]),
+    ("DPM++ 2M", "DPMSolverMultistepScheduler", &[]),
+    (
+        "DPM++ 2M Karras",
+        "DPMSolverMultistepScheduler",
+        &[("use_karras_sigmas", "true")],
+    ),
+    (
+        "DPM++ 2M SDE",
+        "DPMSolverMultistepScheduler",
+        &[("algorithm_type", "\"sde-dpmsolver++\"")],
+    ),
+    (
+        "DPM++ 2M SDE Karras",
+        "DPMSolverMultistepScheduler",
+        &[
+            ("algorithm_type", "\"sde-dpmsolver++\""),
+            ("use_karras_sigmas", "true"),
+        ],
+    ),
+    ("UniPC", "UniPCMultistepScheduler", &[]),
+    ("LCM", "LCMScheduler", &[]),
+    // Short names of DPM-Solver++ variants (they carry config overrides, so they live here).
+    (
+        "dpmpp_2m_karras",
+        "DPMSolverMultistepScheduler",
+        &[("use_karras_sigmas", "true")],
+    ),
+    (
+        "dpmpp_2m_sde",
+        "DPMSolverMultistepScheduler",
+        &[("algorithm_type", "\"sde-dpmsolver++\"")],
+    ),
+    (
+        "dpmpp_2m_sde_karras",
+        "DPMSolverMultistepScheduler",
+        &[
+            ("algorithm_type", "\"sde-dpmsolver++\""),
+            ("use_karras_sigmas", "true"),
+        ],
+    ),
+];
 
-/// Chooses a scheduler by name, case-insensitively: diffusers class names ("DDIMScheduler",
-/// "DDPMScheduler") and short names ("ddim", "ddpm"); an unknown name is an InvalidArgument
-/// listing the valid names. The config's `_class_name` is ignored: the config's values are
-/// used with the chosen class's defaults, like diffusers' `from_config`.
-pub fn scheduler_from_name(name: &str, config: &SchedulerConfig) -> Result<Box<dyn Scheduler>> {
-    let key = name.trim();
-    let short = SCHEDULERS
-        .iter()
-        .find(|(short, class)| key.eq_ignore_ascii_case(short) || key.eq_ignore_ascii_case(class))
-        .map(|(short, _)| *short)
-        .ok_or_else(|| {
-            Error::invalid(format!(
-                "unknown scheduler {name:?}; valid names: {}",
-                valid_names()
-            ))
-        })?;
+/// Builds the scheduler with the given short name from a config.
+fn build_scheduler(short: &str, config: &SchedulerConfig) -> Result<Box<dyn Scheduler>> {
     match short {
         "ddim" => Ok(Box::new(DdimScheduler::new(config)?)),
         "ddpm" => Ok(Box::new(DdpmScheduler::new(config)?)),
+        "euler" => Ok(Box::new(EulerDiscreteScheduler::new(config)?)),
+        "euler_a" => Ok(Box::new(EulerAncestralDiscreteScheduler::new(config)?)),
+        "heun" => Ok(Box::new(HeunDiscreteScheduler::new(config)?)),
+        "lms" => Ok(Box::new(LmsDiscreteScheduler::new(config)?)),
+        "pndm" => Ok(Box::new(PndmScheduler::new(config)?)),
+        "dpmpp_2m" => Ok(Box::new(DpmSolverMultistepScheduler::new(config)?)),
+        "unipc" => Ok(Box::new(UniPcMultistepScheduler::new(config)?)),
+        "lcm" => Ok(Box::new(LcmScheduler::new(config)?)),
         _ => Err(Error::Internal(format!("scheduler {short} not wired up"))),
+    }
+}
+
+/// The short names of the supported schedulers.
+pub fn scheduler_names() -> &'static [&'static str] {
+    static NAMES: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+    NAMES.get_or_init(|| SCHEDULERS.iter().map(|(short, _)| *short).collect())
+}
+
+/// The A1111 sampler names that map to a supported scheduler.
+pub fn a1111_scheduler_names() -> Vec<&'static str> {
+    A1111_NAMES
+        .iter()
+        .filter(|(_, class, _)| SCHEDULERS.iter().any(|(_, c)| c == class))
+        .map(|(name, _, _)| *name)
+        .collect()
+}
+
+fn valid_names() -> String {
+    let mut names: Vec<String> = SCHEDULERS
+        .iter()
+        .map(|(short, class)| format!("{short} ({class})"))
+        .collect();
+    names.extend(a1111_scheduler_names().iter().map(|n| format!("{n:?}")));
+    names.join(", ")
+}
+
+/// What a scheduler name resolves to: a short name and the config overrides it carries.
+fn resolve_name(name: &str) -> Result<(&'static str, ConfigOverrides)> {
+    let key = name.trim();
+    let by_class = |class: &str| {
+        SCHEDULERS
+            .iter()
+            .find(|(_, c)| class.eq_ignore_ascii_case(c))
+    };
+    if let Some((short, _)) = SCHEDULERS
+        .iter()
+        .find(|(short, class)| key.eq_ignore_ascii_case(short) || key.eq_ignore_ascii_case(class))
+    {
+        return Ok((short, &[]));
+    }
+    if let Some((a1111, class, overrides)) = A1111_NAMES
+        .iter()
+        .find(|(n, _, _)| key.eq_ignore_ascii_case(n))
+    {
+        return match by_class(class) {
+            Some((short, _)) => Ok((short, overrides)),
+            None => Err(Error::Unsupported(format!(
+                "scheduler {a1111:?} ({class}) is not available in this build; valid names: {}",
+                valid_names()
+            ))),
+        };
+    }
+    Err(Error::invalid(format!(
+        "unknown scheduler {name:?}; valid names: {}",
+        valid_names()
+    )))
+}
+
+/// Chooses a scheduler by name, case-insensitively: diffusers class names ("DDIMScheduler",
+/// "EulerDiscreteScheduler", ...), short names ("ddim", "euler_a", ...) and the sampler names
+/// of the AUTOMATIC1111 web UI ("Euler a", "LMS Karras", "PLMS", ...; those may also set
+/// config fields, e.g. `use_karras_sigmas`). An unknown name is an InvalidArgument listing the
+/// valid names. The config's `_class_name` is ignored: the config's values are used with the
+/// chosen class's defaults, like diffusers' `from_config`.
+pub fn scheduler_from_name(name: &str, config: &SchedulerConfig) -> Result<Box<dyn Scheduler>> {
+    let (short, overrides) = resolve_name(name)?;
+    if overrides.is_empty() {
+        build_scheduler(short, config)
+    } else {
+        build_scheduler(short, &config.with_overrides(overrides)?)
     }
 }
 
