@@ -61,7 +61,8 @@ pub fn save_png(
             rgb.len()
         )));
     }
-    let file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    let file = std::fs::File::create(path)
+        .map_err(|e| Error::Image(format!("cannot write {}: {e}", path.display())))?;
     let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), width, height);
     encoder.set_color(png::ColorType::Rgb);
     encoder.set_depth(png::BitDepth::Eight);
