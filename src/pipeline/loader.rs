@@ -1,12 +1,17 @@
-//! Loading a diffusers model folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`,
-//! `tokenizer/`, `scheduler/`).
+//! Loading a model: a diffusers folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`,
+//! `tokenizer/`, `scheduler/`) or a single-file checkpoint in the original CompVis / A1111
+//! layout (`.safetensors` or `.ckpt`), told apart by content.
 use super::StableDiffusion;
 use crate::models::{
     AutoencoderKL, ClipTextConfig, ClipTextTransformer, UNet2DConditionModel, UNetConfig, VaeConfig,
 };
 use crate::schedulers::SchedulerConfig;
 use crate::tokenizer::ClipTokenizer;
-use crate::weights::WeightSet;
+use crate::weights::single_file::{
+    detect_format, Checkpoint, ComponentSource, Family, Layout, ModelFormat, ModelOverrides,
+    SingleFileConfigs,
+};
+use crate::weights::{load_into_from, WeightSet};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
@@ -75,17 +80,23 @@ impl ModelFiles {
     }
 }
 
+/// A variable store whose variables are created directly in `kind` on `device`, so that a
+/// half-precision model never exists in fp32 first.
+fn var_store(device: Device, kind: Kind) -> VarStore {
+    let mut vs = VarStore::new(device);
+    if kind != Kind::Float {
+        vs.set_kind(kind);
+    }
+    vs
+}
+
 fn load_weights(
     vs: &mut VarStore,
     dir: &Path,
     stem: &str,
-    kind: Kind,
     keys_of: impl Fn(&str) -> Vec<String>,
 ) -> Result<()> {
     let weights = WeightSet::find_in_dir(dir, stem)?;
-    if kind != Kind::Float {
-        vs.set_kind(kind);
-    }
     weights.load_into_with(vs, keys_of)?;
     vs.freeze();
     Ok(())
@@ -121,16 +132,41 @@ fn text_encoder_keys(name: &str) -> Vec<String> {
 }
 
 impl StableDiffusion {
+    /// Loads a model from a diffusers folder, a single `.safetensors` or a `.ckpt` (the format
+    /// is detected from the content).
+    pub fn load(path: &Path, options: &LoadOptions) -> Result<Self> {
+        Self::load_with(path, options, &ModelOverrides::default())
+    }
+
+    /// As [`StableDiffusion::load`], with the choices of [`ModelOverrides`].
+    pub fn load_with(
+        path: &Path,
+        options: &LoadOptions,
+        overrides: &ModelOverrides,
+    ) -> Result<Self> {
+        if !matches!(options.kind, Kind::Float | Kind::Half | Kind::BFloat16) {
+            return Err(Error::invalid(format!(
+                "dtype {:?}: use fp32, fp16 or bf16",
+                options.kind
+            )));
+        }
+        let mut sd = match detect_format(path)? {
+            ModelFormat::DiffusersFolder => Self::load_folder(path, options)?,
+            ModelFormat::Safetensors | ModelFormat::Ckpt => {
+                Self::load_single_file(path, options, overrides)?
+            }
+        };
+        if let Some(p) = overrides.prediction_type {
+            sd.scheduler_config.prediction_type = Some(p);
+        }
+        Ok(sd)
+    }
+
     /// Loads a diffusers-layout Stable Diffusion folder.
-    pub fn load(root: &Path, options: &LoadOptions) -> Result<Self> {
+    fn load_folder(root: &Path, options: &LoadOptions) -> Result<Self> {
         let files = ModelFiles::new(root)?;
         let device = options.device;
         let kind = options.kind;
-        if !matches!(kind, Kind::Float | Kind::Half | Kind::BFloat16) {
-            return Err(Error::invalid(format!(
-                "dtype {kind:?}: use fp32, fp16 or bf16"
-            )));
-        }
 
         let tokenizer_dir = files.part("tokenizer");
         let tokenizer = if tokenizer_dir.is_dir() {
@@ -141,27 +177,21 @@ impl StableDiffusion {
 
         let text_dir = files.part("text_encoder");
         let text_config = ClipTextConfig::from_file(&text_dir.join("config.json"))?;
-        let mut vs = VarStore::new(device);
+        let mut vs = var_store(device, kind);
         let text_encoder = ClipTextTransformer::new(vs.root(), &text_config)?;
-        load_weights(&mut vs, &text_dir, "model", kind, text_encoder_keys)?;
+        load_weights(&mut vs, &text_dir, "model", text_encoder_keys)?;
 
         let unet_dir = files.part("unet");
         let unet_config = UNetConfig::from_file(&unet_dir.join("config.json"))?;
-        let mut vs = VarStore::new(device);
+        let mut vs = var_store(device, kind);
         let unet = UNet2DConditionModel::new(vs.root(), &unet_config)?;
-        load_weights(
-            &mut vs,
-            &unet_dir,
-            "diffusion_pytorch_model",
-            kind,
-            same_key,
-        )?;
+        load_weights(&mut vs, &unet_dir, "diffusion_pytorch_model", same_key)?;
 
         let vae_dir = files.part("vae");
         let vae_config = VaeConfig::from_file(&vae_dir.join("config.json"))?;
-        let mut vs = VarStore::new(device);
+        let mut vs = var_store(device, kind);
         let vae = AutoencoderKL::new(vs.root(), &vae_config)?;
-        load_weights(&mut vs, &vae_dir, "diffusion_pytorch_model", kind, vae_keys)?;
+        load_weights(&mut vs, &vae_dir, "diffusion_pytorch_model", vae_keys)?;
 
         let sched_path = files.part("scheduler").join("scheduler_config.json");
         let scheduler_config = if sched_path.is_file() {
@@ -172,7 +202,86 @@ impl StableDiffusion {
                 sched_path.display()
             )));
         };
+        Self::assemble(
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            scheduler_config,
+            options,
+        )
+    }
 
+    /// Loads a single-file checkpoint in the original layout: family, prediction type and
+    /// configs detected from the file (or configs from `overrides.config_dir`), tensors mapped
+    /// from the original keys one at a time.
+    fn load_single_file(
+        path: &Path,
+        options: &LoadOptions,
+        overrides: &ModelOverrides,
+    ) -> Result<Self> {
+        let (device, kind) = (options.device, options.kind);
+        let ckpt = Checkpoint::open(path)?;
+        let layout = Layout::detect(&ckpt, overrides.use_ema)?;
+        let configs = match &overrides.config_dir {
+            Some(dir) => configs_from_dir(dir, &layout)?,
+            None => SingleFileConfigs::defaults(&ckpt, &layout)?,
+        };
+        let tokenizer_dir = overrides.config_dir.as_ref().map(|d| d.join("tokenizer"));
+        let tokenizer = match tokenizer_dir {
+            Some(dir) if dir.is_dir() => ClipTokenizer::from_dir(&dir)?,
+            _ => standard_tokenizer(layout.family)?,
+        };
+
+        let mut vs = var_store(device, kind);
+        let text_encoder = ClipTextTransformer::new(vs.root(), &configs.text)?;
+        load_into_from(
+            &ComponentSource::text_encoder(&ckpt, &layout),
+            &vs,
+            same_key,
+        )?;
+        vs.freeze();
+
+        let mut vs = var_store(device, kind);
+        let unet = UNet2DConditionModel::new(vs.root(), &configs.unet)?;
+        load_into_from(
+            &ComponentSource::unet(&ckpt, &layout, &configs.unet)?,
+            &vs,
+            same_key,
+        )?;
+        vs.freeze();
+
+        let mut vs = var_store(device, kind);
+        let vae = AutoencoderKL::new(vs.root(), &configs.vae)?;
+        load_into_from(
+            &ComponentSource::vae(&ckpt, &layout, &configs.vae),
+            &vs,
+            same_key,
+        )?;
+        vs.freeze();
+
+        Self::assemble(
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            configs.scheduler,
+            options,
+        )
+    }
+
+    /// Checks that the parts fit together.
+    fn assemble(
+        tokenizer: ClipTokenizer,
+        text_encoder: ClipTextTransformer,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        scheduler_config: SchedulerConfig,
+        options: &LoadOptions,
+    ) -> Result<Self> {
+        let unet_config = unet.config();
+        let text_config = text_encoder.config();
+        let vae_config = vae.config();
         let cross = unet_config
             .cross_attention_dim
             .expand(unet_config.block_out_channels.len(), "cross_attention_dim")?;
@@ -194,9 +303,43 @@ impl StableDiffusion {
             unet,
             vae,
             scheduler_config,
-            device,
-            kind,
+            device: options.device,
+            kind: options.kind,
             logger: None,
         })
     }
+}
+
+/// The tokenizer of a single file that comes without one: the standard CLIP vocabulary.
+/// SD 2.x pads with `!` rather than `<|endoftext|>`; until the tokenizer can be built with that
+/// pad token, SD 2.x single files get the standard one too (pass `config_dir` with a
+/// `tokenizer/` folder for the exact SD 2.x tokenizer).
+fn standard_tokenizer(family: Family) -> Result<ClipTokenizer> {
+    match family {
+        Family::Sd1 | Family::Sd2 => ClipTokenizer::standard(),
+    }
+}
+
+/// The configs of a diffusers folder given as `config_dir`, for a single file: `unet/`, `vae/`
+/// and `text_encoder/` `config.json` are required, `scheduler/scheduler_config.json` falls back
+/// to the family's default.
+fn configs_from_dir(dir: &Path, layout: &Layout) -> Result<SingleFileConfigs> {
+    if !dir.is_dir() {
+        return Err(Error::invalid(format!(
+            "config folder {} does not exist",
+            dir.display()
+        )));
+    }
+    let sched_path = dir.join("scheduler").join("scheduler_config.json");
+    let scheduler = if sched_path.is_file() {
+        SchedulerConfig::from_file(&sched_path)?
+    } else {
+        SingleFileConfigs::default_scheduler(layout)?
+    };
+    Ok(SingleFileConfigs {
+        unet: UNetConfig::from_file(&dir.join("unet").join("config.json"))?,
+        vae: VaeConfig::from_file(&dir.join("vae").join("config.json"))?,
+        text: ClipTextConfig::from_file(&dir.join("text_encoder").join("config.json"))?,
+        scheduler,
+    })
 }

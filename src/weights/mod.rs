@@ -1,12 +1,79 @@
 //! Weight files: safetensors read through a memory map, copied straight into the model's
-//! variables with shape checks that name the tensor at fault.
+//! variables with shape checks that name the tensor at fault. A diffusers folder
+//! ([`WeightSet`]) and a single-file checkpoint ([`single_file::ComponentSource`], `.safetensors`
+//! or `.ckpt` in the original CompVis layout) both implement [`TensorSource`] and fill a model
+//! through the same [`load_into_from`].
+mod ckpt;
+pub mod pickle;
 pub mod safetensors_file;
+pub mod single_file;
 
 pub use safetensors_file::SafetensorsFile;
 
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
+use tch::Tensor;
+
+/// Where a model's tensors come from, under the model's own (diffusers) variable names.
+pub trait TensorSource {
+    /// The shape of the tensor stored for `key`, if the source has it.
+    fn shape(&self, key: &str) -> Option<Vec<i64>>;
+    /// The tensor for `key` on the CPU, in its stored dtype.
+    fn tensor(&self, key: &str) -> Result<Tensor>;
+    /// How error messages name `key`: the key as stored in the file, which may differ.
+    fn stored_name(&self, key: &str) -> String {
+        key.to_string()
+    }
+    /// The file or files, for error messages.
+    fn describe(&self) -> String;
+    /// The file that holds `key`, for error messages.
+    fn file_of(&self, _key: &str) -> String {
+        self.describe()
+    }
+    /// Called once `key` has been copied into the model: a memory-mapped source may drop the
+    /// pages it read, so that a loaded model does not also keep the file resident.
+    fn done(&self, _key: &str) {}
+}
+
+/// Fills every variable of `vs` from `source`, converting the dtype (and device), one tensor at
+/// a time. `keys_of` gives the keys a variable may be stored under, in order of preference. A
+/// missing tensor or a shape that differs is an error naming the tensor as the file stores it.
+pub fn load_into_from(
+    source: &dyn TensorSource,
+    vs: &VarStore,
+    keys_of: impl Fn(&str) -> Vec<String>,
+) -> Result<()> {
+    let _no_grad = tch::no_grad_guard();
+    for (name, mut var) in vs.variables() {
+        let keys = keys_of(&name);
+        let (key, shape) = keys
+            .iter()
+            .find_map(|k| source.shape(k).map(|s| (k, s)))
+            .ok_or_else(|| Error::MissingTensor {
+                name: keys
+                    .iter()
+                    .map(|k| source.stored_name(k))
+                    .collect::<Vec<_>>()
+                    .join(" or "),
+                file: source.describe(),
+            })?;
+        let expected = var.size();
+        if shape != expected {
+            return Err(Error::ShapeMismatch {
+                name: source.stored_name(key),
+                file: source.file_of(key),
+                expected,
+                found: shape,
+            });
+        }
+        let src = source.tensor(key)?;
+        var.f_copy_(&src)?;
+        drop(src);
+        source.done(key);
+    }
+    Ok(())
+}
 
 /// A set of weight files that together hold one model's tensors (one file, or the shards of
 /// a `*.safetensors.index.json`).
@@ -81,29 +148,40 @@ impl WeightSet {
         vs: &VarStore,
         keys_of: impl Fn(&str) -> Vec<String>,
     ) -> Result<()> {
-        let _no_grad = tch::no_grad_guard();
-        for (name, mut var) in vs.variables() {
-            let keys = keys_of(&name);
-            let (key, file, info) = keys
-                .iter()
-                .find_map(|k| self.files.iter().find_map(|f| f.info(k).map(|i| (k, f, i))))
-                .ok_or_else(|| Error::MissingTensor {
-                    name: keys.join(" or "),
-                    file: self.describe(),
-                })?;
-            let expected = var.size();
-            if info.shape != expected {
-                return Err(Error::ShapeMismatch {
-                    name: key.clone(),
-                    file: file.path().display().to_string(),
-                    expected,
-                    found: info.shape.clone(),
-                });
-            }
-            let src = file.tensor(key)?;
-            var.f_copy_(&src)?;
+        load_into_from(self, vs, keys_of)
+    }
+
+    fn file_with(&self, key: &str) -> Option<&SafetensorsFile> {
+        self.files.iter().find(|f| f.info(key).is_some())
+    }
+}
+
+impl TensorSource for WeightSet {
+    fn shape(&self, key: &str) -> Option<Vec<i64>> {
+        self.file_with(key)
+            .and_then(|f| f.info(key))
+            .map(|i| i.shape.clone())
+    }
+
+    fn tensor(&self, key: &str) -> Result<Tensor> {
+        match self.file_with(key) {
+            Some(f) => f.tensor(key),
+            None => Err(Error::MissingTensor {
+                name: key.to_string(),
+                file: self.describe(),
+            }),
         }
-        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        WeightSet::describe(self)
+    }
+
+    fn file_of(&self, key: &str) -> String {
+        match self.file_with(key) {
+            Some(f) => f.path().display().to_string(),
+            None => self.describe(),
+        }
     }
 }
 

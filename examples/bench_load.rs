@@ -1,0 +1,291 @@
+//! Load time and peak RSS of a single-file checkpoint of SD 1.5's size, with random weights.
+//!
+//!     cargo run --example bench_load [-- DIR]
+//!
+//! Writes `DIR/sd15-random-fp16.safetensors` (default DIR: the system temp folder; about
+//! 2.1 GB, kept for the next run) in the original CompVis layout: SD 1.5's UNet, VAE and CLIP
+//! ViT-L text encoder, 1.07 G parameters in float16. Then, for each dtype (fp32, bf16) a fresh
+//! child process loads it on the CPU with `StableDiffusion::load` and reports the wall time and
+//! its peak RSS (`VmHWM` of /proc/self/status), next to the weights' own size in that dtype.
+//! Not part of the test suite.
+use stable_diffusion::models::{
+    AutoencoderKL, ClipTextConfig, ClipTextTransformer, UNet2DConditionModel, UNetConfig, VaeConfig,
+};
+use stable_diffusion::pipeline::{LoadOptions, StableDiffusion};
+use stable_diffusion::weights::single_file::{text_original, vae_original, TextLayout, UNetMap};
+use stable_diffusion::{Error, Result};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+const SD15_UNET: &str = r#"{
+  "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
+  "cross_attention_dim": 768, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+  "sample_size": 64
+}"#;
+const SD15_VAE: &str = r#"{
+  "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 4,
+  "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D",
+                       "DownEncoderBlock2D"],
+  "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D",
+                     "UpDecoderBlock2D"]
+}"#;
+const SD15_TEXT: &str = r#"{
+  "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+  "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu"
+}"#;
+
+fn status_kib(field: &str) -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .unwrap_or(f64::NAN)
+}
+
+fn gib(kib: f64) -> f64 {
+    kib / (1024.0 * 1024.0)
+}
+
+fn json<T: serde::de::DeserializeOwned>(s: &str) -> T {
+    serde_json::from_str(s).expect("embedded config")
+}
+
+/// One tensor to write: original key, shape, and its float16 bytes.
+struct Entry {
+    key: String,
+    shape: Vec<i64>,
+    bytes: Vec<u8>,
+}
+
+fn fp16_bytes(t: &Tensor) -> Vec<u8> {
+    let t = t.to_kind(Kind::Half).contiguous();
+    let n = t.numel();
+    let mut out = vec![0u8; n * 2];
+    t.copy_data_u8(&mut out, n);
+    out
+}
+
+/// Random float16 weights for every variable of `vs`, under the original key `key_of` gives.
+fn entries_of(vs: &VarStore, key_of: impl Fn(&str, &[i64]) -> (String, Vec<i64>)) -> Vec<Entry> {
+    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars.into_iter()
+        .map(|(name, t)| {
+            let (key, shape) = key_of(&name, &t.size());
+            // Small random values: what matters here is size, not content.
+            let data = t.f_mul_scalar(0.5).unwrap();
+            Entry {
+                key,
+                shape,
+                bytes: fp16_bytes(&data),
+            }
+        })
+        .collect()
+}
+
+/// Writes a safetensors file entry by entry (the header first, then each tensor's bytes).
+fn write_file(path: &Path, parts: Vec<Vec<Entry>>) -> Result<u64> {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    let all: Vec<&Entry> = parts.iter().flatten().collect();
+    for e in &all {
+        let end = offset + e.bytes.len();
+        header.insert(
+            e.key.clone(),
+            serde_json::json!({"dtype": "F16", "shape": e.shape, "data_offsets": [offset, end]}),
+        );
+        offset = end;
+    }
+    header.insert(
+        "__metadata__".into(),
+        serde_json::json!({"format": "pt", "note": "random weights, SD 1.5 sizes"}),
+    );
+    let mut text = serde_json::to_string(&header).map_err(|e| Error::Internal(e.to_string()))?;
+    while (8 + text.len()) % 8 != 0 {
+        text.push(' ');
+    }
+    let tmp = path.with_extension("partial");
+    let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let mut w = std::io::BufWriter::new(file);
+    let io = |e| Error::io(&tmp, e);
+    w.write_all(&(text.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    w.write_all(text.as_bytes()).map_err(io)?;
+    for e in &all {
+        w.write_all(&e.bytes).map_err(io)?;
+    }
+    w.flush().map_err(io)?;
+    drop(w);
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    Ok((8 + text.len() + offset) as u64)
+}
+
+/// Builds each SD 1.5 component with random init (one at a time) and writes the file.
+fn make_checkpoint(path: &Path) -> Result<u64> {
+    let _g = tch::no_grad_guard();
+    tch::manual_seed(0);
+    let mut parts = Vec::new();
+
+    let cfg: UNetConfig = json(SD15_UNET);
+    let mut vs = VarStore::new(Device::Cpu);
+    vs.set_kind(Kind::Half);
+    UNet2DConditionModel::new(vs.root(), &cfg)?;
+    let map = UNetMap::new(&cfg)?;
+    parts.push(entries_of(&vs, |name, shape| {
+        let rest = map
+            .original(name)
+            .expect("UNet variable without an original key");
+        (format!("model.diffusion_model.{rest}"), shape.to_vec())
+    }));
+    drop(vs);
+
+    let cfg: VaeConfig = json(SD15_VAE);
+    let mut vs = VarStore::new(Device::Cpu);
+    vs.set_kind(Kind::Half);
+    AutoencoderKL::new(vs.root(), &cfg)?;
+    let levels = cfg.block_out_channels.len();
+    parts.push(entries_of(&vs, |name, shape| {
+        let m = vae_original(name, levels).expect("VAE variable without an original key");
+        let mut shape = shape.to_vec();
+        if m.key.contains(".attn_1.") && m.key.ends_with("weight") && !m.key.contains(".norm.") {
+            shape.extend([1, 1]); // stored as 1x1 convolutions
+        }
+        (format!("first_stage_model.{}", m.key), shape)
+    }));
+    drop(vs);
+
+    let cfg: ClipTextConfig = json(SD15_TEXT);
+    let mut vs = VarStore::new(Device::Cpu);
+    vs.set_kind(Kind::Half);
+    ClipTextTransformer::new(vs.root(), &cfg)?;
+    let layout = TextLayout::Clip {
+        prefix: "cond_stage_model.transformer.text_model.".into(),
+    };
+    parts.push(entries_of(&vs, |name, shape| {
+        let m = text_original(name, &layout).expect("text variable without an original key");
+        (m.key, shape.to_vec())
+    }));
+    drop(vs);
+    write_file(path, parts)
+}
+
+/// CPU seconds (user + system) this process has used.
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage only writes the struct we pass.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return f64::NAN;
+    }
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 * 1e-6;
+    t(u.ru_utime) + t(u.ru_stime)
+}
+
+/// Only builds the three SD 1.5 models with their random init, without reading any weights:
+/// the part of a load that is not reading the file.
+fn construct_only() -> Result<()> {
+    let _ = Tensor::zeros([1], (Kind::Float, Device::Cpu)).sum(Kind::Float);
+    let (cpu0, start) = (cpu_seconds(), Instant::now());
+    let vs = VarStore::new(Device::Cpu);
+    UNet2DConditionModel::new(vs.root(), &json::<UNetConfig>(SD15_UNET))?;
+    AutoencoderKL::new(vs.root(), &json::<VaeConfig>(SD15_VAE))?;
+    ClipTextTransformer::new(vs.root(), &json::<ClipTextConfig>(SD15_TEXT))?;
+    println!(
+        "fp32, building the models only (random init, no weights read): {:.1} s wall, {:.1} s CPU",
+        start.elapsed().as_secs_f64(),
+        cpu_seconds() - cpu0
+    );
+    Ok(())
+}
+
+fn measure(path: &Path, dtype: &str) -> Result<()> {
+    let kind = match dtype {
+        "fp32" => Kind::Float,
+        "bf16" => Kind::BFloat16,
+        "fp16" => Kind::Half,
+        other => return Err(Error::invalid(format!("dtype {other}"))),
+    };
+    // Start libtorch first so that its own footprint is the baseline, not part of the load.
+    let _ = Tensor::zeros([1], (Kind::Float, Device::Cpu)).sum(Kind::Float);
+    let base = status_kib("VmHWM:");
+    let (cpu0, start) = (cpu_seconds(), Instant::now());
+    let sd = StableDiffusion::load(
+        path,
+        &LoadOptions {
+            kind,
+            ..Default::default()
+        },
+    )?;
+    let secs = start.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu0;
+    let peak = status_kib("VmHWM:");
+    let rss = status_kib("VmRSS:");
+    println!(
+        "{dtype}: load {secs:.1} s wall ({cpu:.1} s CPU), peak RSS {:.2} GiB ({:.2} GiB above the {:.2} GiB of libtorch \
+         alone), RSS after load {:.2} GiB",
+        gib(peak),
+        gib(peak - base),
+        gib(base),
+        gib(rss)
+    );
+    drop(sd);
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() == 4 && args[1] == "measure" {
+        return measure(Path::new(&args[2]), &args[3]);
+    }
+    if args.len() == 2 && args[1] == "construct" {
+        return construct_only();
+    }
+    let dir = args
+        .get(1)
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let path = dir.join("sd15-random-fp16.safetensors");
+    if !path.is_file() {
+        eprintln!("writing {} ...", path.display());
+        let start = Instant::now();
+        let bytes = make_checkpoint(&path)?;
+        eprintln!(
+            "wrote {:.2} GB in {:.0} s",
+            bytes as f64 / 1e9,
+            start.elapsed().as_secs_f64()
+        );
+    }
+    let size = std::fs::metadata(&path)
+        .map_err(|e| Error::io(&path, e))?
+        .len() as f64;
+    let params = (size / 2.0) / 1e9;
+    println!(
+        "{}: {:.2} GB on disk (float16), about {params:.2} G parameters: {:.2} GiB in fp32, \
+         {:.2} GiB in bf16",
+        path.display(),
+        size / 1e9,
+        size * 2.0 / (1u64 << 30) as f64,
+        size / (1u64 << 30) as f64
+    );
+    let exe = std::env::current_exe().map_err(|e| Error::Internal(e.to_string()))?;
+    let file = path.to_str().unwrap_or_default();
+    for (dtype, args) in [
+        ("fp32", vec!["measure", file, "fp32"]),
+        ("bf16", vec!["measure", file, "bf16"]),
+        ("construction", vec!["construct"]),
+    ] {
+        let status = std::process::Command::new(&exe)
+            .args(&args)
+            .status()
+            .map_err(|e| Error::Internal(format!("cannot run {}: {e}", exe.display())))?;
+        if !status.success() {
+            return Err(Error::Internal(format!(
+                "measuring {dtype} failed: {status}"
+            )));
+        }
+    }
+    Ok(())
+}
