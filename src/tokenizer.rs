@@ -68,6 +68,7 @@ static BYTE_LEVEL_SPLIT: Lazy<Regex> = Lazy::new(|| {
 static WORD_CHAR: Lazy<Regex> = Lazy::new(|| constant_regex(r"^\w$"));
 
 static STANDARD: OnceCell<Arc<Inner>> = OnceCell::new();
+static STANDARD_SD2: OnceCell<Arc<Inner>> = OnceCell::new();
 
 /// The CLIP tokenizer. Cheap to clone (the vocabulary and the word cache are shared); `Send`
 /// and `Sync`.
@@ -211,18 +212,28 @@ impl ClipTokenizer {
     /// The standard CLIP vocabulary embedded in the library, configured like the SD 1.x
     /// `tokenizer/` folder: pad = `<|endoftext|>`, max length 77.
     pub fn standard() -> Result<Self> {
-        let inner = STANDARD.get_or_try_init(|| -> Result<Arc<Inner>> {
+        Self::embedded(&STANDARD, EOS, "SD 1.x")
+    }
+
+    /// The standard vocabulary configured like the SD 2.x `tokenizer/` folder: pad = `!`
+    /// (id 0, which transformers then treats as a special token), max length 77.
+    pub fn standard_sd2() -> Result<Self> {
+        Self::embedded(&STANDARD_SD2, "!", "SD 2.x")
+    }
+
+    fn embedded(cell: &'static OnceCell<Arc<Inner>>, pad: &str, family: &str) -> Result<Self> {
+        let inner = cell.get_or_try_init(|| -> Result<Arc<Inner>> {
             let (vocab, merges) = standard_vocab()?;
             let origin = Path::new("<embedded bpe_simple_vocab_16e6.txt.gz>");
             let bpe = Bpe::new(vocab, &merges, origin)?;
-            let (config, special_map) = sd1_config();
+            let (config, special_map) = embedded_config(pad);
             let sources = ConfigSources {
                 config: Some((
-                    PathBuf::from("<embedded SD 1.x tokenizer_config.json>"),
+                    PathBuf::from(format!("<embedded {family} tokenizer_config.json>")),
                     config,
                 )),
                 special_map: Some((
-                    PathBuf::from("<embedded SD 1.x special_tokens_map.json>"),
+                    PathBuf::from(format!("<embedded {family} special_tokens_map.json>")),
                     special_map,
                 )),
                 added_json: None,
@@ -596,7 +607,9 @@ fn standard_vocab() -> Result<(Vocab, Vec<Merge>)> {
 }
 
 /// tokenizer_config.json and special_tokens_map.json of the SD 1.x `tokenizer/` folder.
-fn sd1_config() -> (Value, Value) {
+/// The `tokenizer_config.json` and `special_tokens_map.json` of the SD 1.x / 2.x tokenizer
+/// folders, which differ only in the pad token.
+fn embedded_config(pad: &str) -> (Value, Value) {
     let token = |content: &str, typed: bool| {
         let mut v = json!({
             "content": content, "lstrip": false, "normalized": true, "rstrip": false,
@@ -611,7 +624,7 @@ fn sd1_config() -> (Value, Value) {
         "bos_token": token(BOS, true),
         "eos_token": token(EOS, true),
         "unk_token": token(EOS, true),
-        "pad_token": EOS,
+        "pad_token": pad,
         "model_max_length": 77,
         "tokenizer_class": "CLIPTokenizer",
     });
@@ -619,7 +632,7 @@ fn sd1_config() -> (Value, Value) {
         "bos_token": token(BOS, false),
         "eos_token": token(EOS, false),
         "unk_token": token(EOS, false),
-        "pad_token": EOS,
+        "pad_token": pad,
     });
     (config, special_map)
 }

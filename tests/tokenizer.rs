@@ -245,6 +245,18 @@ fn standard_matches_transformers() {
 }
 
 #[test]
+fn standard_sd2_matches_transformers() {
+    let fx = fixture();
+    let cfg = configs(&fx)
+        .iter()
+        .find(|c| c["name"] == "sd2")
+        .expect("sd2 config");
+    let tok = ClipTokenizer::standard_sd2().expect("standard SD 2.x tokenizer");
+    let (failures, checks) = check_config(&tok, cfg, "standard_sd2()");
+    report(failures, checks);
+}
+
+#[test]
 fn from_dir_matches_transformers_for_every_config() {
     let fx = fixture();
     let standard = standard_files();

@@ -316,7 +316,8 @@ impl StableDiffusion {
 /// `tokenizer/` folder for the exact SD 2.x tokenizer).
 fn standard_tokenizer(family: Family) -> Result<ClipTokenizer> {
     match family {
-        Family::Sd1 | Family::Sd2 => ClipTokenizer::standard(),
+        Family::Sd1 => ClipTokenizer::standard(),
+        Family::Sd2 => ClipTokenizer::standard_sd2(),
     }
 }
 
