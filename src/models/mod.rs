@@ -2,9 +2,11 @@
 pub mod blocks;
 pub mod clip;
 pub mod config;
+pub mod traits;
 pub mod unet;
 pub mod vae;
 
 pub use clip::{ClipTextConfig, ClipTextTransformer};
+pub use traits::{Autoencoder, Denoiser, TextEncoder};
 pub use unet::{UNet2DConditionModel, UNetConfig};
 pub use vae::{AutoencoderKL, DiagonalGaussian, VaeConfig};

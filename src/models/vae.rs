@@ -326,7 +326,8 @@ pub struct DiagonalGaussian {
 }
 
 impl DiagonalGaussian {
-    fn from_moments(moments: &Tensor) -> Result<Self> {
+    /// Splits encoder moments `[b, 2c, h, w]` into mean and (clamped) log-variance.
+    pub fn from_moments(moments: &Tensor) -> Result<Self> {
         let parts = moments.f_chunk(2, 1)?;
         let logvar = parts[1].f_clamp(-30.0, 20.0)?;
         Ok(Self {
@@ -394,23 +395,5 @@ impl AutoencoderKL {
             None => latents.shallow_clone(),
         };
         self.decoder.forward(&z)
-    }
-
-    /// Latents as the UNet sees them: `(z - shift) * scaling_factor`.
-    pub fn scale_latents(&self, z: &Tensor) -> Result<Tensor> {
-        let shifted = match self.config.shift_factor {
-            Some(s) => z.f_sub_scalar(s)?,
-            None => z.shallow_clone(),
-        };
-        Ok(shifted.f_mul_scalar(self.config.scaling_factor)?)
-    }
-
-    /// Inverse of [`AutoencoderKL::scale_latents`].
-    pub fn unscale_latents(&self, z: &Tensor) -> Result<Tensor> {
-        let unscaled = z.f_div_scalar(self.config.scaling_factor)?;
-        Ok(match self.config.shift_factor {
-            Some(s) => unscaled.f_add_scalar(s)?,
-            None => unscaled,
-        })
     }
 }

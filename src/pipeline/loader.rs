@@ -297,23 +297,19 @@ impl StableDiffusion {
                 unet_config.out_channels, vae_config.latent_channels
             )));
         }
-        Ok(Self {
+        Ok(Self::from_parts(
             tokenizer,
-            text_encoder,
-            unet,
-            vae,
+            Box::new(text_encoder),
+            Box::new(unet),
+            Box::new(vae),
             scheduler_config,
-            device: options.device,
-            kind: options.kind,
-            logger: None,
-        })
+            options,
+        ))
     }
 }
 
-/// The tokenizer of a single file that comes without one: the standard CLIP vocabulary.
-/// SD 2.x pads with `!` rather than `<|endoftext|>`; until the tokenizer can be built with that
-/// pad token, SD 2.x single files get the standard one too (pass `config_dir` with a
-/// `tokenizer/` folder for the exact SD 2.x tokenizer).
+/// The tokenizer of a single file that comes without one: the standard CLIP vocabulary with
+/// the family's pad token.
 fn standard_tokenizer(family: Family) -> Result<ClipTokenizer> {
     match family {
         Family::Sd1 => ClipTokenizer::standard(),

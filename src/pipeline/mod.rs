@@ -5,7 +5,7 @@ mod loader;
 pub use loader::{LoadOptions, ModelFiles};
 
 use crate::image_io::Image;
-use crate::models::{AutoencoderKL, ClipTextTransformer, UNet2DConditionModel};
+use crate::models::traits::{Autoencoder, Denoiser, TextEncoder};
 use crate::rng::{NoiseSource, PredrawnNoise};
 use crate::schedulers::{self, Scheduler, SchedulerConfig};
 use crate::tokenizer::ClipTokenizer;
@@ -135,9 +135,9 @@ impl Images {
 /// A loaded Stable Diffusion model: tokenizer, text encoder, UNet, VAE and scheduler config.
 pub struct StableDiffusion {
     pub tokenizer: ClipTokenizer,
-    pub text_encoder: ClipTextTransformer,
-    pub unet: UNet2DConditionModel,
-    pub vae: AutoencoderKL,
+    pub text_encoder: Box<dyn TextEncoder>,
+    pub unet: Box<dyn Denoiser>,
+    pub vae: Box<dyn Autoencoder>,
     pub scheduler_config: SchedulerConfig,
     device: Device,
     kind: Kind,
@@ -156,6 +156,27 @@ pub enum LogLevel {
 pub type Logger = std::sync::Arc<dyn Fn(LogLevel, &str) + Send + Sync>;
 
 impl StableDiffusion {
+    /// A pipeline from its parts: native modules, TorchScript modules or a mix.
+    pub fn from_parts(
+        tokenizer: ClipTokenizer,
+        text_encoder: Box<dyn TextEncoder>,
+        unet: Box<dyn Denoiser>,
+        vae: Box<dyn Autoencoder>,
+        scheduler_config: SchedulerConfig,
+        options: &LoadOptions,
+    ) -> Self {
+        Self {
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            scheduler_config,
+            device: options.device,
+            kind: options.kind,
+            logger: None,
+        }
+    }
+
     /// Routes this pipeline's log messages to `logger` (none: dropped).
     pub fn set_logger(&mut self, logger: Option<Logger>) {
         self.logger = logger;
@@ -177,12 +198,12 @@ impl StableDiffusion {
 
     /// Pixels per latent cell on each side.
     pub fn vae_scale_factor(&self) -> i64 {
-        self.vae.config().scale_factor()
+        self.vae.spatial_scale()
     }
 
     /// The image size used when the caller gives none: the UNet's sample size in pixels.
     pub fn default_size(&self) -> i64 {
-        self.unet.config().sample_size.unwrap_or(64) * self.vae_scale_factor()
+        self.unet.sample_size().unwrap_or(64) * self.vae_scale_factor()
     }
 
     /// A fresh scheduler: the named one, else the one the model's config names, else (a class
@@ -192,7 +213,9 @@ impl StableDiffusion {
             Some(n) => schedulers::scheduler_from_name(n, &self.scheduler_config),
             None => match schedulers::scheduler_from_config(&self.scheduler_config) {
                 Err(Error::Unsupported(why)) => {
-                    self.log(LogLevel::Warn, || format!("{why}; using DDIM with its settings"));
+                    self.log(LogLevel::Warn, || {
+                        format!("{why}; using DDIM with its settings")
+                    });
                     schedulers::scheduler_from_name("ddim", &self.scheduler_config)
                 }
                 other => other,
@@ -206,7 +229,10 @@ impl StableDiffusion {
         let full = self.tokenizer.encode(prompt).len();
         if full > ids.len() {
             self.log(LogLevel::Warn, || {
-                format!("prompt is {full} tokens; only the first {} are used", ids.len())
+                format!(
+                    "prompt is {full} tokens; only the first {} are used",
+                    ids.len()
+                )
             });
         }
         let ids = Tensor::from_slice(&ids)
@@ -271,8 +297,8 @@ impl StableDiffusion {
         if p.mask.is_some() && p.init_image.is_none() {
             return Err(Error::invalid("a mask needs an init image to inpaint"));
         }
-        let unet_in = self.unet.config().in_channels;
-        let latent_c = self.vae.config().latent_channels;
+        let unet_in = self.unet.in_channels();
+        let latent_c = self.vae.latent_channels();
         if unet_in == 2 * latent_c + 1 && p.mask.is_none() {
             return Err(Error::invalid(format!(
                 "this is an inpainting model ({unet_in}-channel UNet): give an init image and a mask"
@@ -315,7 +341,7 @@ impl StableDiffusion {
 
         let batch = params.batch as i64;
         let vsf = self.vae_scale_factor();
-        let latent_c = self.vae.config().latent_channels;
+        let latent_c = self.vae.latent_channels();
         let shape = vec![batch, latent_c, height / vsf, width / vsf];
         let single = vec![1, latent_c, height / vsf, width / vsf];
 
@@ -332,7 +358,7 @@ impl StableDiffusion {
             )?),
             None => None,
         };
-        let inpaint_unet = self.unet.config().in_channels != latent_c;
+        let inpaint_unet = self.unet.in_channels() != latent_c;
 
         // Which timesteps run: editing modes skip the first ones (diffusers' get_timesteps).
         let all_timesteps = scheduler.timesteps().to_vec();

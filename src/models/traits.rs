@@ -1,0 +1,89 @@
+//! What the pipeline needs from each network. The native tch modules implement these traits,
+//! and so does the TorchScript backend, so one pipeline drives both.
+use super::{AutoencoderKL, ClipTextTransformer, DiagonalGaussian, UNet2DConditionModel};
+use crate::Result;
+use tch::Tensor;
+
+/// Token ids `[batch, tokens]` to hidden states `[batch, tokens, dim]`.
+pub trait TextEncoder: Send {
+    /// `clip_skip` layers are skipped from the end; the final layer norm is applied either way.
+    fn forward(&self, input_ids: &Tensor, clip_skip: usize) -> Result<Tensor>;
+}
+
+/// The UNet: predicts noise (or v) for latents at a timestep, conditioned on text.
+pub trait Denoiser: Send {
+    fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor>;
+    /// Channels of the UNet input: latent channels, or 2 * latent + 1 for inpainting models.
+    fn in_channels(&self) -> i64;
+    /// Native latent size, when the model states one.
+    fn sample_size(&self) -> Option<i64>;
+}
+
+/// The VAE between pixels in [-1, 1] and unscaled latents.
+pub trait Autoencoder: Send {
+    fn encode(&self, images: &Tensor) -> Result<DiagonalGaussian>;
+    fn decode(&self, latents: &Tensor) -> Result<Tensor>;
+    fn latent_channels(&self) -> i64;
+    /// Pixels per latent cell on each side.
+    fn spatial_scale(&self) -> i64;
+    /// The config's `scaling_factor` (0.18215 for SD 1.x).
+    fn scaling_factor(&self) -> f64;
+    fn shift_factor(&self) -> Option<f64>;
+
+    /// Latents as the UNet sees them: `(z - shift) * scaling_factor`.
+    fn scale_latents(&self, z: &Tensor) -> Result<Tensor> {
+        let shifted = match self.shift_factor() {
+            Some(s) => z.f_sub_scalar(s)?,
+            None => z.shallow_clone(),
+        };
+        Ok(shifted.f_mul_scalar(self.scaling_factor())?)
+    }
+
+    /// Inverse of [`Autoencoder::scale_latents`].
+    fn unscale_latents(&self, z: &Tensor) -> Result<Tensor> {
+        let unscaled = z.f_div_scalar(self.scaling_factor())?;
+        Ok(match self.shift_factor() {
+            Some(s) => unscaled.f_add_scalar(s)?,
+            None => unscaled,
+        })
+    }
+}
+
+impl TextEncoder for ClipTextTransformer {
+    fn forward(&self, input_ids: &Tensor, clip_skip: usize) -> Result<Tensor> {
+        ClipTextTransformer::forward(self, input_ids, clip_skip)
+    }
+}
+
+impl Denoiser for UNet2DConditionModel {
+    fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
+        UNet2DConditionModel::forward(self, sample, timestep, context)
+    }
+    fn in_channels(&self) -> i64 {
+        self.config().in_channels
+    }
+    fn sample_size(&self) -> Option<i64> {
+        self.config().sample_size
+    }
+}
+
+impl Autoencoder for AutoencoderKL {
+    fn encode(&self, images: &Tensor) -> Result<DiagonalGaussian> {
+        AutoencoderKL::encode(self, images)
+    }
+    fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        AutoencoderKL::decode(self, latents)
+    }
+    fn latent_channels(&self) -> i64 {
+        self.config().latent_channels
+    }
+    fn spatial_scale(&self) -> i64 {
+        self.config().scale_factor()
+    }
+    fn scaling_factor(&self) -> f64 {
+        self.config().scaling_factor
+    }
+    fn shift_factor(&self) -> Option<f64> {
+        self.config().shift_factor
+    }
+}
