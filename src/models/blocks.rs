@@ -4,8 +4,39 @@ use crate::Result;
 use tch::nn::{self, Init};
 use tch::Tensor;
 
+thread_local! {
+    static SKIP_INIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// While the returned guard lives, models built on this thread get zero-filled variables
+/// instead of random ones: loading overwrites every variable, and random initialisation of a
+/// full-size model costs seconds.
+pub fn skip_random_init() -> SkipInitGuard {
+    let previous = SKIP_INIT.with(|s| s.replace(true));
+    SkipInitGuard { previous }
+}
+
+pub struct SkipInitGuard {
+    previous: bool,
+}
+
+impl Drop for SkipInitGuard {
+    fn drop(&mut self) {
+        SKIP_INIT.with(|s| s.set(self.previous));
+    }
+}
+
+/// `init`, or a cheap constant while [`skip_random_init`] is in force.
+pub fn random_init(init: Init) -> Init {
+    if SKIP_INIT.with(|s| s.get()) {
+        Init::Const(0.)
+    } else {
+        init
+    }
+}
+
 fn kaiming() -> Init {
-    nn::init::DEFAULT_KAIMING_UNIFORM
+    random_init(nn::init::DEFAULT_KAIMING_UNIFORM)
 }
 
 /// `y = x W^T + b` through `at::linear` (one fused addmm on 2-D inputs).

@@ -168,10 +168,10 @@ impl ClipTextTransformer {
         let tm = &vs / "text_model";
         let emb = &tm / "embeddings";
         let d = config.hidden_size;
-        let normal = Init::Randn {
+        let normal = super::blocks::random_init(Init::Randn {
             mean: 0.,
             stdev: 0.02,
-        };
+        });
         let token_embedding =
             (&emb / "token_embedding").var("weight", &[config.vocab_size, d], normal);
         let position_embedding = (&emb / "position_embedding").var(

@@ -150,6 +150,7 @@ impl StableDiffusion {
                 options.kind
             )));
         }
+        let _skip_init = crate::models::blocks::skip_random_init();
         let mut sd = match detect_format(path)? {
             ModelFormat::DiffusersFolder => Self::load_folder(path, options)?,
             ModelFormat::Safetensors | ModelFormat::Ckpt => {
