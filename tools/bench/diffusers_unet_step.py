@@ -1,4 +1,4 @@
-"""The same measurement as `cargo bench --bench unet_step`, with diffusers' UNet2DConditionModel.
+"""The same measurement as `cargo run --example bench_unet_step`, with diffusers' UNet2DConditionModel.
 
 Run from the repo root with the fixture venv (tools/make_fixtures.sh creates it):
     .venv-fixtures/bin/python tools/bench/diffusers_unet_step.py

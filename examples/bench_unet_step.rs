@@ -1,8 +1,10 @@
 //! One denoising step of an SD 1.5-size UNet (random weights) on the CPU: the figure to compare
-//! with `tools/bench/diffusers_unet_step.py` (diffusers) on the same machine.
+//! with `tools/bench/diffusers_unet_step.py` (diffusers) on the same machine. An example rather
+//! than a `cargo bench` target so that it reuses the dev build of libtorch's bindings (the work
+//! is libtorch's either way).
 //!
-//!     cargo bench --bench unet_step            # 512x512, CFG batch 2, 3 timed steps
-//!     SD_BENCH_SIZE=256 SD_BENCH_STEPS=5 cargo bench --bench unet_step
+//!     cargo run --example bench_unet_step            # 512x512, CFG batch 2, 3 timed steps
+//!     SD_BENCH_SIZE=256 SD_BENCH_STEPS=5 cargo run --example bench_unet_step
 use stable_diffusion::models::{UNet2DConditionModel, UNetConfig};
 use std::time::Instant;
 use tch::nn::VarStore;
