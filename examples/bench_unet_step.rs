@@ -46,15 +46,7 @@ fn main() -> stable_diffusion::Result<()> {
     let mut vs = VarStore::new(Device::Cpu);
     let unet = UNet2DConditionModel::new(vs.root(), &config)?;
     vs.freeze();
-    let params: i64 = vs
-        .trainable_variables()
-        .iter()
-        .map(|t| t.numel() as i64)
-        .sum::<i64>()
-        + vs.variables()
-            .values()
-            .map(|t| t.numel() as i64)
-            .sum::<i64>();
+    let params: i64 = vs.variables().values().map(|t| t.numel() as i64).sum();
     let _no_grad = tch::no_grad_guard();
     let latents = Tensor::randn([batch, 4, size / 8, size / 8], (Kind::Float, Device::Cpu));
     let context = Tensor::randn([batch, 77, 768], (Kind::Float, Device::Cpu));
