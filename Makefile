@@ -6,7 +6,12 @@ PROMPT ?= a red circle on a white background
 MODEL ?= tests/fixtures/tiny-sd1
 OUT ?= out/demo.png
 
-.PHONY: setup build demo test fixtures clean-deps
+.PHONY: setup build demo test fixtures clean-deps test-tools clients header install
+
+# `make install`: where, and which cargo profile's library (release, or debug for the tests).
+PREFIX ?= /usr/local
+PROFILE ?= release
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 
 setup:
 	@bash scripts/setup-libtorch.sh "$(CURDIR)/.deps/libtorch"
@@ -18,8 +23,31 @@ demo: build
 	@mkdir -p $(dir $(OUT))
 	cargo run --quiet --bin sd -- txt2img --model "$(MODEL)" --prompt "$(PROMPT)" --steps 20 --seed 42 --out "$(OUT)"
 
-test: setup
-	cargo test --no-fail-fast
+# cargo test, then the C ABI's clients (run even when cargo test failed; either fails the target).
+test: setup test-tools
+	@status=0; cargo test --no-fail-fast || status=1; \
+	bash scripts/test-clients.sh || status=1; exit $$status
+
+# Mono (C# client) and valgrind, from Debian's packages when missing.
+test-tools:
+	@bash scripts/setup-test-tools.sh
+
+# The C, C++, C# and Python clients of the C ABI, and the C one under valgrind.
+clients: setup test-tools
+	bash scripts/test-clients.sh
+
+# Rewrites include/stable_diffusion.h from src/ffi/ (tests/ffi_header.rs checks it is current).
+header: setup
+	SD_UPDATE_HEADER=1 cargo build --lib
+
+# The shared library, the C and C++ headers and a pkg-config file under $(PREFIX).
+install: setup
+	cargo build --lib $(if $(filter release,$(PROFILE)),--release,)
+	install -d "$(DESTDIR)$(PREFIX)/lib/pkgconfig" "$(DESTDIR)$(PREFIX)/include"
+	install -m 755 target/$(PROFILE)/libstable_diffusion.so "$(DESTDIR)$(PREFIX)/lib/"
+	install -m 644 include/stable_diffusion.h include/stable_diffusion.hpp "$(DESTDIR)$(PREFIX)/include/"
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' scripts/stable_diffusion.pc.in \
+		> "$(DESTDIR)$(PREFIX)/lib/pkgconfig/stable_diffusion.pc"
 
 # Regenerates tests/fixtures with diffusers/transformers (creates .venv-fixtures; needs PyPI).
 fixtures:

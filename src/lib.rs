@@ -1,6 +1,7 @@
 //! Stable Diffusion on libtorch: CLIP text encoder, UNet, VAE, schedulers and one pipeline,
 //! loadable from the checkpoints users download, with a stable C ABI on top.
 pub mod error;
+pub mod ffi;
 pub mod image_io;
 pub mod models;
 pub mod pipeline;

@@ -1,6 +1,7 @@
 //! The Stable Diffusion pipeline: loads a model folder and runs the one denoising loop that
 //! every caller (CLI, C ABI, examples) goes through.
 mod loader;
+pub mod preview;
 
 pub use loader::{LoadOptions, ModelFiles};
 

@@ -1,0 +1,430 @@
+// C# binding of libstable_diffusion (P/Invoke + SafeHandle), in the shape Unity uses: static
+// callbacks marked [MonoPInvokeCallback] that find their target through a GCHandle in the
+// user-data pointer (IL2CPP cannot marshal delegates to instance methods). Drop this file into
+// a project (Unity: Assets/Plugins, with libstable_diffusion next to it) and see Example.cs.
+using System;
+using System.Runtime.InteropServices;
+using System.Text;
+using Microsoft.Win32.SafeHandles;
+
+#if !UNITY_5_3_OR_NEWER
+namespace AOT
+{
+    /// <summary>Unity's marker for methods called from native code; defined here outside Unity.</summary>
+    [AttributeUsage(AttributeTargets.Method)]
+    public sealed class MonoPInvokeCallbackAttribute : Attribute
+    {
+        public MonoPInvokeCallbackAttribute(Type type) { }
+    }
+}
+#endif
+
+namespace StableDiffusion
+{
+    public enum Status : int
+    {
+        Ok = 0, InvalidArgument = 1, Io = 2, BadModel = 3, Unsupported = 4, Cancelled = 5,
+        OutOfMemory = 6, Backend = 7, Internal = 8, NotReady = 9,
+    }
+
+    public enum JobState : int { Queued = 0, Running = 1, Succeeded = 2, Failed = 3, Cancelled = 4 }
+    public enum LogLevel : int { Debug = 0, Info = 1, Warn = 2, Error = 3 }
+    public enum DType : int { Fp32 = 0, Fp16 = 1, Bf16 = 2 }
+
+    /// <summary>sd_image: a view of 8-bit pixels owned by whoever made it.</summary>
+    [StructLayout(LayoutKind.Sequential)]
+    public struct NativeImage
+    {
+        public IntPtr Data;
+        public uint Width, Height, Stride, Channels;
+    }
+
+    /// <summary>sd_step_info.</summary>
+    [StructLayout(LayoutKind.Sequential)]
+    public struct StepInfo
+    {
+        public UIntPtr StructSize;
+        public uint Step, Total;
+        public double Timestep, ElapsedSeconds;
+        public uint Batch, LatentChannels, LatentHeight, LatentWidth;
+    }
+
+    /// <summary>sd_job_progress.</summary>
+    [StructLayout(LayoutKind.Sequential)]
+    public struct JobProgress
+    {
+        public UIntPtr StructSize;
+        public JobState State;
+        public uint Step, Total;
+        public double ElapsedSeconds;
+    }
+
+    [StructLayout(LayoutKind.Sequential)]
+    internal struct LoadOptionsNative
+    {
+        public UIntPtr StructSize;
+        public IntPtr Device;
+        public int DType;
+        public IntPtr Scheduler;
+    }
+
+    [StructLayout(LayoutKind.Sequential)]
+    internal struct GenerateParamsNative
+    {
+        public UIntPtr StructSize;
+        public IntPtr Prompt, NegativePrompt;
+        public uint Steps, Batch, Width, Height;
+        public double Guidance;
+        public ulong Seed;
+        public double Strength, Eta;
+        public uint ClipSkip, OutputChannels;
+        public IntPtr Scheduler, InitImage, Mask;
+        public int PasteBack;
+        public IntPtr OnStep, StepUserData;
+    }
+
+    [UnmanagedFunctionPointer(CallingConvention.Cdecl)]
+    internal delegate int StepFn(IntPtr info, IntPtr userData);
+
+    [UnmanagedFunctionPointer(CallingConvention.Cdecl)]
+    internal delegate void LogFn(LogLevel level, IntPtr message, IntPtr userData);
+
+    internal static class Native
+    {
+        const string Lib = "stable_diffusion";
+
+        [DllImport(Lib)] public static extern uint sd_abi_version();
+        [DllImport(Lib)] public static extern IntPtr sd_version();
+        [DllImport(Lib)] public static extern IntPtr sd_last_error();
+        [DllImport(Lib)] public static extern IntPtr sd_status_string(int status);
+        [DllImport(Lib)] public static extern Status sd_load_options_init(ref LoadOptionsNative o, UIntPtr size);
+        [DllImport(Lib)] public static extern Status sd_generate_params_init(ref GenerateParamsNative p, UIntPtr size);
+        [DllImport(Lib)] public static extern Status sd_pipeline_load(byte[] path, ref LoadOptionsNative o, out PipelineHandle p);
+        [DllImport(Lib)] public static extern void sd_pipeline_free(IntPtr p);
+        [DllImport(Lib)] public static extern Status sd_pipeline_set_log_callback(PipelineHandle p, IntPtr fn, IntPtr user);
+        [DllImport(Lib)] public static extern Status sd_generate(PipelineHandle p, ref GenerateParamsNative g, out ImagesHandle images);
+        [DllImport(Lib)] public static extern Status sd_step_preview(IntPtr info, uint index, out IntPtr image);
+        [DllImport(Lib)] public static extern Status sd_images_count(ImagesHandle images, out UIntPtr count);
+        [DllImport(Lib)] public static extern Status sd_images_get(ImagesHandle images, UIntPtr index, out IntPtr image);
+        [DllImport(Lib)] public static extern void sd_images_free(IntPtr images);
+        [DllImport(Lib)] public static extern Status sd_job_submit(PipelineHandle p, ref GenerateParamsNative g, out JobHandle job);
+        [DllImport(Lib)] public static extern Status sd_job_poll(JobHandle job, ref JobProgress progress);
+        [DllImport(Lib)] public static extern Status sd_job_cancel(JobHandle job);
+        [DllImport(Lib)] public static extern Status sd_job_wait(JobHandle job, long timeoutMs);
+        [DllImport(Lib)] public static extern Status sd_job_take_images(JobHandle job, out ImagesHandle images);
+        [DllImport(Lib)] public static extern void sd_job_free(IntPtr job);
+
+        /// <summary>A NUL-terminated UTF-8 string owned by the library.</summary>
+        public static string Utf8ToString(IntPtr p)
+        {
+            if (p == IntPtr.Zero) return null;
+            int n = 0;
+            while (Marshal.ReadByte(p, n) != 0) n++;
+            var bytes = new byte[n];
+            Marshal.Copy(p, bytes, 0, n);
+            return Encoding.UTF8.GetString(bytes);
+        }
+
+        public static byte[] Utf8(string s) { return Encoding.UTF8.GetBytes(s + "\0"); }
+    }
+
+    public sealed class PipelineHandle : SafeHandleZeroOrMinusOneIsInvalid
+    {
+        public PipelineHandle() : base(true) { }
+        protected override bool ReleaseHandle() { Native.sd_pipeline_free(handle); return true; }
+    }
+
+    public sealed class JobHandle : SafeHandleZeroOrMinusOneIsInvalid
+    {
+        public JobHandle() : base(true) { }
+        protected override bool ReleaseHandle() { Native.sd_job_free(handle); return true; }
+    }
+
+    public sealed class ImagesHandle : SafeHandleZeroOrMinusOneIsInvalid
+    {
+        public ImagesHandle() : base(true) { }
+        protected override bool ReleaseHandle() { Native.sd_images_free(handle); return true; }
+    }
+
+    /// <summary>A failed call: the status code and the library's message.</summary>
+    public sealed class SdException : Exception
+    {
+        public readonly Status Status;
+        public SdException(Status status, string message) : base(message) { Status = status; }
+
+        internal static void Check(Status status)
+        {
+            if (status != Status.Ok) throw new SdException(status, Library.LastError);
+        }
+    }
+
+    public static class Library
+    {
+        public const uint AbiVersion = 1;
+        public static uint LoadedAbiVersion { get { return Native.sd_abi_version(); } }
+        public static string Version { get { return Native.Utf8ToString(Native.sd_version()); } }
+        public static string LastError { get { return Native.Utf8ToString(Native.sd_last_error()); } }
+    }
+
+    /// <summary>Pixels copied out of the library: rows of Width * Channels bytes.</summary>
+    public sealed class Image
+    {
+        public int Width, Height, Channels;
+        public byte[] Pixels;
+
+        internal static Image CopyFrom(IntPtr native)
+        {
+            var v = (NativeImage)Marshal.PtrToStructure(native, typeof(NativeImage));
+            var img = new Image { Width = (int)v.Width, Height = (int)v.Height, Channels = (int)v.Channels };
+            int row = img.Width * img.Channels;
+            img.Pixels = new byte[row * img.Height];
+            for (int y = 0; y < img.Height; y++)
+                Marshal.Copy(new IntPtr(v.Data.ToInt64() + (long)y * v.Stride), img.Pixels, y * row, row);
+            return img;
+        }
+
+        internal static Image[] TakeAll(ImagesHandle images)
+        {
+            using (images)
+            {
+                UIntPtr count;
+                SdException.Check(Native.sd_images_count(images, out count));
+                var result = new Image[(int)count];
+                for (int i = 0; i < result.Length; i++)
+                {
+                    IntPtr p;
+                    SdException.Check(Native.sd_images_get(images, new UIntPtr((uint)i), out p));
+                    result[i] = CopyFrom(p);
+                }
+                return result;
+            }
+        }
+    }
+
+    /// <summary>The step being reported; valid only during the callback.</summary>
+    public sealed class Step
+    {
+        readonly IntPtr info;
+        public readonly StepInfo Info;
+        internal Step(IntPtr info) { this.info = info; Info = (StepInfo)Marshal.PtrToStructure(info, typeof(StepInfo)); }
+
+        /// <summary>A cheap RGB preview of batch image `index`, at latent resolution.</summary>
+        public Image Preview(uint index = 0)
+        {
+            IntPtr p;
+            SdException.Check(Native.sd_step_preview(info, index, out p));
+            return Image.CopyFrom(p);
+        }
+    }
+
+    /// <summary>What to generate; defaults come from sd_generate_params_init.</summary>
+    public sealed class GenerateOptions
+    {
+        public string Prompt = "", NegativePrompt, Scheduler;
+        public uint Steps, Batch, Width, Height, ClipSkip, OutputChannels;
+        public double Guidance, Strength, Eta;
+        public ulong Seed;
+
+        public GenerateOptions()
+        {
+            var d = Defaults();
+            Steps = d.Steps; Batch = d.Batch; Width = d.Width; Height = d.Height;
+            ClipSkip = d.ClipSkip; OutputChannels = d.OutputChannels;
+            Guidance = d.Guidance; Strength = d.Strength; Eta = d.Eta; Seed = d.Seed;
+        }
+
+        static GenerateParamsNative Defaults()
+        {
+            var p = new GenerateParamsNative();
+            SdException.Check(Native.sd_generate_params_init(ref p, new UIntPtr((uint)Marshal.SizeOf(typeof(GenerateParamsNative)))));
+            return p;
+        }
+
+        /// <summary>Runs `body` with the native struct; its strings live until `body` returns.</summary>
+        internal T With<T>(IntPtr onStep, IntPtr user, Func<GenerateParamsNative, T> body)
+        {
+            var pins = new System.Collections.Generic.List<GCHandle>();
+            Func<string, IntPtr> pin = s =>
+            {
+                if (s == null) return IntPtr.Zero;
+                var h = GCHandle.Alloc(Native.Utf8(s), GCHandleType.Pinned);
+                pins.Add(h);
+                return h.AddrOfPinnedObject();
+            };
+            try
+            {
+                var p = Defaults();
+                p.Prompt = pin(Prompt); p.NegativePrompt = pin(NegativePrompt); p.Scheduler = pin(Scheduler);
+                p.Steps = Steps; p.Batch = Batch; p.Width = Width; p.Height = Height;
+                p.ClipSkip = ClipSkip; p.OutputChannels = OutputChannels;
+                p.Guidance = Guidance; p.Strength = Strength; p.Eta = Eta; p.Seed = Seed;
+                p.OnStep = onStep; p.StepUserData = user;
+                return body(p);
+            }
+            finally
+            {
+                foreach (var h in pins) h.Free();
+            }
+        }
+    }
+
+    /// <summary>Carries a managed step callback through the C ABI.</summary>
+    internal sealed class StepState
+    {
+        public Func<Step, bool> Callback;
+        public Exception Error;
+        GCHandle self;
+
+        static readonly StepFn Thunk = OnStep; // one static delegate, never collected
+        public static readonly IntPtr ThunkPtr = Marshal.GetFunctionPointerForDelegate(Thunk);
+
+        public IntPtr Pin() { self = GCHandle.Alloc(this); return GCHandle.ToIntPtr(self); }
+        public void Unpin() { if (self.IsAllocated) self.Free(); }
+
+        [AOT.MonoPInvokeCallback(typeof(StepFn))]
+        static int OnStep(IntPtr info, IntPtr user)
+        {
+            var state = (StepState)GCHandle.FromIntPtr(user).Target;
+            try { return state.Callback(new Step(info)) ? 0 : 1; }
+            catch (Exception e) { state.Error = e; return 1; } // never unwind into native code
+        }
+    }
+
+    /// <summary>A generate call on a worker thread. Dispose cancels it and waits for it.</summary>
+    public sealed class Job : IDisposable
+    {
+        readonly JobHandle handle;
+        readonly StepState state;
+
+        internal Job(JobHandle handle, StepState state) { this.handle = handle; this.state = state; }
+
+        public JobProgress Poll()
+        {
+            var p = new JobProgress { StructSize = new UIntPtr((uint)Marshal.SizeOf(typeof(JobProgress))) };
+            SdException.Check(Native.sd_job_poll(handle, ref p));
+            return p;
+        }
+
+        public void Cancel() { SdException.Check(Native.sd_job_cancel(handle)); }
+
+        /// <summary>True when finished successfully, false on timeout; throws when it failed.</summary>
+        public bool Wait(long timeoutMs = -1)
+        {
+            var status = Native.sd_job_wait(handle, timeoutMs);
+            if (status == Status.NotReady) return false;
+            Finish(status);
+            return true;
+        }
+
+        public Image[] TakeImages()
+        {
+            ImagesHandle images;
+            var status = Native.sd_job_take_images(handle, out images);
+            Finish(status);
+            return Image.TakeAll(images);
+        }
+
+        void Finish(Status status)
+        {
+            if (state != null && state.Error != null) throw state.Error;
+            SdException.Check(status);
+        }
+
+        public void Dispose()
+        {
+            handle.Dispose(); // cancels and waits: the callback state is unused afterwards
+            if (state != null) state.Unpin();
+        }
+    }
+
+    /// <summary>A loaded model. Calls on one pipeline are serialised by the library.</summary>
+    public sealed class Pipeline : IDisposable
+    {
+        readonly PipelineHandle handle;
+        GCHandle logger;
+        readonly System.Collections.Generic.List<GCHandle> retiredLoggers =
+            new System.Collections.Generic.List<GCHandle>();
+
+        static readonly LogFn LogThunk = OnLog;
+        static readonly IntPtr LogThunkPtr = Marshal.GetFunctionPointerForDelegate(LogThunk);
+
+        public Pipeline(string modelPath, string device = null, DType dtype = DType.Fp32, string scheduler = null)
+        {
+            var o = new LoadOptionsNative();
+            SdException.Check(Native.sd_load_options_init(ref o, new UIntPtr((uint)Marshal.SizeOf(typeof(LoadOptionsNative)))));
+            var dev = device == null ? default(GCHandle) : GCHandle.Alloc(Native.Utf8(device), GCHandleType.Pinned);
+            var sch = scheduler == null ? default(GCHandle) : GCHandle.Alloc(Native.Utf8(scheduler), GCHandleType.Pinned);
+            try
+            {
+                if (dev.IsAllocated) o.Device = dev.AddrOfPinnedObject();
+                if (sch.IsAllocated) o.Scheduler = sch.AddrOfPinnedObject();
+                o.DType = (int)dtype;
+                SdException.Check(Native.sd_pipeline_load(Native.Utf8(modelPath), ref o, out handle));
+            }
+            finally
+            {
+                if (dev.IsAllocated) dev.Free();
+                if (sch.IsAllocated) sch.Free();
+            }
+        }
+
+        [AOT.MonoPInvokeCallback(typeof(LogFn))]
+        static void OnLog(LogLevel level, IntPtr message, IntPtr user)
+        {
+            try { ((Action<LogLevel, string>)GCHandle.FromIntPtr(user).Target)(level, Native.Utf8ToString(message)); }
+            catch (Exception) { } // never unwind into native code
+        }
+
+        /// <summary>Routes this pipeline's log messages to `log` (may run on worker threads).</summary>
+        public void SetLogger(Action<LogLevel, string> log)
+        {
+            var old = logger;
+            logger = log == null ? default(GCHandle) : GCHandle.Alloc(log);
+            SdException.Check(Native.sd_pipeline_set_log_callback(handle,
+                log == null ? IntPtr.Zero : LogThunkPtr,
+                log == null ? IntPtr.Zero : GCHandle.ToIntPtr(logger)));
+            // The old logger may still be running on a worker thread: free it with the pipeline.
+            if (old.IsAllocated) retiredLoggers.Add(old);
+        }
+
+        public Image[] Generate(GenerateOptions options, Func<Step, bool> onStep = null)
+        {
+            var state = onStep == null ? null : new StepState { Callback = onStep };
+            var user = state == null ? IntPtr.Zero : state.Pin();
+            try
+            {
+                ImagesHandle images = null;
+                var status = options.With(state == null ? IntPtr.Zero : StepState.ThunkPtr, user,
+                    p => Native.sd_generate(handle, ref p, out images));
+                if (state != null && state.Error != null) throw state.Error;
+                SdException.Check(status);
+                return Image.TakeAll(images);
+            }
+            finally
+            {
+                if (state != null) state.Unpin();
+            }
+        }
+
+        /// <summary>Starts a job at once; `onStep` runs on the job's worker thread.</summary>
+        public Job Submit(GenerateOptions options, Func<Step, bool> onStep = null)
+        {
+            var state = onStep == null ? null : new StepState { Callback = onStep };
+            var user = state == null ? IntPtr.Zero : state.Pin();
+            JobHandle job = null;
+            var status = options.With(state == null ? IntPtr.Zero : StepState.ThunkPtr, user,
+                p => Native.sd_job_submit(handle, ref p, out job));
+            if (status != Status.Ok && state != null) state.Unpin();
+            SdException.Check(status);
+            return new Job(job, state);
+        }
+
+        public void Dispose()
+        {
+            handle.Dispose(); // cancels this pipeline's jobs; no log callback runs afterwards
+            if (logger.IsAllocated) logger.Free();
+            foreach (var h in retiredLoggers) h.Free();
+            retiredLoggers.Clear();
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! C inputs to Rust values: strings, images and the generate parameters, each checked with a
+//! message that names the argument at fault.
+use super::status::Fail;
+use super::types::{read_versioned, sd_generate_params, sd_image, sd_step_fn, sd_step_info};
+use crate::image_io::Image;
+use crate::pipeline::{GenerateParams, MAX_BATCH, MAX_SIDE, MAX_STEPS};
+use std::ffi::{c_char, c_void, CStr};
+
+/// The largest side of an input image (it is resized to the output size anyway).
+const MAX_INPUT_SIDE: u32 = 16384;
+
+/// A required UTF-8 string argument, borrowed.
+///
+/// # Safety
+/// `p` is NULL or a NUL-terminated string valid for the returned lifetime.
+pub(crate) unsafe fn required_str<'a>(p: *const c_char, what: &str) -> Result<&'a str, Fail> {
+    if p.is_null() {
+        return Err(Fail::invalid(format!("{what} is NULL")));
+    }
+    CStr::from_ptr(p).to_str().map_err(|e| {
+        Fail::invalid(format!(
+            "{what} is not valid UTF-8 (bad byte at offset {})",
+            e.valid_up_to()
+        ))
+    })
+}
+
+/// An optional UTF-8 string argument: NULL and "" both mean "not given".
+///
+/// # Safety
+/// As [`required_str`].
+pub(crate) unsafe fn optional_str<'a>(
+    p: *const c_char,
+    what: &str,
+) -> Result<Option<&'a str>, Fail> {
+    if p.is_null() {
+        return Ok(None);
+    }
+    let s = required_str(p, what)?;
+    Ok((!s.is_empty()).then_some(s))
+}
+
+/// An optional input image, copied into packed RGB (alpha dropped, grey replicated).
+///
+/// # Safety
+/// `p` is NULL or points to an `sd_image` whose `data` covers `stride * (height - 1) +
+/// width * channels` readable bytes.
+pub(crate) unsafe fn optional_image(p: *const sd_image, what: &str) -> Result<Option<Image>, Fail> {
+    let Some(img) = p.as_ref() else {
+        return Ok(None);
+    };
+    let (w, h, c) = (img.width, img.height, img.channels);
+    if w == 0 || h == 0 || w > MAX_INPUT_SIDE || h > MAX_INPUT_SIDE {
+        return Err(Fail::invalid(format!(
+            "{what} is {w}x{h}: each side must be in 1..={MAX_INPUT_SIDE}"
+        )));
+    }
+    if !matches!(c, 1 | 3 | 4) {
+        return Err(Fail::invalid(format!(
+            "{what}->channels is {c}: use 3 (RGB), 4 (RGBA) or 1 (grey)"
+        )));
+    }
+    let row = w as usize * c as usize;
+    let stride = if img.stride == 0 {
+        row
+    } else {
+        img.stride as usize
+    };
+    if stride < row {
+        return Err(Fail::invalid(format!(
+            "{what}->stride is {stride}, less than width * channels = {row}"
+        )));
+    }
+    if img.data.is_null() {
+        return Err(Fail::invalid(format!("{what}->data is NULL")));
+    }
+    let bytes = std::slice::from_raw_parts(img.data, stride * (h as usize - 1) + row);
+    let mut rgb = Vec::with_capacity(w as usize * h as usize * 3);
+    for y in 0..h as usize {
+        for px in bytes[y * stride..y * stride + row].chunks_exact(c as usize) {
+            match px {
+                [g] => rgb.extend_from_slice(&[*g, *g, *g]),
+                _ => rgb.extend_from_slice(&px[..3]),
+            }
+        }
+    }
+    Ok(Some(Image::new(w, h, rgb)?))
+}
+
+/// The C step callback with its user data. The caller of `sd_generate` / `sd_job_submit`
+/// promised that both may be used from the thread that runs the work.
+#[derive(Clone, Copy)]
+pub(crate) struct StepCallback {
+    pub func: unsafe extern "C" fn(*const sd_step_info, *mut c_void) -> i32,
+    pub user_data: *mut c_void,
+}
+
+// SAFETY: documented contract of `sd_step_fn`: it runs on the thread doing the work.
+unsafe impl Send for StepCallback {}
+
+/// A generate request, owning all its data (so that a job can outlive the caller's buffers).
+pub(crate) struct Request {
+    pub params: GenerateParams,
+    /// 3 (RGB) or 4 (RGBA) channels in the returned images.
+    pub channels: u32,
+    pub on_step: Option<StepCallback>,
+}
+
+fn check_range(what: &str, value: u32, max: usize) -> Result<(), Fail> {
+    if value == 0 || value as usize > max {
+        return Err(Fail::invalid(format!(
+            "params->{what} is {value}: it must be in 1..={max}"
+        )));
+    }
+    Ok(())
+}
+
+fn check_side(what: &str, value: u32) -> Result<Option<i64>, Fail> {
+    match value {
+        0 => Ok(None),
+        v if v % 8 != 0 || v as i64 > MAX_SIDE => Err(Fail::invalid(format!(
+            "params->{what} is {v}: it must be a multiple of 8 up to {MAX_SIDE} (or 0 for the \
+             model's size)"
+        ))),
+        v => Ok(Some(v as i64)),
+    }
+}
+
+fn check_number(what: &str, value: f64) -> Result<f64, Fail> {
+    if !value.is_finite() {
+        return Err(Fail::invalid(format!(
+            "params->{what} is {value}: it must be a finite number"
+        )));
+    }
+    Ok(value)
+}
+
+/// Reads and checks `sd_generate_params`, copying everything it points to.
+///
+/// # Safety
+/// `p` is NULL or a valid `sd_generate_params` whose pointers are NULL or valid.
+pub(crate) unsafe fn request(
+    p: *const sd_generate_params,
+    default_scheduler: Option<&str>,
+) -> Result<Request, Fail> {
+    let c = read_versioned(p, "params")?;
+    check_range("steps", c.steps, MAX_STEPS)?;
+    check_range("batch", c.batch, MAX_BATCH)?;
+    if !matches!(c.output_channels, 3 | 4) {
+        return Err(Fail::invalid(format!(
+            "params->output_channels is {}: use 3 (RGB) or 4 (RGBA)",
+            c.output_channels
+        )));
+    }
+    let strength = check_number("strength", c.strength)?;
+    let params = GenerateParams {
+        prompt: required_str(c.prompt, "params->prompt")?.to_owned(),
+        negative_prompt: optional_str(c.negative_prompt, "params->negative_prompt")?
+            .map(str::to_owned),
+        steps: c.steps as usize,
+        guidance: check_number("guidance", c.guidance)?,
+        seed: c.seed,
+        width: check_side("width", c.width)?,
+        height: check_side("height", c.height)?,
+        batch: c.batch as usize,
+        scheduler: optional_str(c.scheduler, "params->scheduler")?
+            .or(default_scheduler)
+            .map(str::to_owned),
+        clip_skip: c.clip_skip as usize,
+        eta: check_number("eta", c.eta)?,
+        init_image: optional_image(c.init_image, "params->init_image")?,
+        mask: optional_image(c.mask, "params->mask")?,
+        strength: (strength >= 0.0).then_some(strength),
+        paste_back: c.paste_back != 0,
+    };
+    if params.mask.is_some() && params.init_image.is_none() {
+        return Err(Fail::invalid(
+            "params->mask is set but params->init_image is NULL: inpainting needs both",
+        ));
+    }
+    Ok(Request {
+        params,
+        channels: c.output_channels,
+        on_step: step_callback(c.on_step, c.step_user_data),
+    })
+}
+
+fn step_callback(f: sd_step_fn, user_data: *mut c_void) -> Option<StepCallback> {
+    f.map(|func| StepCallback { func, user_data })
+}

@@ -1,0 +1,400 @@
+//! `sd_pipeline`: a loaded model behind a mutex (calls on one pipeline run one at a time,
+//! separate pipelines in parallel), its log callback, and the one generate path that both
+//! `sd_generate` and the job worker go through.
+use super::convert::{optional_str, request, required_str, Request};
+use super::images::sd_images;
+use super::job::JobShared;
+use super::status::{guard, guard_void, sd_status, Fail};
+use super::step;
+use super::types::{
+    read_versioned, sd_generate_params, sd_load_options, sd_log_fn, sd_log_level, Versioned,
+    SD_DTYPE_BF16, SD_DTYPE_FP16, SD_DTYPE_FP32,
+};
+use crate::pipeline::{Control, LoadOptions, LogLevel, StableDiffusion, StepInfo};
+use parking_lot::{Mutex, MutexGuard};
+use std::cell::RefCell;
+use std::ffi::{c_char, c_void, CString};
+use std::path::Path;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+use tch::{Device, Kind};
+
+const PIPELINE_MAGIC: u64 = 0x5344_5049_5045_4c4e; // "SDPIPELN"
+
+/// A loaded model. Create it with `sd_pipeline_load`, release it with `sd_pipeline_free`.
+/// Every function taking a pipeline may be called from any thread; calls on the same pipeline
+/// run one at a time (the others wait), calls on different pipelines run in parallel.
+pub struct sd_pipeline {
+    magic: u64,
+    inner: Arc<PipelineInner>,
+}
+
+/// The C log callback with its user data.
+#[derive(Clone, Copy)]
+struct LogSink {
+    func: unsafe extern "C" fn(sd_log_level, *const c_char, *mut c_void),
+    user_data: *mut c_void,
+}
+
+// SAFETY: the documented contract of `sd_log_fn`: it may run on worker threads.
+unsafe impl Send for LogSink {}
+
+/// What a pipeline handle, its calls in flight and its jobs share.
+pub(crate) struct PipelineInner {
+    model: Mutex<StableDiffusion>,
+    log: Arc<Mutex<Option<LogSink>>>,
+    default_scheduler: Option<String>,
+    jobs: Mutex<Vec<Weak<JobShared>>>,
+}
+
+thread_local! {
+    /// The pipelines whose model this thread holds (to refuse re-entry from a callback).
+    static HELD: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The locked model; dropping it unlocks and forgets the re-entry mark.
+pub(crate) struct ModelGuard<'a> {
+    model: MutexGuard<'a, StableDiffusion>,
+    key: usize,
+}
+
+impl Drop for ModelGuard<'_> {
+    fn drop(&mut self) {
+        HELD.with(|h| h.borrow_mut().retain(|&k| k != self.key));
+    }
+}
+
+impl PipelineInner {
+    fn key(&self) -> usize {
+        self as *const Self as usize
+    }
+
+    /// True inside a callback of a call or job running on this pipeline, on this thread.
+    pub fn held_by_this_thread(&self) -> bool {
+        HELD.with(|h| h.borrow().contains(&self.key()))
+    }
+
+    /// Waits for the model. `cancel`, checked every few milliseconds, gives up the wait.
+    pub fn lock(&self, cancel: Option<&dyn Fn() -> bool>) -> Result<ModelGuard<'_>, Fail> {
+        if self.held_by_this_thread() {
+            return Err(Fail::invalid(
+                "this pipeline is already generating on this thread: a callback must not \
+                 call sd_generate on its own pipeline",
+            ));
+        }
+        let model = match cancel {
+            None => self.model.lock(),
+            Some(cancelled) => loop {
+                if cancelled() {
+                    return Err(Fail::cancelled());
+                }
+                if let Some(m) = self.model.try_lock_for(Duration::from_millis(5)) {
+                    break m;
+                }
+            },
+        };
+        HELD.with(|h| h.borrow_mut().push(self.key()));
+        Ok(ModelGuard {
+            model,
+            key: self.key(),
+        })
+    }
+
+    /// Sends a message of the FFI layer to the log callback, if any.
+    pub fn log(&self, level: LogLevel, message: &str) {
+        forward(&self.log, level, message);
+    }
+
+    pub fn track(&self, job: &Arc<JobShared>) {
+        let mut jobs = self.jobs.lock();
+        jobs.retain(|j| j.strong_count() > 0);
+        jobs.push(Arc::downgrade(job));
+    }
+
+    /// Runs one generate call under the lock; `job` (when this is a job) gets the progress and
+    /// its cancel flag is honoured while waiting and before every next step.
+    pub fn run(&self, req: &Request, job: Option<&JobShared>) -> Result<Box<sd_images>, Fail> {
+        let cancelled = || job.is_some_and(|j| j.is_cancelled());
+        let model = self.lock(job.map(|_| &cancelled as &dyn Fn() -> bool))?;
+        if cancelled() {
+            return Err(Fail::cancelled());
+        }
+        if let Some(job) = job {
+            job.set_running();
+        }
+        self.log(LogLevel::Debug, &describe(req));
+        let start = Instant::now();
+        let mut on_step = |s: &StepInfo| -> Control {
+            if let Some(job) = job {
+                job.set_step(s.step, s.total);
+            }
+            let stop_asked = req
+                .on_step
+                .is_some_and(|cb| step::call(cb, s, start.elapsed()));
+            if stop_asked || cancelled() {
+                Control::Cancel
+            } else {
+                Control::Continue
+            }
+        };
+        let images = model.model.generate(&req.params, Some(&mut on_step))?;
+        drop(model);
+        sd_images::from_images(&images, req.channels)
+    }
+
+    /// Cancels this pipeline's unfinished jobs and waits until they stopped (except a job
+    /// whose callback is the caller: it stops after its callback returns).
+    fn stop_jobs(&self) {
+        let jobs: Vec<_> = self.jobs.lock().drain(..).collect();
+        for job in jobs.iter().filter_map(Weak::upgrade) {
+            job.cancel();
+            if !job.is_worker_thread() {
+                job.wait_finished(None);
+            }
+        }
+    }
+}
+
+fn describe(req: &Request) -> String {
+    let p = &req.params;
+    let mode = match (&p.init_image, &p.mask) {
+        (None, _) => "txt2img",
+        (Some(_), None) => "img2img",
+        (Some(_), Some(_)) => "inpaint",
+    };
+    let side = |v: Option<i64>| v.map_or("default".to_string(), |v| v.to_string());
+    format!(
+        "{mode}: {} steps, {}x{}, batch {}, seed {}, guidance {}",
+        p.steps,
+        side(p.width),
+        side(p.height),
+        p.batch,
+        p.seed,
+        p.guidance
+    )
+}
+
+fn forward(slot: &Mutex<Option<LogSink>>, level: LogLevel, message: &str) {
+    // Copy the sink out so that the callback may itself replace it without deadlock.
+    let Some(sink) = *slot.lock() else { return };
+    let level = match level {
+        LogLevel::Debug => sd_log_level::SD_LOG_DEBUG,
+        LogLevel::Info => sd_log_level::SD_LOG_INFO,
+        LogLevel::Warn => sd_log_level::SD_LOG_WARN,
+    };
+    let text = CString::new(message.replace('\0', " ")).unwrap_or_default();
+    // SAFETY: the documented contract of `sd_log_fn`.
+    unsafe { (sink.func)(level, text.as_ptr(), sink.user_data) };
+}
+
+/// # Safety
+/// `p` is NULL or a live pipeline pointer.
+pub(crate) unsafe fn inner_of(p: *const sd_pipeline) -> Result<Arc<PipelineInner>, Fail> {
+    match p.as_ref() {
+        Some(h) if h.magic == PIPELINE_MAGIC => Ok(h.inner.clone()),
+        Some(_) => Err(Fail::invalid("pipeline is not a live sd_pipeline handle")),
+        None => Err(Fail::invalid("pipeline is NULL")),
+    }
+}
+
+fn parse_device(name: Option<&str>) -> Result<Device, Fail> {
+    let name = name.unwrap_or("cpu");
+    let bad = || {
+        Fail::invalid(format!(
+            "options->device is \"{name}\": use \"cpu\", \"cuda\", \"cuda:N\" or \"mps\""
+        ))
+    };
+    let device = match name {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(0),
+        "mps" => Device::Mps,
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => Device::Cuda(n),
+            _ => return Err(bad()),
+        },
+    };
+    match device {
+        Device::Cuda(n) if !tch::Cuda::is_available() => Err(Fail::unsupported(format!(
+            "device cuda:{n}: this libtorch has no CUDA or sees no GPU"
+        ))),
+        Device::Cuda(n) if n >= tch::Cuda::device_count() as usize => {
+            Err(Fail::unsupported(format!(
+                "device cuda:{n}: only {} CUDA devices are visible",
+                tch::Cuda::device_count()
+            )))
+        }
+        Device::Mps if !tch::utils::has_mps() => Err(Fail::unsupported(
+            "device mps: this libtorch was built without MPS",
+        )),
+        d => Ok(d),
+    }
+}
+
+fn parse_dtype(dtype: i32) -> Result<Kind, Fail> {
+    match dtype {
+        SD_DTYPE_FP32 => Ok(Kind::Float),
+        SD_DTYPE_FP16 => Ok(Kind::Half),
+        SD_DTYPE_BF16 => Ok(Kind::BFloat16),
+        other => Err(Fail::invalid(format!(
+            "options->dtype is {other}: use SD_DTYPE_FP32, SD_DTYPE_FP16 or SD_DTYPE_BF16"
+        ))),
+    }
+}
+
+/// # Safety
+/// As `sd_pipeline_load`.
+unsafe fn load(
+    model_path: *const c_char,
+    options: *const sd_load_options,
+) -> Result<sd_pipeline, Fail> {
+    let path = required_str(model_path, "model_path")?;
+    let opts = if options.is_null() {
+        sd_load_options::defaults()
+    } else {
+        read_versioned(options, "options")?
+    };
+    let load_options = LoadOptions {
+        device: parse_device(optional_str(opts.device, "options->device")?)?,
+        kind: parse_dtype(opts.dtype)?,
+    };
+    let scheduler = optional_str(opts.scheduler, "options->scheduler")?.map(str::to_owned);
+    if !Path::new(path).exists() {
+        return Err(Fail::new(
+            sd_status::SD_ERR_IO,
+            format!("model folder {path} not found"),
+        ));
+    }
+    let mut model = StableDiffusion::load(Path::new(path), &load_options)?;
+    if let Some(name) = &scheduler {
+        model.scheduler(Some(name))?; // an unknown name fails here, not at the first call
+    }
+    let log = Arc::new(Mutex::new(None));
+    let slot = log.clone();
+    model.set_logger(Some(Arc::new(move |level, message: &str| {
+        forward(&slot, level, message)
+    })));
+    Ok(sd_pipeline {
+        magic: PIPELINE_MAGIC,
+        inner: Arc::new(PipelineInner {
+            model: Mutex::new(model),
+            log,
+            default_scheduler: scheduler,
+            jobs: Mutex::new(Vec::new()),
+        }),
+    })
+}
+
+/// Loads a Stable Diffusion 1.x / 2.x model from a diffusers folder (`model_index.json`,
+/// `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`; fp32 or fp16 safetensors) and
+/// stores a new pipeline in `*out_pipeline` (NULL on failure). `options` may be NULL for the
+/// defaults (see `sd_load_options_init`). `model_path` is UTF-8, borrowed for the call.
+///
+/// Ownership: the caller owns the pipeline and releases it with `sd_pipeline_free`.
+/// Threading: thread-safe; loads on the calling thread (seconds for a full-size model).
+/// Errors: `SD_ERR_INVALID_ARGUMENT` (NULL, bad UTF-8, a bad device or dtype, an unknown
+/// scheduler name), `SD_ERR_IO` (folder or file missing), `SD_ERR_BAD_MODEL` (bad config or
+/// weights), `SD_ERR_UNSUPPORTED` (device not available, model family not supported),
+/// `SD_ERR_OUT_OF_MEMORY`, `SD_ERR_BACKEND`.
+///
+/// Pointers: each one NULL (an error) or valid as described above.
+#[no_mangle]
+pub unsafe extern "C" fn sd_pipeline_load(
+    model_path: *const c_char,
+    options: *const sd_load_options,
+    out_pipeline: *mut *mut sd_pipeline,
+) -> sd_status {
+    guard(|| {
+        if out_pipeline.is_null() {
+            return Err(Fail::invalid("out_pipeline is NULL"));
+        }
+        out_pipeline.write(std::ptr::null_mut());
+        let pipeline = load(model_path, options)?;
+        out_pipeline.write(Box::into_raw(Box::new(pipeline)));
+        Ok(())
+    })
+}
+
+/// Releases a pipeline. Its jobs that have not finished are cancelled, and this call waits
+/// until they stopped (at most about one denoising step each), so that no callback of this
+/// pipeline runs after it returns; their `sd_job` handles stay valid (state
+/// `SD_JOB_CANCELLED`) until `sd_job_free`. NULL is ignored.
+///
+/// Threading: must not race with other calls on this pipeline (other than its jobs running).
+/// Called from inside one of its own callbacks, the pipeline is released when that call ends.
+///
+/// Pointers: `pipeline` is NULL or a live pipeline not used afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn sd_pipeline_free(pipeline: *mut sd_pipeline) {
+    guard_void(|| {
+        if inner_of(pipeline).is_err() {
+            return;
+        }
+        let mut handle = Box::from_raw(pipeline);
+        handle.magic = 0;
+        handle.inner.stop_jobs();
+    })
+}
+
+/// Routes this pipeline's log messages (warnings such as a prompt cut at 77 tokens or a
+/// scheduler fallback; one debug line per run) to `callback` with `user_data`, replacing any
+/// earlier one; a NULL `callback` turns logging off. There is no process-global logger.
+///
+/// Threading: thread-safe, does not wait for a running call; the callback runs on the thread
+/// doing the work (see `sd_log_fn`), possibly while this function returns on another.
+/// Errors: `SD_ERR_INVALID_ARGUMENT` when `pipeline` is NULL.
+///
+/// Pointers: `pipeline` is NULL or live; `callback` and `user_data` are usable from any thread.
+#[no_mangle]
+pub unsafe extern "C" fn sd_pipeline_set_log_callback(
+    pipeline: *mut sd_pipeline,
+    callback: sd_log_fn,
+    user_data: *mut c_void,
+) -> sd_status {
+    guard(|| {
+        let inner = inner_of(pipeline)?;
+        *inner.log.lock() = callback.map(|func| LogSink { func, user_data });
+        Ok(())
+    })
+}
+
+/// Generates images and stores them in `*out_images` (NULL on failure): text to image, image
+/// to image (`params->init_image`) or inpainting (`params->init_image` and `params->mask`).
+/// Blocks until done; `params->on_step` runs after every step on this thread and may cancel.
+///
+/// Ownership: `params` and everything it points to are borrowed for the call; the caller owns
+/// the images and releases them with `sd_images_free`.
+/// Threading: any thread; calls on one pipeline run one at a time (this one waits for the
+/// others and for running jobs), different pipelines in parallel. Must not be called from a
+/// callback of the same pipeline (`SD_ERR_INVALID_ARGUMENT`).
+/// Errors: `SD_ERR_INVALID_ARGUMENT` (NULL, bad UTF-8, `struct_size`, sizes, steps, batch,
+/// strength, images, an unknown scheduler name),
+/// `SD_ERR_CANCELLED` (the callback asked), `SD_ERR_OUT_OF_MEMORY`, `SD_ERR_BACKEND`.
+///
+/// Pointers: each one NULL (an error) or valid as described above.
+#[no_mangle]
+pub unsafe extern "C" fn sd_generate(
+    pipeline: *mut sd_pipeline,
+    params: *const sd_generate_params,
+    out_images: *mut *mut sd_images,
+) -> sd_status {
+    guard(|| {
+        if out_images.is_null() {
+            return Err(Fail::invalid("out_images is NULL"));
+        }
+        out_images.write(std::ptr::null_mut());
+        let inner = inner_of(pipeline)?;
+        let req = request(params, inner.default_scheduler.as_deref())?;
+        let images = inner.run(&req, None)?;
+        out_images.write(Box::into_raw(images));
+        Ok(())
+    })
+}
+
+/// # Safety
+/// As `sd_job_submit`.
+pub(crate) unsafe fn request_for(
+    inner: &PipelineInner,
+    params: *const sd_generate_params,
+) -> Result<Request, Fail> {
+    request(params, inner.default_scheduler.as_deref())
+}

@@ -1,0 +1,366 @@
+//! The plain structs and callback types of the C ABI, their `*_init` functions, and the
+//! `struct_size` versioning that lets fields be appended without breaking older binaries.
+use super::status::{guard, sd_status, Fail};
+use crate::pipeline::GenerateParams;
+use std::ffi::{c_char, c_void};
+use std::mem::{offset_of, size_of};
+
+/// An 8-bit image: `height` rows of `width` pixels, `channels` bytes per pixel (3 = RGB,
+/// 4 = RGBA; inputs may also be 1 = grey), rows `stride` bytes apart, top row first.
+///
+/// Images the library returns (results, previews) are owned by the library: read them, never
+/// free or write them. Images the caller passes in are borrowed for the call only (a job copies
+/// them before `sd_job_submit` returns). This struct never changes between versions.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct sd_image {
+    /// The first byte of the top row.
+    pub data: *const u8,
+    pub width: u32,
+    pub height: u32,
+    /// Bytes from the start of one row to the start of the next, at least
+    /// `width * channels`; on input 0 means exactly `width * channels`.
+    pub stride: u32,
+    /// 3 (RGB) or 4 (RGBA; inputs ignore alpha); inputs may also be 1 (grey).
+    pub channels: u32,
+}
+
+/// Number type the weights are held and computed in (`sd_load_options.dtype`).
+pub type sd_dtype = i32;
+/// 32-bit float: the default, and the only sensible choice on the CPU.
+pub const SD_DTYPE_FP32: sd_dtype = 0;
+/// 16-bit float: halves memory; for CUDA and MPS.
+pub const SD_DTYPE_FP16: sd_dtype = 1;
+/// bfloat16: halves memory; CPUs with bf16 support and recent GPUs.
+pub const SD_DTYPE_BF16: sd_dtype = 2;
+
+/// The step callback's answer: go on with the run.
+pub const SD_STEP_CONTINUE: i32 = 0;
+/// The step callback's answer: stop the run; the call then returns `SD_ERR_CANCELLED`. Any
+/// non-zero value does the same.
+pub const SD_STEP_CANCEL: i32 = 1;
+
+/// How much a log message matters.
+#[repr(i32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum sd_log_level {
+    SD_LOG_DEBUG = 0,
+    SD_LOG_INFO = 1,
+    SD_LOG_WARN = 2,
+    SD_LOG_ERROR = 3,
+}
+
+/// Receives a pipeline's log messages (see `sd_pipeline_set_log_callback`). `message` is UTF-8,
+/// NUL-terminated and valid only during the call. It runs on the thread doing the work: the
+/// caller's thread for `sd_generate`, a worker thread for jobs. It must not unwind (no C++
+/// exception, no longjmp) and must not call `sd_generate` on the same pipeline.
+pub type sd_log_fn = Option<
+    unsafe extern "C" fn(level: sd_log_level, message: *const c_char, user_data: *mut c_void),
+>;
+
+/// Called after every denoising step (see `sd_generate_params.on_step`). Return
+/// `SD_STEP_CONTINUE` (0) to go on, anything else to cancel the run. `info` is valid only
+/// during the call; inside it `sd_step_preview` and `sd_step_latents` may be called with that
+/// same pointer. It runs on the thread doing the work (a worker thread for jobs), must not
+/// unwind (no C++ exception, no longjmp) and must not call `sd_generate` on the same pipeline.
+pub type sd_step_fn =
+    Option<unsafe extern "C" fn(info: *const sd_step_info, user_data: *mut c_void) -> i32>;
+
+/// How to load a pipeline. Fill it with `sd_load_options_init`, then change what you need.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct sd_load_options {
+    /// `sizeof(sd_load_options)` as the caller was compiled; set by `sd_load_options_init`.
+    pub struct_size: usize,
+    /// "cpu" (default when NULL or ""), "cuda" (= "cuda:0"), "cuda:N" or "mps". UTF-8,
+    /// borrowed for the call.
+    pub device: *const c_char,
+    /// One of the `SD_DTYPE_*` values; default `SD_DTYPE_FP32`.
+    pub dtype: sd_dtype,
+    /// The scheduler used when a generate call names none: a short name ("ddim", "euler_a",
+    /// ...), a diffusers class name or an A1111 sampler name; unknown names are refused with
+    /// the list of known ones. NULL or "" (default): the one in the model's `scheduler/` config.
+    pub scheduler: *const c_char,
+}
+
+/// What to generate. Fill it with `sd_generate_params_init`, then set at least `prompt`.
+///
+/// The mode follows from the images given: no `init_image` = text to image; `init_image` =
+/// image to image; `init_image` and `mask` = inpainting.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct sd_generate_params {
+    /// `sizeof(sd_generate_params)` as the caller was compiled; set by `sd_generate_params_init`.
+    pub struct_size: usize,
+    /// The prompt, UTF-8 (required; "" is allowed). Borrowed for the call.
+    pub prompt: *const c_char,
+    /// What to steer away from, UTF-8; NULL = "". Borrowed for the call.
+    pub negative_prompt: *const c_char,
+    /// Denoising steps, 1..=1000 (default 50). Image to image runs `steps * strength` of them.
+    pub steps: u32,
+    /// Images generated for the prompt, 1..=64 (default 1).
+    pub batch: u32,
+    /// Output width and height in pixels: multiples of 8 up to 4096, or 0 (default) for the
+    /// model's native size (image to image: the init image's size rounded down to 8).
+    pub width: u32,
+    pub height: u32,
+    /// Classifier-free guidance scale (default 7.5); <= 1 turns guidance off.
+    pub guidance: f64,
+    /// The seed of all the noise; the same seed, model and parameters give the same images.
+    pub seed: u64,
+    /// Image to image / inpainting: how much noise covers the init image, 0..=1; negative
+    /// (default -1) = 0.8 for image to image, 1.0 for inpainting.
+    pub strength: f64,
+    /// DDIM's eta (default 0, deterministic); ignored by schedulers without one.
+    pub eta: f64,
+    /// Text-encoder layers to skip from the end (default 0).
+    pub clip_skip: u32,
+    /// Channels of the returned images: 3 = RGB (default) or 4 = RGBA with opaque alpha.
+    pub output_channels: u32,
+    /// Scheduler for this call, named as in `sd_load_options.scheduler`; NULL or "" (default)
+    /// = the pipeline's. Borrowed for the call.
+    pub scheduler: *const c_char,
+    /// Image to image and inpainting: the image to start from (NULL = text to image). Resized
+    /// to width x height when it differs. Borrowed for the call.
+    pub init_image: *const sd_image,
+    /// Inpainting: white = repaint, black = keep (needs `init_image`). Borrowed for the call.
+    pub mask: *const sd_image,
+    /// Inpainting: non-zero copies the original pixels back outside the mask (default 0).
+    pub paste_back: i32,
+    /// Called after every step (NULL = none). See `sd_step_fn`.
+    pub on_step: sd_step_fn,
+    /// Passed to `on_step` unchanged.
+    pub step_user_data: *mut c_void,
+}
+
+/// What the step callback sees. Owned by the library, valid during the callback only.
+/// Fields may be appended in later versions: `struct_size` says how many this library fills.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct sd_step_info {
+    /// `sizeof(sd_step_info)` as this library was built.
+    pub struct_size: usize,
+    /// Steps done so far, 1..=total.
+    pub step: u32,
+    /// Steps this run takes.
+    pub total: u32,
+    /// The scheduler's timestep of the step just done.
+    pub timestep: f64,
+    /// Seconds since the run started (text encoding included).
+    pub elapsed_seconds: f64,
+    /// Images in the run; `sd_step_preview` takes an index below it.
+    pub batch: u32,
+    /// Shape of the latents `[batch, latent_channels, latent_height, latent_width]` that
+    /// `sd_step_latents` copies out (`latent_height` = height / 8 for SD 1.x / 2.x).
+    pub latent_channels: u32,
+    pub latent_height: u32,
+    pub latent_width: u32,
+}
+
+/// Where a job is.
+#[repr(i32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum sd_job_state {
+    /// Waiting for the pipeline (another call or job is using it).
+    SD_JOB_QUEUED = 0,
+    /// Generating.
+    SD_JOB_RUNNING = 1,
+    /// Finished with images: `sd_job_take_images` gives them.
+    SD_JOB_SUCCEEDED = 2,
+    /// Finished with an error: `sd_job_wait` returns its code and sets its message.
+    SD_JOB_FAILED = 3,
+    /// Stopped by `sd_job_cancel`, the step callback or `sd_pipeline_free`.
+    SD_JOB_CANCELLED = 4,
+}
+
+/// A job's progress, as `sd_job_poll` reports it. Set `struct_size` to `sizeof(sd_job_progress)` before
+/// the call; the library fills the fields it knows that fit.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct sd_job_progress {
+    pub struct_size: usize,
+    pub state: sd_job_state,
+    /// Steps done so far.
+    pub step: u32,
+    /// Steps the run takes; 0 until the first step is done.
+    pub total: u32,
+    /// Seconds since `sd_job_submit`.
+    pub elapsed_seconds: f64,
+}
+
+/// A struct whose first field is `struct_size: usize` and whose every bit pattern is valid
+/// (integers, floats, raw and function pointers only), so that a prefix of it can be copied.
+///
+/// # Safety
+/// Implement it only for `#[repr(C)]` structs that satisfy the above.
+pub(crate) unsafe trait Versioned: Copy {
+    const NAME: &'static str;
+    /// Bytes of the first released version of the struct: the least a caller may give.
+    const MIN_SIZE: usize;
+    fn defaults() -> Self;
+}
+
+/// More than this in `struct_size` is a garbage value, not a newer header.
+const MAX_STRUCT_SIZE: usize = 1 << 16;
+
+fn check_size<T: Versioned>(size: usize, what: &str) -> Result<(), Fail> {
+    if size < T::MIN_SIZE || size > MAX_STRUCT_SIZE {
+        return Err(Fail::invalid(format!(
+            "{what}->struct_size is {size}: set it to sizeof({}) (this library knows {} bytes)",
+            T::NAME,
+            size_of::<T>()
+        )));
+    }
+    Ok(())
+}
+
+/// Reads a caller's struct: fields past its `struct_size` (an older caller) take their
+/// defaults; bytes past ours (a newer caller) must be zero, or `SD_ERR_UNSUPPORTED`.
+///
+/// # Safety
+/// `p` is NULL or points to at least `p->struct_size` readable bytes.
+pub(crate) unsafe fn read_versioned<T: Versioned>(p: *const T, what: &str) -> Result<T, Fail> {
+    if p.is_null() {
+        return Err(Fail::invalid(format!("{what} is NULL")));
+    }
+    let raw = p as *const u8;
+    let size = (raw as *const usize).read_unaligned();
+    check_size::<T>(size, what)?;
+    let ours = size_of::<T>();
+    if size > ours {
+        let extra = std::slice::from_raw_parts(raw.add(ours), size - ours);
+        if extra.iter().any(|&b| b != 0) {
+            return Err(Fail::unsupported(format!(
+                "{what} sets fields that this library ({} bytes of {}) does not know; \
+                 update libstable_diffusion",
+                ours,
+                T::NAME
+            )));
+        }
+    }
+    let mut value = T::defaults();
+    std::ptr::copy_nonoverlapping(raw, &mut value as *mut T as *mut u8, size.min(ours));
+    value_set_size(&mut value, ours);
+    Ok(value)
+}
+
+/// Writes `value` into a caller's struct of `size` bytes (the fields that fit) and sets its
+/// `struct_size` to the bytes written.
+///
+/// # Safety
+/// `dst` is NULL or valid for `size` bytes of writes.
+pub(crate) unsafe fn write_versioned<T: Versioned>(
+    dst: *mut T,
+    size: usize,
+    mut value: T,
+    what: &str,
+) -> Result<(), Fail> {
+    if dst.is_null() {
+        return Err(Fail::invalid(format!("{what} is NULL")));
+    }
+    check_size::<T>(size, what)?;
+    let n = size.min(size_of::<T>());
+    value_set_size(&mut value, n);
+    std::ptr::copy_nonoverlapping(&value as *const T as *const u8, dst as *mut u8, n);
+    Ok(())
+}
+
+fn value_set_size<T: Versioned>(value: &mut T, size: usize) {
+    // SAFETY: every Versioned struct starts with `struct_size: usize`.
+    unsafe { (value as *mut T as *mut usize).write(size) }
+}
+
+unsafe impl Versioned for sd_load_options {
+    const NAME: &'static str = "sd_load_options";
+    const MIN_SIZE: usize = offset_of!(sd_load_options, scheduler) + size_of::<*const c_char>();
+    fn defaults() -> Self {
+        Self {
+            struct_size: size_of::<Self>(),
+            device: std::ptr::null(),
+            dtype: SD_DTYPE_FP32,
+            scheduler: std::ptr::null(),
+        }
+    }
+}
+
+unsafe impl Versioned for sd_generate_params {
+    const NAME: &'static str = "sd_generate_params";
+    const MIN_SIZE: usize =
+        offset_of!(sd_generate_params, step_user_data) + size_of::<*mut c_void>();
+    fn defaults() -> Self {
+        let d = GenerateParams::default();
+        Self {
+            struct_size: size_of::<Self>(),
+            prompt: std::ptr::null(),
+            negative_prompt: std::ptr::null(),
+            steps: d.steps as u32,
+            batch: d.batch as u32,
+            width: 0,
+            height: 0,
+            guidance: d.guidance,
+            seed: d.seed,
+            strength: -1.0,
+            eta: d.eta,
+            clip_skip: d.clip_skip as u32,
+            output_channels: 3,
+            scheduler: std::ptr::null(),
+            init_image: std::ptr::null(),
+            mask: std::ptr::null(),
+            paste_back: d.paste_back as i32,
+            on_step: None,
+            step_user_data: std::ptr::null_mut(),
+        }
+    }
+}
+
+unsafe impl Versioned for sd_job_progress {
+    const NAME: &'static str = "sd_job_progress";
+    const MIN_SIZE: usize = offset_of!(sd_job_progress, elapsed_seconds) + size_of::<f64>();
+    fn defaults() -> Self {
+        Self {
+            struct_size: size_of::<Self>(),
+            state: sd_job_state::SD_JOB_QUEUED,
+            step: 0,
+            total: 0,
+            elapsed_seconds: 0.0,
+        }
+    }
+}
+
+/// Fills `options` with the defaults (CPU, fp32, the model's scheduler). Pass
+/// `sizeof(sd_load_options)` as `struct_size`: the library writes no more than that.
+///
+/// Errors: `SD_ERR_INVALID_ARGUMENT` when `options` is NULL or `struct_size` is too small.
+/// Thread-safe.
+///
+/// Pointers: `options` is NULL or valid for `struct_size` bytes of writes.
+#[no_mangle]
+pub unsafe extern "C" fn sd_load_options_init(
+    options: *mut sd_load_options,
+    struct_size: usize,
+) -> sd_status {
+    guard(|| write_versioned(options, struct_size, sd_load_options::defaults(), "options"))
+}
+
+/// Fills `params` with the defaults (50 steps, guidance 7.5, seed 0, the model's size, batch 1,
+/// RGB output, no callback) and a NULL prompt, which must be set before use. Pass
+/// `sizeof(sd_generate_params)` as `struct_size`: the library writes no more than that.
+///
+/// Errors: `SD_ERR_INVALID_ARGUMENT` when `params` is NULL or `struct_size` is too small.
+/// Thread-safe.
+///
+/// Pointers: `params` is NULL or valid for `struct_size` bytes of writes.
+#[no_mangle]
+pub unsafe extern "C" fn sd_generate_params_init(
+    params: *mut sd_generate_params,
+    struct_size: usize,
+) -> sd_status {
+    guard(|| {
+        write_versioned(
+            params,
+            struct_size,
+            sd_generate_params::defaults(),
+            "params",
+        )
+    })
+}

@@ -1,0 +1,822 @@
+//! The C ABI called as a C program would: every entry point with bad arguments (status code and
+//! message), the results of each mode, the step callback (preview, latents, cancel), the log
+//! callback and `struct_size` versioning.
+mod ffi_util;
+
+use ffi_util::*;
+use stable_diffusion::ffi::sd_status::*;
+use stable_diffusion::ffi::*;
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::mem::size_of;
+use std::ptr;
+use std::sync::{Arc, Mutex};
+
+const PROMPT: &CStr = c"a red circle";
+
+fn null_mut<T>() -> *mut T {
+    ptr::null_mut()
+}
+
+#[test]
+fn version_and_status_strings() {
+    assert_eq!(sd_abi_version(), SD_ABI_VERSION);
+    let version = unsafe { CStr::from_ptr(sd_version()) }.to_str().unwrap();
+    assert_eq!(version, env!("CARGO_PKG_VERSION"));
+    let name = |s: i32| {
+        unsafe { CStr::from_ptr(sd_status_string(s)) }
+            .to_str()
+            .unwrap()
+    };
+    assert_eq!(name(SD_OK as i32), "ok");
+    assert_eq!(name(SD_ERR_INVALID_ARGUMENT as i32), "invalid argument");
+    assert_eq!(name(SD_NOT_READY as i32), "not ready");
+    assert_eq!(name(-3), "unknown status");
+    assert_eq!(name(1000), "unknown status");
+}
+
+#[test]
+fn init_functions_check_their_arguments() {
+    unsafe {
+        expect(
+            sd_generate_params_init(null_mut(), size_of::<sd_generate_params>()),
+            SD_ERR_INVALID_ARGUMENT,
+            "params is NULL",
+        );
+        let mut p = params(PROMPT, 1, 0);
+        expect(
+            sd_generate_params_init(&mut p, 4),
+            SD_ERR_INVALID_ARGUMENT,
+            "struct_size",
+        );
+        expect(
+            sd_load_options_init(null_mut(), size_of::<sd_load_options>()),
+            SD_ERR_INVALID_ARGUMENT,
+            "options is NULL",
+        );
+        let mut o = std::mem::zeroed::<sd_load_options>();
+        expect(
+            sd_load_options_init(&mut o, 1 << 20),
+            SD_ERR_INVALID_ARGUMENT,
+            "struct_size",
+        );
+        // A newer caller's bigger struct: the library fills what it knows and says so.
+        let mut big = [0u8; size_of::<sd_generate_params>() + 16];
+        let status = sd_generate_params_init(big.as_mut_ptr().cast(), big.len());
+        assert_eq!(status, SD_OK);
+        assert_eq!(last_error(), "");
+        let filled = ptr::read_unaligned(big.as_ptr().cast::<sd_generate_params>());
+        assert_eq!(filled.struct_size, size_of::<sd_generate_params>());
+        assert_eq!(
+            (filled.steps, filled.batch, filled.output_channels),
+            (50, 1, 3)
+        );
+        assert!(filled.prompt.is_null() && filled.on_step.is_none());
+        assert!(filled.strength < 0.0);
+    }
+}
+
+#[test]
+fn load_reports_each_kind_of_failure() {
+    let model = fixture("tiny-sd1");
+    let mut p = ptr::null_mut();
+    unsafe {
+        expect(
+            sd_pipeline_load(ptr::null(), ptr::null(), &mut p),
+            SD_ERR_INVALID_ARGUMENT,
+            "model_path is NULL",
+        );
+        expect(
+            sd_pipeline_load(model.as_ptr(), ptr::null(), null_mut()),
+            SD_ERR_INVALID_ARGUMENT,
+            "out_pipeline is NULL",
+        );
+        let bad_utf8 = b"tests/fixtures/\xff\xfe\0";
+        expect(
+            sd_pipeline_load(bad_utf8.as_ptr().cast(), ptr::null(), &mut p),
+            SD_ERR_INVALID_ARGUMENT,
+            "not valid UTF-8",
+        );
+        let missing = fixture("no-such-model");
+        expect(
+            sd_pipeline_load(missing.as_ptr(), ptr::null(), &mut p),
+            SD_ERR_IO,
+            "not found",
+        );
+        let not_a_model = fixture("tokenizer");
+        expect(
+            sd_pipeline_load(not_a_model.as_ptr(), ptr::null(), &mut p),
+            SD_ERR_BAD_MODEL,
+            "unet",
+        );
+        assert!(p.is_null());
+
+        let mut o = std::mem::zeroed::<sd_load_options>();
+        assert_eq!(
+            sd_load_options_init(&mut o, size_of::<sd_load_options>()),
+            SD_OK
+        );
+        let tpu = c"tpu";
+        o.device = tpu.as_ptr();
+        expect(
+            sd_pipeline_load(model.as_ptr(), &o, &mut p),
+            SD_ERR_INVALID_ARGUMENT,
+            "device",
+        );
+        let cuda = c"cuda:7";
+        o.device = cuda.as_ptr();
+        if !tch::Cuda::is_available() || tch::Cuda::device_count() < 8 {
+            expect(
+                sd_pipeline_load(model.as_ptr(), &o, &mut p),
+                SD_ERR_UNSUPPORTED,
+                "cuda:7",
+            );
+        }
+        o.device = ptr::null();
+        o.dtype = 42;
+        expect(
+            sd_pipeline_load(model.as_ptr(), &o, &mut p),
+            SD_ERR_INVALID_ARGUMENT,
+            "dtype is 42",
+        );
+        o.dtype = SD_DTYPE_FP32;
+        let nope = c"NoSuchScheduler";
+        o.scheduler = nope.as_ptr();
+        expect(
+            sd_pipeline_load(model.as_ptr(), &o, &mut p),
+            SD_ERR_INVALID_ARGUMENT,
+            "NoSuchScheduler",
+        );
+        o.scheduler = ptr::null();
+        o.struct_size = 3;
+        expect(
+            sd_pipeline_load(model.as_ptr(), &o, &mut p),
+            SD_ERR_INVALID_ARGUMENT,
+            "struct_size is 3",
+        );
+        assert!(p.is_null());
+    }
+}
+
+#[test]
+fn options_from_a_newer_header_are_refused_only_when_they_set_unknown_fields() {
+    #[repr(C)]
+    struct Newer {
+        known: sd_load_options,
+        unknown: u64,
+    }
+    let model = fixture("tiny-sd1");
+    let mut newer = Newer {
+        known: unsafe { std::mem::zeroed() },
+        unknown: 0,
+    };
+    unsafe {
+        assert_eq!(
+            sd_load_options_init(&mut newer.known, size_of::<sd_load_options>()),
+            SD_OK
+        );
+        newer.known.struct_size = size_of::<Newer>();
+        let mut p = ptr::null_mut();
+        assert_eq!(
+            sd_pipeline_load(model.as_ptr(), &newer.known, &mut p),
+            SD_OK,
+            "{}",
+            last_error()
+        );
+        sd_pipeline_free(p);
+        newer.unknown = 1;
+        p = ptr::null_mut();
+        expect(
+            sd_pipeline_load(model.as_ptr(), &newer.known, &mut p),
+            SD_ERR_UNSUPPORTED,
+            "does not know",
+        );
+        assert!(p.is_null());
+    }
+}
+
+#[test]
+fn generate_rejects_bad_parameters_with_a_message() {
+    let p = load();
+    let ok = params(PROMPT, 1, 0);
+    let bad_utf8 = b"\xc3\x28 broken\0";
+    let nope = c"NoSuchScheduler";
+    let pixels = vec![200u8; 16 * 16 * 4];
+    let image = |w, h, stride, channels, data: *const u8| sd_image {
+        data,
+        width: w,
+        height: h,
+        stride,
+        channels,
+    };
+    let good_image = image(16, 16, 0, 3, pixels.as_ptr());
+    type Change<'a> = Box<dyn Fn(&mut sd_generate_params) + 'a>;
+    let cases: Vec<(&str, Change, sd_status, &str)> = vec![
+        (
+            "null prompt",
+            Box::new(|g| g.prompt = ptr::null()),
+            SD_ERR_INVALID_ARGUMENT,
+            "prompt is NULL",
+        ),
+        (
+            "bad prompt",
+            Box::new(|g| g.prompt = bad_utf8.as_ptr().cast()),
+            SD_ERR_INVALID_ARGUMENT,
+            "prompt is not valid UTF-8",
+        ),
+        (
+            "bad negative",
+            Box::new(|g| g.negative_prompt = bad_utf8.as_ptr().cast()),
+            SD_ERR_INVALID_ARGUMENT,
+            "negative_prompt",
+        ),
+        (
+            "zero steps",
+            Box::new(|g| g.steps = 0),
+            SD_ERR_INVALID_ARGUMENT,
+            "steps is 0",
+        ),
+        (
+            "absurd steps",
+            Box::new(|g| g.steps = 4_000_000_000),
+            SD_ERR_INVALID_ARGUMENT,
+            "steps is 4000000000",
+        ),
+        (
+            "zero batch",
+            Box::new(|g| g.batch = 0),
+            SD_ERR_INVALID_ARGUMENT,
+            "batch is 0",
+        ),
+        (
+            "huge batch",
+            Box::new(|g| g.batch = 100_000),
+            SD_ERR_INVALID_ARGUMENT,
+            "batch",
+        ),
+        (
+            "width 33",
+            Box::new(|g| g.width = 33),
+            SD_ERR_INVALID_ARGUMENT,
+            "width is 33",
+        ),
+        (
+            "height 12",
+            Box::new(|g| g.height = 12),
+            SD_ERR_INVALID_ARGUMENT,
+            "height is 12",
+        ),
+        (
+            "huge width",
+            Box::new(|g| g.width = u32::MAX - 7),
+            SD_ERR_INVALID_ARGUMENT,
+            "width",
+        ),
+        (
+            "NaN guidance",
+            Box::new(|g| g.guidance = f64::NAN),
+            SD_ERR_INVALID_ARGUMENT,
+            "guidance",
+        ),
+        (
+            "infinite eta",
+            Box::new(|g| g.eta = f64::INFINITY),
+            SD_ERR_INVALID_ARGUMENT,
+            "eta",
+        ),
+        (
+            "negative eta",
+            Box::new(|g| g.eta = -1.0),
+            SD_ERR_INVALID_ARGUMENT,
+            "eta",
+        ),
+        (
+            "strength 2",
+            Box::new(move |g| {
+                g.init_image = &good_image;
+                g.strength = 2.0
+            }),
+            SD_ERR_INVALID_ARGUMENT,
+            "strength",
+        ),
+        (
+            "2 channels out",
+            Box::new(|g| g.output_channels = 2),
+            SD_ERR_INVALID_ARGUMENT,
+            "output_channels",
+        ),
+        (
+            "clip skip",
+            Box::new(|g| g.clip_skip = 1000),
+            SD_ERR_INVALID_ARGUMENT,
+            "clip_skip",
+        ),
+        (
+            "scheduler",
+            Box::new(|g| g.scheduler = nope.as_ptr()),
+            SD_ERR_INVALID_ARGUMENT,
+            "NoSuchScheduler",
+        ),
+        (
+            "mask alone",
+            Box::new(move |g| g.mask = &good_image),
+            SD_ERR_INVALID_ARGUMENT,
+            "init_image",
+        ),
+        (
+            "struct_size",
+            Box::new(|g| g.struct_size = 8),
+            SD_ERR_INVALID_ARGUMENT,
+            "struct_size is 8",
+        ),
+    ];
+    for (what, change, status, needle) in cases {
+        let mut g = ok;
+        change(&mut g);
+        let (got, message) = generate(p, &g).expect_err(what);
+        assert_eq!(got, status, "{what}: {message}");
+        assert!(
+            message.contains(needle),
+            "{what}: {message:?} lacks {needle:?}"
+        );
+    }
+
+    let pixel_ptr = pixels.as_ptr();
+    let image_cases: Vec<(sd_image, &str)> = vec![
+        (image(16, 16, 0, 3, ptr::null()), "init_image->data is NULL"),
+        (image(0, 16, 0, 3, pixel_ptr), "init_image is 0x16"),
+        (
+            image(16, 100_000, 0, 3, pixel_ptr),
+            "init_image is 16x100000",
+        ),
+        (image(16, 16, 0, 2, pixel_ptr), "channels is 2"),
+        (image(16, 16, 20, 3, pixel_ptr), "stride is 20"),
+    ];
+    for (img, needle) in image_cases {
+        let mut g = ok;
+        g.init_image = &img;
+        let (got, message) = generate(p, &g).expect_err(needle);
+        assert_eq!(got, SD_ERR_INVALID_ARGUMENT, "{message}");
+        assert!(message.contains(needle), "{message:?} lacks {needle:?}");
+    }
+
+    unsafe {
+        let mut out = ptr::null_mut();
+        expect(
+            sd_generate(null_mut(), &ok, &mut out),
+            SD_ERR_INVALID_ARGUMENT,
+            "pipeline is NULL",
+        );
+        expect(
+            sd_generate(p, ptr::null(), &mut out),
+            SD_ERR_INVALID_ARGUMENT,
+            "params is NULL",
+        );
+        expect(
+            sd_generate(p, &ok, null_mut()),
+            SD_ERR_INVALID_ARGUMENT,
+            "out_images is NULL",
+        );
+        // Not a pipeline at all (a zeroed block): refused, not dereferenced as one.
+        let mut junk = [0u64; 16];
+        expect(
+            sd_generate(junk.as_mut_ptr().cast(), &ok, &mut out),
+            SD_ERR_INVALID_ARGUMENT,
+            "not a live sd_pipeline",
+        );
+        expect(
+            sd_pipeline_set_log_callback(null_mut(), None, ptr::null_mut()),
+            SD_ERR_INVALID_ARGUMENT,
+            "pipeline is NULL",
+        );
+        sd_pipeline_free(ptr::null_mut()); // ignored
+        sd_pipeline_free(p);
+    }
+}
+
+#[test]
+fn images_and_step_accessors_check_their_arguments() {
+    unsafe {
+        let mut n = 0usize;
+        expect(
+            sd_images_count(ptr::null(), &mut n),
+            SD_ERR_INVALID_ARGUMENT,
+            "images is NULL",
+        );
+        let mut img: *const sd_image = ptr::null();
+        expect(
+            sd_images_get(ptr::null(), 0, &mut img),
+            SD_ERR_INVALID_ARGUMENT,
+            "images is NULL",
+        );
+        sd_images_free(null_mut()); // ignored
+
+        let p = load();
+        let g = params(PROMPT, 1, 0);
+        let mut images = ptr::null_mut();
+        assert_eq!(sd_generate(p, &g, &mut images), SD_OK, "{}", last_error());
+        expect(
+            sd_images_count(images, null_mut()),
+            SD_ERR_INVALID_ARGUMENT,
+            "out_count is NULL",
+        );
+        expect(
+            sd_images_get(images, 1, &mut img),
+            SD_ERR_INVALID_ARGUMENT,
+            "index 1 is out of range",
+        );
+        expect(
+            sd_images_get(images, 0, null_mut()),
+            SD_ERR_INVALID_ARGUMENT,
+            "out_image is NULL",
+        );
+        sd_images_free(images);
+
+        // Outside a callback there is no step to read.
+        let info = std::mem::zeroed::<sd_step_info>();
+        expect(
+            sd_step_preview(&info, 0, &mut img),
+            SD_ERR_INVALID_ARGUMENT,
+            "inside the callback",
+        );
+        expect(
+            sd_step_preview(ptr::null(), 0, &mut img),
+            SD_ERR_INVALID_ARGUMENT,
+            "info is NULL",
+        );
+        let mut buf = [0f32; 64];
+        expect(
+            sd_step_latents(&info, buf.as_mut_ptr(), 64),
+            SD_ERR_INVALID_ARGUMENT,
+            "inside the callback",
+        );
+        sd_pipeline_free(p);
+    }
+}
+
+#[test]
+fn job_functions_check_their_arguments() {
+    unsafe {
+        let p = load();
+        let ok = params(PROMPT, 1, 0);
+        let mut job = ptr::null_mut();
+        expect(
+            sd_job_submit(null_mut(), &ok, &mut job),
+            SD_ERR_INVALID_ARGUMENT,
+            "pipeline is NULL",
+        );
+        expect(
+            sd_job_submit(p, ptr::null(), &mut job),
+            SD_ERR_INVALID_ARGUMENT,
+            "params is NULL",
+        );
+        expect(
+            sd_job_submit(p, &ok, null_mut()),
+            SD_ERR_INVALID_ARGUMENT,
+            "out_job is NULL",
+        );
+        let mut bad = ok;
+        bad.width = 31;
+        expect(
+            sd_job_submit(p, &bad, &mut job),
+            SD_ERR_INVALID_ARGUMENT,
+            "width is 31",
+        );
+        assert!(job.is_null());
+
+        let mut progress = std::mem::zeroed::<sd_job_progress>();
+        progress.struct_size = size_of::<sd_job_progress>();
+        expect(
+            sd_job_poll(ptr::null(), &mut progress),
+            SD_ERR_INVALID_ARGUMENT,
+            "job is NULL",
+        );
+        expect(
+            sd_job_cancel(null_mut()),
+            SD_ERR_INVALID_ARGUMENT,
+            "job is NULL",
+        );
+        expect(
+            sd_job_wait(null_mut(), 0),
+            SD_ERR_INVALID_ARGUMENT,
+            "job is NULL",
+        );
+        let mut images = ptr::null_mut();
+        expect(
+            sd_job_take_images(null_mut(), &mut images),
+            SD_ERR_INVALID_ARGUMENT,
+            "job is NULL",
+        );
+        sd_job_free(null_mut()); // ignored
+
+        assert_eq!(sd_job_submit(p, &ok, &mut job), SD_OK, "{}", last_error());
+        expect(
+            sd_job_poll(job, null_mut()),
+            SD_ERR_INVALID_ARGUMENT,
+            "progress is NULL",
+        );
+        progress.struct_size = 2;
+        expect(
+            sd_job_poll(job, &mut progress),
+            SD_ERR_INVALID_ARGUMENT,
+            "struct_size is 2",
+        );
+        expect(
+            sd_job_take_images(job, null_mut()),
+            SD_ERR_INVALID_ARGUMENT,
+            "out_images is NULL",
+        );
+        assert_eq!(sd_job_wait(job, -1), SD_OK, "{}", last_error());
+        assert_eq!(
+            sd_job_wait(job, i64::MAX),
+            SD_OK,
+            "an endless timeout is fine"
+        );
+        assert_eq!(sd_job_take_images(job, &mut images), SD_OK);
+        let taken = take(images);
+        assert_eq!(taken.len(), 1);
+        expect(
+            sd_job_take_images(job, &mut images),
+            SD_ERR_INVALID_ARGUMENT,
+            "already taken",
+        );
+        assert!(images.is_null());
+        sd_job_free(job);
+        sd_pipeline_free(p);
+    }
+}
+
+#[test]
+fn txt2img_gives_deterministic_rgb_and_rgba() {
+    let p = load();
+    let g = params(PROMPT, 2, 7);
+    let a = generate(p, &g).unwrap();
+    assert_eq!(last_error(), "", "a successful call clears the message");
+    assert_eq!(a.len(), 1);
+    assert_eq!(a[0].1, [32, 32, 96, 3]);
+    assert_eq!(
+        generate(p, &g).unwrap()[0].0,
+        a[0].0,
+        "same seed, same bytes"
+    );
+
+    let mut other = g;
+    other.seed = 8;
+    assert_ne!(generate(p, &other).unwrap()[0].0, a[0].0);
+
+    let mut rgba = g;
+    rgba.output_channels = 4;
+    let b = generate(p, &rgba).unwrap();
+    assert_eq!(b[0].1, [32, 32, 128, 4]);
+    let rgb_of_rgba: Vec<u8> = b[0].0.chunks(4).flat_map(|px| px[..3].to_vec()).collect();
+    assert_eq!(rgb_of_rgba, a[0].0);
+    assert!(b[0].0.chunks(4).all(|px| px[3] == 255));
+
+    let mut two = g;
+    two.batch = 2;
+    let c = generate(p, &two).unwrap();
+    assert_eq!(c.len(), 2);
+    assert_ne!(c[0].0, c[1].0);
+
+    // Width and height 0 take the model's native size (32 for the fixture).
+    let mut native = g;
+    native.width = 0;
+    native.height = 0;
+    assert_eq!(generate(p, &native).unwrap()[0].1, [32, 32, 96, 3]);
+    unsafe { sd_pipeline_free(p) };
+}
+
+#[test]
+fn img2img_and_inpainting_take_strided_rgba_and_grey_inputs() {
+    let p = load();
+    // 40x24 RGBA with 8 bytes of padding per row.
+    let (w, h, stride) = (40u32, 24u32, 40 * 4 + 8);
+    let mut rgba = vec![0u8; (stride * h) as usize];
+    for y in 0..h {
+        for x in 0..w {
+            let i = (y * stride + x * 4) as usize;
+            rgba[i..i + 4].copy_from_slice(&[(x * 6) as u8, (y * 10) as u8, 128, 7]);
+        }
+    }
+    let init = sd_image {
+        data: rgba.as_ptr(),
+        width: w,
+        height: h,
+        stride,
+        channels: 4,
+    };
+    let mut g = params(PROMPT, 4, 3);
+    g.width = 0;
+    g.height = 0;
+    g.init_image = &init;
+    g.strength = 0.5;
+    let out = generate(p, &g).unwrap();
+    assert_eq!(out[0].1, [40, 24, 120, 3], "size taken from the init image");
+
+    let mask_pixels: Vec<u8> = (0..w * h)
+        .map(|i| if i % w < w / 2 { 255 } else { 0 })
+        .collect();
+    let mask = sd_image {
+        data: mask_pixels.as_ptr(),
+        width: w,
+        height: h,
+        stride: 0,
+        channels: 1,
+    };
+    g.mask = &mask;
+    g.paste_back = 1;
+    g.strength = -1.0;
+    let painted = generate(p, &g).unwrap();
+    assert_eq!(painted[0].1, [40, 24, 120, 3]);
+    // Pasted back: the kept (black) half equals the input's RGB.
+    let row = |img: &[u8], y: usize, x: usize| img[y * 120 + x * 3..y * 120 + x * 3 + 3].to_vec();
+    let kept = (w - 1) as usize;
+    let i = (5 * stride + kept as u32 * 4) as usize;
+    assert_eq!(row(&painted[0].0, 5, kept), rgba[i..i + 3].to_vec());
+    unsafe { sd_pipeline_free(p) };
+}
+
+/// What the step callback saw, for the assertions after the run.
+#[derive(Default)]
+struct Seen {
+    steps: Vec<(u32, u32, f64, f64)>,
+    previews: Vec<[u32; 4]>,
+    latent_sides: Vec<[u32; 3]>,
+    preview_colours: usize,
+    latents_ok: bool,
+    struct_size_ok: bool,
+    bad_index: Option<sd_status>,
+    small_buffer: Option<sd_status>,
+}
+
+#[test]
+fn step_callback_sees_steps_previews_and_latents_and_can_cancel() {
+    let p = load();
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let record = seen.clone();
+    let mut hook = StepHook::new(move |info| {
+        let mut s = record.lock().unwrap();
+        s.steps
+            .push((info.step, info.total, info.timestep, info.elapsed_seconds));
+        s.struct_size_ok = info.struct_size == size_of::<sd_step_info>();
+        let mut img: *const sd_image = ptr::null();
+        unsafe {
+            if sd_step_preview(info, 0, &mut img) == SD_OK {
+                let i = &*img;
+                s.latent_sides
+                    .push([info.latent_width, info.latent_height, info.latent_channels]);
+                s.previews.push([i.width, i.height, i.stride, i.channels]);
+                let bytes = std::slice::from_raw_parts(i.data, (i.stride * i.height) as usize);
+                s.preview_colours = bytes.iter().collect::<std::collections::HashSet<_>>().len();
+            }
+            s.bad_index = Some(sd_step_preview(info, info.batch, &mut img));
+            let n = (info.batch * info.latent_channels * info.latent_height * info.latent_width)
+                as usize;
+            let mut latents = vec![f32::NAN; n];
+            s.small_buffer = Some(sd_step_latents(info, latents.as_mut_ptr(), n - 1));
+            s.latents_ok = n == 16 * 16 * 4
+                && sd_step_latents(info, latents.as_mut_ptr(), n) == SD_OK
+                && latents.iter().all(|v| v.is_finite())
+                && latents.iter().any(|&v| v != 0.0);
+        }
+        SD_STEP_CONTINUE
+    });
+    let mut g = params(PROMPT, 3, 1);
+    hook.install(&mut g);
+    generate(p, &g).unwrap();
+    {
+        let s = seen.lock().unwrap();
+        let steps: Vec<(u32, u32)> = s.steps.iter().map(|t| (t.0, t.1)).collect();
+        assert_eq!(steps, vec![(1, 3), (2, 3), (3, 3)]);
+        assert!(
+            s.steps.windows(2).all(|w| w[1].2 < w[0].2),
+            "timesteps go down"
+        );
+        assert!(
+            s.steps.windows(2).all(|w| w[1].3 >= w[0].3),
+            "elapsed goes up"
+        );
+        // The fixture's tiny VAE scales by 2: 32x32 images have 16x16 latents.
+        assert_eq!(s.latent_sides, vec![[16, 16, 4]; 3]);
+        assert_eq!(
+            s.previews,
+            vec![[16, 16, 48, 3]; 3],
+            "previews at latent size"
+        );
+        assert!(s.preview_colours > 1);
+        assert!(s.latents_ok);
+        assert!(s.struct_size_ok);
+        assert_eq!(s.bad_index, Some(SD_ERR_INVALID_ARGUMENT));
+        assert_eq!(s.small_buffer, Some(SD_ERR_INVALID_ARGUMENT));
+    }
+
+    // Returning SD_STEP_CANCEL stops the run after that step.
+    let calls = Arc::new(Mutex::new(0));
+    let counter = calls.clone();
+    let mut cancel = StepHook::new(move |info| {
+        *counter.lock().unwrap() += 1;
+        if info.step == 2 {
+            SD_STEP_CANCEL
+        } else {
+            SD_STEP_CONTINUE
+        }
+    });
+    let mut g = params(PROMPT, 10, 1);
+    cancel.install(&mut g);
+    let (status, message) = generate(p, &g).unwrap_err();
+    assert_eq!(status, SD_ERR_CANCELLED);
+    assert!(message.contains("cancelled"), "{message}");
+    assert_eq!(*calls.lock().unwrap(), 2);
+    unsafe { sd_pipeline_free(p) };
+}
+
+#[test]
+fn a_callback_cannot_deadlock_its_own_pipeline() {
+    let p = load();
+    let pipeline = p as usize;
+    let inner_status = Arc::new(Mutex::new(None));
+    let record = inner_status.clone();
+    let mut hook = StepHook::new(move |_| {
+        let g = params(PROMPT, 1, 0);
+        let mut out = ptr::null_mut();
+        let status = unsafe { sd_generate(pipeline as *mut sd_pipeline, &g, &mut out) };
+        *record.lock().unwrap() = Some((status, last_error()));
+        SD_STEP_CONTINUE
+    });
+    let mut g = params(PROMPT, 1, 0);
+    hook.install(&mut g);
+    generate(p, &g).unwrap();
+    let (status, message) = inner_status.lock().unwrap().clone().unwrap();
+    assert_eq!(status, SD_ERR_INVALID_ARGUMENT);
+    assert!(message.contains("already generating"), "{message}");
+    unsafe { sd_pipeline_free(p) };
+}
+
+type Log = Mutex<Vec<(sd_log_level, String)>>;
+
+unsafe extern "C" fn log_into(level: sd_log_level, message: *const c_char, user_data: *mut c_void) {
+    let log = &*(user_data as *const Log);
+    let text = CStr::from_ptr(message).to_string_lossy().into_owned();
+    log.lock().unwrap().push((level, text));
+}
+
+#[test]
+fn log_callback_is_per_pipeline() {
+    let (a, b) = (load(), load());
+    let log_a: Box<Log> = Box::default();
+    let log_b: Box<Log> = Box::default();
+    unsafe {
+        let ua = &*log_a as *const Log as *mut c_void;
+        let ub = &*log_b as *const Log as *mut c_void;
+        assert_eq!(sd_pipeline_set_log_callback(a, Some(log_into), ua), SD_OK);
+        assert_eq!(sd_pipeline_set_log_callback(b, Some(log_into), ub), SD_OK);
+    }
+    let long = CString::new("a red circle ".repeat(40)).unwrap();
+    generate(a, &params(&long, 1, 0)).unwrap();
+    {
+        let got = log_a.lock().unwrap();
+        assert!(
+            got.iter().any(|(l, m)| *l == sd_log_level::SD_LOG_DEBUG
+                && m.starts_with("txt2img: 1 steps, 32x32")),
+            "{got:?}"
+        );
+        assert!(
+            got.iter()
+                .any(|(l, m)| *l == sd_log_level::SD_LOG_WARN && m.contains("tokens")),
+            "{got:?}"
+        );
+        assert!(log_b.lock().unwrap().is_empty(), "b did not run");
+    }
+    unsafe { sd_pipeline_set_log_callback(a, None, ptr::null_mut()) };
+    let before = log_a.lock().unwrap().len();
+    generate(a, &params(&long, 1, 0)).unwrap();
+    assert_eq!(log_a.lock().unwrap().len(), before, "logging off");
+    unsafe {
+        sd_pipeline_free(a);
+        sd_pipeline_free(b);
+    }
+}
+
+#[test]
+fn generate_params_from_a_newer_header() {
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Newer {
+        known: sd_generate_params,
+        unknown: [u64; 2],
+    }
+    let p = load();
+    let mut newer = Newer {
+        known: params(PROMPT, 1, 0),
+        unknown: [0; 2],
+    };
+    newer.known.struct_size = size_of::<Newer>();
+    assert!(
+        generate(p, &newer.known).is_ok(),
+        "zero unknown fields are fine"
+    );
+    newer.unknown[1] = 5;
+    let (status, message) = generate(p, &newer.known).unwrap_err();
+    assert_eq!(status, SD_ERR_UNSUPPORTED);
+    assert!(message.contains("does not know"), "{message}");
+    unsafe { sd_pipeline_free(p) };
+}
