@@ -52,6 +52,7 @@ for script in tokenizer schedulers schedulers_k schedulers_multistep models sing
     status=1
   fi
 done
+"$PY" tools/export_torchscript.py tests/fixtures/tiny-sd2 tests/fixtures/torchscript/tiny-sd2 || { echo "!! tools/export_torchscript.py failed" >&2; status=1; }
 
 echo "== fixture files"
 if [[ -d tests/fixtures ]]; then

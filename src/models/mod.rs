@@ -2,6 +2,7 @@
 pub mod blocks;
 pub mod clip;
 pub mod config;
+pub mod torchscript;
 pub mod traits;
 pub mod unet;
 pub mod vae;

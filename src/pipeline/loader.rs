@@ -1,7 +1,9 @@
 //! Loading a model: a diffusers folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`,
 //! `tokenizer/`, `scheduler/`) or a single-file checkpoint in the original CompVis / A1111
-//! layout (`.safetensors` or `.ckpt`), told apart by content.
+//! layout (`.safetensors` or `.ckpt`), told apart by content, or a TorchScript export folder
+//! (`manifest.json` from `tools/export_torchscript.py`).
 use super::StableDiffusion;
+use crate::models::torchscript::{self, TorchScriptParts};
 use crate::models::{
     AutoencoderKL, ClipTextConfig, ClipTextTransformer, UNet2DConditionModel, UNetConfig, VaeConfig,
 };
@@ -152,6 +154,9 @@ impl StableDiffusion {
         }
         let _skip_init = crate::models::blocks::skip_random_init();
         let mut sd = match detect_format(path)? {
+            ModelFormat::DiffusersFolder if torchscript::is_export_folder(path) => {
+                Self::load_torchscript(path, options)?
+            }
             ModelFormat::DiffusersFolder => Self::load_folder(path, options)?,
             ModelFormat::Safetensors | ModelFormat::Ckpt => {
                 Self::load_single_file(path, options, overrides)?
@@ -211,6 +216,31 @@ impl StableDiffusion {
             scheduler_config,
             options,
         )
+    }
+
+    /// Loads a TorchScript export folder (`manifest.json`, `text_encoder.pt`, `unet.pt`,
+    /// `vae_encoder.pt`, `vae_decoder.pt`, `tokenizer/`, `scheduler/`). The modules compute in
+    /// the exported dtype and convert to and from `options.kind` at their boundaries; they run
+    /// only on the device they were traced on.
+    fn load_torchscript(dir: &Path, options: &LoadOptions) -> Result<Self> {
+        let parts = TorchScriptParts::load(dir, options.device, options.kind)?;
+        let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"))?;
+        let sched_path = dir.join("scheduler").join("scheduler_config.json");
+        if !sched_path.is_file() {
+            return Err(Error::bad_model(format!(
+                "missing {}",
+                sched_path.display()
+            )));
+        }
+        let scheduler_config = SchedulerConfig::from_file(&sched_path)?;
+        Ok(Self::from_parts(
+            tokenizer,
+            Box::new(parts.text_encoder),
+            Box::new(parts.unet),
+            Box::new(parts.vae),
+            scheduler_config,
+            options,
+        ))
     }
 
     /// Loads a single-file checkpoint in the original layout: family, prediction type and

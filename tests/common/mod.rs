@@ -35,7 +35,10 @@ pub fn cases(model: &str) -> serde_json::Value {
     let path = fixtures().join(format!("{model}-cases.json"));
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     // Python's json writes non-finite floats (e.g. DPM's lambda_min_clipped) as bare words.
-    let text = text.replace("-Infinity", "null").replace("Infinity", "null").replace("NaN", "null");
+    let text = text
+        .replace("-Infinity", "null")
+        .replace("Infinity", "null")
+        .replace("NaN", "null");
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
