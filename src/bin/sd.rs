@@ -4,6 +4,8 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use stable_diffusion::image_io::{self, Image};
 use stable_diffusion::pipeline::{Control, GenerateParams, LoadOptions, StableDiffusion, StepInfo};
+use stable_diffusion::schedulers::PredictionType;
+use stable_diffusion::weights::single_file::ModelOverrides;
 use stable_diffusion::{Error, Result};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind};
@@ -94,6 +96,13 @@ struct CommonArgs {
     /// fp32, fp16 or bf16.
     #[arg(long, default_value = "fp32")]
     dtype: String,
+    /// Overrides the model's prediction type: epsilon, v_prediction or sample (single files
+    /// are otherwise detected: SD 2.x 768 checkpoints are v_prediction).
+    #[arg(long)]
+    prediction_type: Option<String>,
+    /// Single files: a diffusers folder whose configs and tokenizer replace the detected ones.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Output PNG; with --batch N > 1, files are numbered (out-1.png, out-2.png, ...).
     #[arg(long, short, default_value = "out.png")]
     out: PathBuf,
@@ -169,7 +178,21 @@ fn run(a: &CommonArgs, edit: Edit) -> Result<()> {
     };
     let init_image = edit.init.as_deref().map(Image::load).transpose()?;
     let mask = edit.mask.as_deref().map(Image::load).transpose()?;
-    let sd = StableDiffusion::load(&a.model, &options)?;
+    let prediction_type = match a.prediction_type.as_deref() {
+        None => None,
+        Some(p) => Some(PredictionType::parse(p).ok_or_else(|| {
+            Error::invalid(format!(
+                "--prediction-type `{p}`: use one of {}",
+                PredictionType::NAMES.join(", ")
+            ))
+        })?),
+    };
+    let overrides = ModelOverrides {
+        prediction_type,
+        config_dir: a.config.clone(),
+        ..Default::default()
+    };
+    let sd = StableDiffusion::load_with(&a.model, &options, &overrides)?;
     let params = GenerateParams {
         init_image,
         mask,
