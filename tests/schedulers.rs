@@ -1,61 +1,19 @@
 //! DDPM and DDIM against diffusers 0.42.1 (fixtures from tools/fixtures/schedulers.py), plus
 //! config parsing and error reporting.
+mod common;
+
+use common::{config_of, contains_all, err_text, rel_err, CountingNoise};
 use serde_json::Value;
-use stable_diffusion::rng::{GlobalNoise, NoiseSource, GLOBAL_RNG};
+use stable_diffusion::rng::{GlobalNoise, GLOBAL_RNG};
 use stable_diffusion::schedulers::{
     scheduler_from_config, scheduler_from_name, scheduler_names, DdimScheduler, DdpmScheduler,
     Scheduler, SchedulerConfig,
 };
-use stable_diffusion::{Error, Result};
+use stable_diffusion::Error;
 use std::collections::HashMap;
-use std::path::PathBuf;
 use tch::Tensor;
 
 const TOLERANCE: f64 = 1e-5;
-
-fn fixture_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/schedulers")
-}
-
-fn load_cases() -> Value {
-    let text = std::fs::read_to_string(fixture_dir().join("cases.json")).expect("cases.json");
-    serde_json::from_str(&text).expect("cases.json parses")
-}
-
-fn load_tensors() -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(fixture_dir().join("cases.safetensors"))
-        .expect("cases.safetensors")
-        .into_iter()
-        .collect()
-}
-
-/// max|a − b| / max|b|.
-fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    let diff = (a - b).abs().max().double_value(&[]);
-    let scale = b.abs().max().double_value(&[]);
-    if scale == 0.0 {
-        diff
-    } else {
-        diff / scale
-    }
-}
-
-/// Counts the draws and forwards them to the global generator.
-struct CountingNoise {
-    draws: usize,
-}
-
-impl NoiseSource for CountingNoise {
-    fn randn(&mut self, shape: &[i64]) -> Result<Tensor> {
-        self.draws += 1;
-        GlobalNoise.randn(shape)
-    }
-}
-
-fn config_of(case: &Value) -> SchedulerConfig {
-    SchedulerConfig::from_json_str(&case["config"].to_string()).expect("fixture config parses")
-}
 
 fn build(case: &Value, config: &SchedulerConfig) -> Box<dyn Scheduler> {
     let class = case["class_name"].as_str().unwrap();
@@ -142,8 +100,8 @@ fn run_case(
 
 #[test]
 fn diffusers_cases() {
-    let doc = load_cases();
-    let tensors = load_tensors();
+    let doc = common::scheduler_cases("schedulers");
+    let tensors = common::scheduler_tensors("schedulers");
     let cases = doc["cases"].as_array().unwrap();
     assert!(cases.len() >= 20);
     let mut worst = (0f64, String::from("none"));
@@ -173,8 +131,8 @@ fn diffusers_cases() {
 /// so it must match the `fixed_large` fixture.
 #[test]
 fn fixed_large_log_is_fixed_large() {
-    let doc = load_cases();
-    let tensors = load_tensors();
+    let doc = common::scheduler_cases("schedulers");
+    let tensors = common::scheduler_tensors("schedulers");
     let case = doc["cases"]
         .as_array()
         .unwrap()
@@ -189,7 +147,7 @@ fn fixed_large_log_is_fixed_large() {
 
 #[test]
 fn timestep_grid() {
-    let doc = load_cases();
+    let doc = common::scheduler_cases("schedulers");
     let grid = doc["timestep_grid"].as_array().unwrap();
     let (mut checked, mut minus_one, mut out_of_range) = (0, 0, 0);
     for entry in grid {
@@ -234,19 +192,6 @@ fn timestep_grid() {
     assert!(minus_one > 0);
 }
 
-fn err_text<T>(r: Result<T>) -> String {
-    match r {
-        Ok(_) => panic!("expected an error"),
-        Err(e) => e.to_string(),
-    }
-}
-
-fn contains_all(msg: &str, parts: &[&str]) {
-    for p in parts {
-        assert!(msg.contains(p), "{msg:?} should mention {p:?}");
-    }
-}
-
 #[test]
 fn set_timesteps_bounds() {
     // The DDPM/DDIM family; the other families have their own bounds tests.
@@ -287,7 +232,13 @@ fn names() {
     assert!(matches!(e, Error::InvalidArgument(_)));
     contains_all(
         &e.to_string(),
-        &["no_such_sampler", "ddim", "ddpm", "DDIMScheduler", "DDPMScheduler"],
+        &[
+            "no_such_sampler",
+            "ddim",
+            "ddpm",
+            "DDIMScheduler",
+            "DDPMScheduler",
+        ],
     );
 
     let e = scheduler_from_config(&c).err().unwrap();
@@ -295,7 +246,10 @@ fn names() {
     let unknown = c.clone().with_class_name("FlowMatchEulerDiscreteScheduler");
     let e = scheduler_from_config(&unknown).err().unwrap();
     assert!(matches!(e, Error::Unsupported(_)));
-    contains_all(&e.to_string(), &["FlowMatchEulerDiscreteScheduler", "DDIMScheduler"]);
+    contains_all(
+        &e.to_string(),
+        &["FlowMatchEulerDiscreteScheduler", "DDIMScheduler"],
+    );
     let ddpm = c.with_class_name("DDPMScheduler");
     scheduler_from_config(&ddpm).unwrap();
 }

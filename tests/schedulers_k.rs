@@ -1,16 +1,18 @@
 //! Euler, Euler ancestral, Heun, LMS and PNDM against diffusers 0.42.1 (fixtures from
 //! tools/fixtures/schedulers_k.py), plus the scheduler name table (short, class and A1111
 //! names) and configuration errors.
+mod common;
+
+use common::{contains_all, err_text, f64s, rel_err, CountingNoise};
 use serde_json::Value;
-use stable_diffusion::rng::{GlobalNoise, NoiseSource, GLOBAL_RNG};
+use stable_diffusion::rng::{GlobalNoise, GLOBAL_RNG};
 use stable_diffusion::schedulers::{
     scheduler_from_config, scheduler_from_name, scheduler_names, EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler, HeunDiscreteScheduler, LmsDiscreteScheduler, PndmScheduler, Scheduler,
     SchedulerConfig,
 };
-use stable_diffusion::{Error, Result};
+use stable_diffusion::Error;
 use std::collections::HashMap;
-use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
 
 /// Latents after every step, model inputs and add_noise results: max |Δ| / max |ref|.
@@ -20,54 +22,6 @@ const SIGMA_TOLERANCE: f64 = 1e-6;
 /// Fractional timesteps recomputed from Karras / exponential / beta sigmas (numpy's float32
 /// `log` is not correctly rounded, which moves them slightly), absolute.
 const RETIMED_TOLERANCE: f64 = 5e-4;
-
-fn fixture_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/schedulers_k")
-}
-
-fn load_cases() -> Value {
-    let text = std::fs::read_to_string(fixture_dir().join("cases.json")).expect("cases.json");
-    serde_json::from_str(&text).expect("cases.json parses")
-}
-
-fn load_tensors() -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(fixture_dir().join("cases.safetensors"))
-        .expect("cases.safetensors")
-        .into_iter()
-        .collect()
-}
-
-/// max|a − b| / max|b|.
-fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    let diff = (a - b).abs().max().double_value(&[]);
-    let scale = b.abs().max().double_value(&[]);
-    if scale == 0.0 {
-        diff
-    } else {
-        diff / scale
-    }
-}
-
-fn f64s(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
-}
-
-/// Counts the draws and forwards them to the global generator.
-struct CountingNoise {
-    draws: usize,
-}
-
-impl NoiseSource for CountingNoise {
-    fn randn(&mut self, shape: &[i64]) -> Result<Tensor> {
-        self.draws += 1;
-        GlobalNoise.randn(shape)
-    }
-}
 
 fn config_of(v: &Value) -> SchedulerConfig {
     SchedulerConfig::from_json_str(&v.to_string()).expect("fixture config parses")
@@ -277,8 +231,8 @@ fn run_case(case: &Value, tensors: &HashMap<String, Tensor>, worst: &mut Worst) 
 
 #[test]
 fn diffusers_cases() {
-    let doc = load_cases();
-    let tensors = load_tensors();
+    let doc = common::scheduler_cases("schedulers_k");
+    let tensors = common::scheduler_tensors("schedulers_k");
     let cases = doc["cases"].as_array().unwrap();
     assert!(cases.len() >= 40);
     let mut worst = Worst::default();
@@ -321,7 +275,7 @@ fn diffusers_cases() {
 
 #[test]
 fn timestep_grid() {
-    let doc = load_cases();
+    let doc = common::scheduler_cases("schedulers_k");
     let grid = doc["timestep_grid"].as_array().unwrap();
     let mut worst = Worst::default();
     let (mut checked, mut extra_dropped, mut skipped) = (0, 0, 0);
@@ -362,19 +316,6 @@ fn timestep_grid() {
     );
     assert!(checked > 300);
     assert!(extra_dropped > 0);
-}
-
-fn err_text<T>(r: Result<T>) -> String {
-    match r {
-        Ok(_) => panic!("expected an error"),
-        Err(e) => e.to_string(),
-    }
-}
-
-fn contains_all(msg: &str, parts: &[&str]) {
-    for p in parts {
-        assert!(msg.contains(p), "{msg:?} should mention {p:?}");
-    }
 }
 
 fn sd_config() -> SchedulerConfig {

@@ -1,76 +1,26 @@
 //! DPM-Solver++ (2M, 2M SDE, 3M; Karras / Lu / exponential noise levels), UniPC and LCM
 //! against diffusers 0.42.1 (fixtures from tools/fixtures/schedulers_multistep.py), plus name
 //! lookup and error reporting.
+mod common;
+
+use common::{config_of, f64s, rel_err, CountingNoise};
 use serde_json::Value;
-use stable_diffusion::rng::{GlobalNoise, NoiseSource, GLOBAL_RNG};
+use stable_diffusion::rng::{GlobalNoise, GLOBAL_RNG};
 use stable_diffusion::schedulers::{
     a1111_scheduler_names, scheduler_from_config, scheduler_from_name, scheduler_names,
     DpmSolverMultistepScheduler, LcmScheduler, Scheduler, SchedulerConfig, UniPcMultistepScheduler,
 };
 use stable_diffusion::{Error, Result};
 use std::collections::HashMap;
-use std::path::PathBuf;
 use tch::Tensor;
 
 const TOLERANCE: f64 = 1e-5;
-
-fn fixture_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/schedulers_multistep")
-}
-
-fn load_doc() -> Value {
-    let text = std::fs::read_to_string(fixture_dir().join("cases.json")).expect("cases.json");
-    serde_json::from_str(&text).expect("cases.json parses")
-}
-
-fn load_tensors() -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(fixture_dir().join("cases.safetensors"))
-        .expect("cases.safetensors")
-        .into_iter()
-        .collect()
-}
-
-/// max|a − b| / max|b|.
-fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    let diff = (a - b).abs().max().double_value(&[]);
-    let scale = b.abs().max().double_value(&[]);
-    if scale == 0.0 {
-        diff
-    } else {
-        diff / scale
-    }
-}
-
-/// Counts the draws and forwards them to the global generator.
-struct CountingNoise {
-    draws: usize,
-}
-
-impl NoiseSource for CountingNoise {
-    fn randn(&mut self, shape: &[i64]) -> Result<Tensor> {
-        self.draws += 1;
-        GlobalNoise.randn(shape)
-    }
-}
-
-fn config_of(v: &Value) -> SchedulerConfig {
-    SchedulerConfig::from_json_str(&v["config"].to_string()).expect("fixture config parses")
-}
 
 fn ints(v: &Value) -> Vec<i64> {
     v.as_array()
         .unwrap()
         .iter()
         .map(|x| x.as_i64().unwrap())
-        .collect()
-}
-
-fn floats(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
         .collect()
 }
 
@@ -249,8 +199,8 @@ fn run_case(case: &Value, tensors: &HashMap<String, Tensor>, full: bool) -> Case
 
 #[test]
 fn diffusers_cases() {
-    let doc = load_doc();
-    let tensors = load_tensors();
+    let doc = common::scheduler_cases("schedulers_multistep");
+    let tensors = common::scheduler_tensors("schedulers_multistep");
     let cases = doc["cases"].as_array().unwrap();
     assert!(cases.len() >= 100);
     let mut per_class: HashMap<String, (usize, f64, String)> = HashMap::new();
@@ -288,8 +238,8 @@ fn diffusers_cases() {
 /// fields no scheduler here reads), chosen by their `_class_name`.
 #[test]
 fn diffusers_cases_from_saved_configs() {
-    let doc = load_doc();
-    let tensors = load_tensors();
+    let doc = common::scheduler_cases("schedulers_multistep");
+    let tensors = common::scheduler_tensors("schedulers_multistep");
     let cases = doc["cases"].as_array().unwrap();
     let mut worst = 0f64;
     for case in cases {
@@ -316,7 +266,7 @@ fn diffusers_cases_from_saved_configs() {
 
 #[test]
 fn timestep_and_sigma_grid() {
-    let doc = load_doc();
+    let doc = common::scheduler_cases("schedulers_multistep");
     let grid = doc["grid"].as_array().unwrap();
     let (mut checked, mut sigma_lists, mut errors, mut dropped_count) = (0, 0, 0, 0);
     let mut worst_sigma = 0f64;
@@ -341,12 +291,8 @@ fn timestep_and_sigma_grid() {
         }
         if entry["sigmas"].is_array() {
             let ours = sigmas_of(class, &config, steps).unwrap().unwrap();
-            worst_sigma = worst_sigma.max(sigma_error(
-                &ours,
-                &floats(&entry["sigmas"]),
-                dropped,
-                &what,
-            ));
+            worst_sigma =
+                worst_sigma.max(sigma_error(&ours, &f64s(&entry["sigmas"]), dropped, &what));
             sigma_lists += 1;
         }
         checked += 1;
@@ -582,8 +528,8 @@ fn errors_name_the_problem() {
 /// A fresh `set_timesteps` forgets the previous run (multistep history, begin index).
 #[test]
 fn set_timesteps_resets_state() {
-    let doc = load_doc();
-    let tensors = load_tensors();
+    let doc = common::scheduler_cases("schedulers_multistep");
+    let tensors = common::scheduler_tensors("schedulers_multistep");
     for name in [
         "dpmpp2m_eps_leading_10",
         "unipc_v_trailing_10",

@@ -2,7 +2,7 @@
 use super::{
     check_eta, check_step_shapes, discrete_timesteps, draw_noise_like,
     predicted_original_and_epsilon, torch_sqrt, BetaSchedule, PredictionType, SampleClipping,
-    Scheduler, SchedulerConfig, TimestepSpacing, TrainSchedule,
+    Scheduler, SchedulerConfig, TimestepSpacing, TrainSchedule, COMMON_BETA_SCHEDULES,
 };
 use crate::rng::NoiseSource;
 use crate::{Error, Result};
@@ -36,11 +36,7 @@ impl DdimScheduler {
         let schedule = TrainSchedule::from_config(
             config,
             (1000, 0.0001, 0.02, BetaSchedule::Linear),
-            &[
-                BetaSchedule::Linear,
-                BetaSchedule::ScaledLinear,
-                BetaSchedule::SquaredcosCapV2,
-            ],
+            COMMON_BETA_SCHEDULES,
             CLASS,
         )?;
         let final_alpha_cumprod = if config.set_alpha_to_one.unwrap_or(true) {

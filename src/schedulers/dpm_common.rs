@@ -7,7 +7,7 @@
 //! `+ − × ÷` are correctly rounded in both worlds, so they are done in Rust `f32`; the
 //! transcendental functions go through libtorch's own kernels (the same library as PyTorch's),
 //! so that the coefficients are bit-identical to diffusers'.
-use super::SchedulerConfig;
+use super::{PredictionType, SchedulerConfig, TimestepSpacing};
 use crate::{Error, Result};
 use serde_json::Value;
 use tch::{Kind, Tensor};
@@ -130,6 +130,95 @@ impl StepCounter {
     pub fn advance(&mut self) {
         self.step_index = Some(self.step_index.map_or(0, |i| i + 1));
     }
+}
+
+/// The step index of a DPM-Solver / UniPC `step` call, after its checks: `set_timesteps`
+/// has run (`ready`), the shapes match, and the index lies inside the schedule.
+pub(crate) fn multistep_step_index(
+    class: &str,
+    ready: bool,
+    model_output: &Tensor,
+    sample: &Tensor,
+    counter: &mut StepCounter,
+    timesteps: &[f64],
+    timestep: f64,
+) -> Result<usize> {
+    if !ready {
+        return Err(Error::invalid(format!(
+            "{class}: step called before set_timesteps"
+        )));
+    }
+    super::check_step_shapes(model_output, sample)?;
+    let i = counter.init(|| Ok(index_or_last(timesteps, timestep)))?;
+    let n = timesteps.len();
+    if i >= n {
+        return Err(Error::invalid(format!(
+            "{class}: step {} of a {n}-step schedule; call set_timesteps before a new run",
+            i + 1
+        )));
+    }
+    Ok(i)
+}
+
+/// The `back`-th most recent of the stored model outputs (1 = the newest).
+pub(crate) fn recent_output<'a>(
+    outputs: &'a [Option<Tensor>],
+    back: usize,
+    class: &str,
+) -> Result<&'a Tensor> {
+    outputs
+        .get(outputs.len().wrapping_sub(back))
+        .and_then(|o| o.as_ref())
+        .ok_or_else(|| Error::Internal(format!("{class}: missing model output {back}")))
+}
+
+/// The data prediction x0 of a VP model's output at (α_t, σ_t).
+pub(crate) fn vp_data_prediction(
+    prediction: PredictionType,
+    model_output: &Tensor,
+    sample: &Tensor,
+    alpha_t: f32,
+    sigma_t: f32,
+) -> Result<Tensor> {
+    let (a, s) = (alpha_t as f64, sigma_t as f64);
+    Ok(match prediction {
+        PredictionType::Epsilon => sample
+            .f_sub(&model_output.f_mul_scalar(s)?)?
+            .f_div_scalar(a)?,
+        PredictionType::Sample => model_output.shallow_clone(),
+        PredictionType::VPrediction => sample
+            .f_mul_scalar(a)?
+            .f_sub(&model_output.f_mul_scalar(s)?)?,
+    })
+}
+
+/// The training timesteps of noise levels (log-σ interpolation), rounded half to even when
+/// `round`, else truncated.
+pub(crate) fn timesteps_of_sigmas(sigmas: &[f64], log_sigmas: &[f32], round: bool) -> Vec<i64> {
+    sigmas
+        .iter()
+        .map(|&s| {
+            let t = super::sigmas::sigma_to_t(s, log_sigmas);
+            (if round { t.round_ties_even() } else { t }) as i64
+        })
+        .collect()
+}
+
+/// Rejects spaced timesteps outside `[0, n_train)`, naming the settings that gave them.
+pub(crate) fn check_timestep_range(
+    class: &str,
+    timesteps: &[i64],
+    n: usize,
+    n_train: usize,
+    spacing: TimestepSpacing,
+    steps_offset: i64,
+) -> Result<()> {
+    if let Some(&bad) = timesteps.iter().find(|&&t| t < 0 || t >= n_train as i64) {
+        return Err(Error::invalid(format!(
+            "{class}: {n} steps with timestep_spacing {spacing} and steps_offset {steps_offset} give timestep {bad}, outside [0, {n_train})"
+        )));
+    }
+    Ok(())
 }
 
 /// DPM-Solver's and UniPC's `add_noise`: α_t x0 + σ_t ε at the noise level of the timestep

@@ -2,14 +2,15 @@
 //! `DPMSolverMultistepScheduler`: "DPM++ 2M" (and 1M / 3M), "DPM++ 2M SDE", with or without
 //! Karras sigmas.
 use super::dpm_common::{
-    alpha_sigma, index_or_last, lambda, multistep_timesteps, t_exp, t_sqrt, Extra, StepCounter,
+    alpha_sigma, check_timestep_range, lambda, multistep_step_index, multistep_timesteps,
+    recent_output, t_exp, t_sqrt, timesteps_of_sigmas, vp_data_prediction, Extra, StepCounter,
     VpTable,
 };
 use super::sigmas::{self, SigmaSchedule};
 use super::{
-    check_inference_steps, check_step_shapes, draw_noise_like, np_linspace, threshold_sample,
-    BetaSchedule, PredictionType, SampleClipping, Scheduler, SchedulerConfig, TimestepSpacing,
-    TrainSchedule, VarianceType,
+    check_inference_steps, draw_noise_like, np_linspace, BetaSchedule, PredictionType,
+    SampleClipping, Scheduler, SchedulerConfig, TimestepSpacing, TrainSchedule, VarianceType,
+    COMMON_BETA_SCHEDULES,
 };
 use crate::rng::NoiseSource;
 use crate::{Error, Result};
@@ -89,11 +90,7 @@ impl DpmSolverMultistepScheduler {
         let schedule = TrainSchedule::from_config(
             config,
             (1000, 0.0001, 0.02, BetaSchedule::Linear),
-            &[
-                BetaSchedule::Linear,
-                BetaSchedule::ScaledLinear,
-                BetaSchedule::SquaredcosCapV2,
-            ],
+            COMMON_BETA_SCHEDULES,
             CLASS,
         )?;
         let extra = Extra {
@@ -242,14 +239,7 @@ impl DpmSolverMultistepScheduler {
         let n_train = self.schedule.num_train_timesteps;
         let train = &self.table.sigmas;
         let logs = &self.table.log_sigmas;
-        let to_t = |sig: &[f64], round: bool| -> Vec<i64> {
-            sig.iter()
-                .map(|&s| {
-                    let t = sigmas::sigma_to_t(s, logs);
-                    (if round { t.round_ties_even() } else { t }) as i64
-                })
-                .collect()
-        };
+        let to_t = |sig: &[f64], round: bool| timesteps_of_sigmas(sig, logs, round);
         let (sigma_min, sigma_max) = (train[0] as f64, train[n_train - 1] as f64);
         let round = !self.cosine;
         Ok(match self.sigma_spacing {
@@ -261,12 +251,7 @@ impl DpmSolverMultistepScheduler {
                     n,
                     self.steps_offset,
                 );
-                if let Some(&bad) = ts.iter().find(|&&t| t < 0 || t >= n_train as i64) {
-                    return Err(Error::invalid(format!(
-                        "{CLASS}: {n} steps with timestep_spacing {} and steps_offset {} give timestep {bad}, outside [0, {n_train})",
-                        self.spacing, self.steps_offset
-                    )));
-                }
+                check_timestep_range(CLASS, &ts, n, n_train, self.spacing, self.steps_offset)?;
                 let sig = ts.iter().map(|&t| train[t as usize] as f64).collect();
                 (ts, sig)
             }
@@ -300,27 +285,9 @@ impl DpmSolverMultistepScheduler {
         sample: &Tensor,
         i: usize,
     ) -> Result<Tensor> {
-        let x0 = match self.prediction {
-            PredictionType::Sample => model_output.shallow_clone(),
-            PredictionType::Epsilon => {
-                let (alpha_t, sigma_t) = alpha_sigma(sigmas::sigma_at(&self.sigmas, i)?)?;
-                sample
-                    .f_sub(&model_output.f_mul_scalar(sigma_t as f64)?)?
-                    .f_div_scalar(alpha_t as f64)?
-            }
-            PredictionType::VPrediction => {
-                let (alpha_t, sigma_t) = alpha_sigma(sigmas::sigma_at(&self.sigmas, i)?)?;
-                sample
-                    .f_mul_scalar(alpha_t as f64)?
-                    .f_sub(&model_output.f_mul_scalar(sigma_t as f64)?)?
-            }
-        };
-        match self.thresholding {
-            SampleClipping::Threshold { ratio, max_value } => {
-                threshold_sample(&x0, ratio, max_value)
-            }
-            _ => Ok(x0),
-        }
+        let (alpha_t, sigma_t) = alpha_sigma(sigmas::sigma_at(&self.sigmas, i)?)?;
+        let x0 = vp_data_prediction(self.prediction, model_output, sample, alpha_t, sigma_t)?;
+        self.thresholding.apply(x0)
     }
 
     /// (α, σ, λ) at `sigmas[index]`.
@@ -450,11 +417,7 @@ impl DpmSolverMultistepScheduler {
 
     /// The `back`-th most recent data prediction (1 = this step's).
     fn output(&self, back: usize) -> Result<&Tensor> {
-        let k = self.model_outputs.len();
-        self.model_outputs
-            .get(k.wrapping_sub(back))
-            .and_then(|o| o.as_ref())
-            .ok_or_else(|| Error::Internal(format!("{CLASS}: missing model output {back}")))
+        recent_output(&self.model_outputs, back, CLASS)
     }
 }
 
@@ -495,23 +458,16 @@ impl Scheduler for DpmSolverMultistepScheduler {
         sample: &Tensor,
         noise: &mut dyn NoiseSource,
     ) -> Result<Tensor> {
-        if self.num_inference_steps.is_none() {
-            return Err(Error::invalid(format!(
-                "{CLASS}: step called before set_timesteps"
-            )));
-        }
-        check_step_shapes(model_output, sample)?;
-        let timesteps = &self.timesteps;
-        let i = self
-            .counter
-            .init(|| Ok(index_or_last(timesteps, timestep)))?;
+        let i = multistep_step_index(
+            CLASS,
+            self.num_inference_steps.is_some(),
+            model_output,
+            sample,
+            &mut self.counter,
+            &self.timesteps,
+            timestep,
+        )?;
         let n = self.timesteps.len();
-        if i >= n {
-            return Err(Error::invalid(format!(
-                "{CLASS}: step {} of a {n}-step schedule; call set_timesteps before a new run",
-                i + 1
-            )));
-        }
         let lower_order_final = i == n - 1
             && (self.euler_at_final || (self.lower_order_final && n < 15) || !self.final_sigma_min);
         let lower_order_second = i + 2 == n && self.lower_order_final && n < 15;

@@ -7,7 +7,7 @@ use super::sigmas::{
 };
 use super::{
     check_step_shapes, BetaSchedule, PredictionType, Scheduler, SchedulerConfig, TimestepSpacing,
-    TrainSchedule,
+    TrainSchedule, COMMON_BETA_SCHEDULES,
 };
 use crate::rng::NoiseSource;
 use crate::{Error, Result};
@@ -71,11 +71,7 @@ impl EulerDiscreteScheduler {
         let schedule = TrainSchedule::from_config(
             config,
             (1000, 0.0001, 0.02, BetaSchedule::Linear),
-            &[
-                BetaSchedule::Linear,
-                BetaSchedule::ScaledLinear,
-                BetaSchedule::SquaredcosCapV2,
-            ],
+            COMMON_BETA_SCHEDULES,
             CLASS,
         )?;
         let zero_snr = config.rescale_betas_zero_snr.unwrap_or(false);

@@ -7,7 +7,7 @@ use super::sigmas::{
 };
 use super::{
     check_step_shapes, draw_noise_like, torch_sqrt, BetaSchedule, PredictionType, Scheduler,
-    SchedulerConfig, TimestepSpacing, TrainSchedule,
+    SchedulerConfig, TimestepSpacing, TrainSchedule, COMMON_BETA_SCHEDULES,
 };
 use crate::rng::NoiseSource;
 use crate::{Error, Result};
@@ -44,11 +44,7 @@ impl EulerAncestralDiscreteScheduler {
         let schedule = TrainSchedule::from_config(
             config,
             (1000, 0.0001, 0.02, BetaSchedule::Linear),
-            &[
-                BetaSchedule::Linear,
-                BetaSchedule::ScaledLinear,
-                BetaSchedule::SquaredcosCapV2,
-            ],
+            COMMON_BETA_SCHEDULES,
             CLASS,
         )?;
         let train_sigmas =

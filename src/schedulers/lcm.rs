@@ -3,7 +3,7 @@
 use super::dpm_common::{t_sqrt, Extra, StepCounter};
 use super::{
     check_inference_steps, check_step_shapes, draw_noise_like, BetaSchedule, PredictionType,
-    SampleClipping, Scheduler, SchedulerConfig, TrainSchedule,
+    SampleClipping, Scheduler, SchedulerConfig, TrainSchedule, COMMON_BETA_SCHEDULES,
 };
 use crate::rng::NoiseSource;
 use crate::{Error, Result};
@@ -40,11 +40,7 @@ impl LcmScheduler {
         let schedule = TrainSchedule::from_config(
             config,
             (1000, 0.00085, 0.012, BetaSchedule::ScaledLinear),
-            &[
-                BetaSchedule::Linear,
-                BetaSchedule::ScaledLinear,
-                BetaSchedule::SquaredcosCapV2,
-            ],
+            COMMON_BETA_SCHEDULES,
             CLASS,
         )?;
         let extra = Extra {

@@ -48,16 +48,9 @@ pub struct LmsDiscreteScheduler {
 impl LmsDiscreteScheduler {
     pub fn new(config: &SchedulerConfig) -> Result<Self> {
         let sigma_schedule = SigmaSchedule::from_config(config, CLASS)?;
-        let mut plain = config.clone();
-        plain.rescale_betas_zero_snr = None;
-        let schedule = TrainSchedule::from_config(
-            &plain,
+        let schedule = TrainSchedule::from_config_without_zero_snr(
+            config,
             (1000, 0.0001, 0.02, BetaSchedule::Linear),
-            &[
-                BetaSchedule::Linear,
-                BetaSchedule::ScaledLinear,
-                BetaSchedule::SquaredcosCapV2,
-            ],
             CLASS,
         )?;
         let mut s = Self {

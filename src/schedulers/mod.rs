@@ -607,7 +607,27 @@ pub struct TrainSchedule {
     pub alphas_cumprod_f32: Vec<f32>,
 }
 
+/// The beta schedules most diffusers classes implement: linear, scaled linear and
+/// `squaredcos_cap_v2`.
+pub(crate) const COMMON_BETA_SCHEDULES: &[BetaSchedule] = &[
+    BetaSchedule::Linear,
+    BetaSchedule::ScaledLinear,
+    BetaSchedule::SquaredcosCapV2,
+];
+
 impl TrainSchedule {
+    /// [`TrainSchedule::from_config`] for a class that does not read `rescale_betas_zero_snr`
+    /// (diffusers ignores it there), with the [`COMMON_BETA_SCHEDULES`].
+    pub(crate) fn from_config_without_zero_snr(
+        config: &SchedulerConfig,
+        defaults: (usize, f64, f64, BetaSchedule),
+        class: &str,
+    ) -> Result<Self> {
+        let mut plain = config.clone();
+        plain.rescale_betas_zero_snr = None;
+        Self::from_config(&plain, defaults, COMMON_BETA_SCHEDULES, class)
+    }
+
     /// Builds the schedule from a config, with the given class defaults for the beta fields
     /// (`num_train_timesteps`, `beta_start`, `beta_end`, `beta_schedule`). `supported` lists the
     /// beta schedules the diffusers class implements; `class` names it in errors.

@@ -55,16 +55,9 @@ impl PndmScheduler {
             )));
         }
         let skip_prk_steps = extra_bool(config, "skip_prk_steps", false, CLASS)?;
-        let mut plain = config.clone();
-        plain.rescale_betas_zero_snr = None;
-        let schedule = TrainSchedule::from_config(
-            &plain,
+        let schedule = TrainSchedule::from_config_without_zero_snr(
+            config,
             (1000, 0.0001, 0.02, BetaSchedule::Linear),
-            &[
-                BetaSchedule::Linear,
-                BetaSchedule::ScaledLinear,
-                BetaSchedule::SquaredcosCapV2,
-            ],
             CLASS,
         )?;
         let final_alpha_cumprod = if config.set_alpha_to_one.unwrap_or(false) {

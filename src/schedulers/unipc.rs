@@ -2,12 +2,13 @@
 //! that reuses the model output of the next step, equal to diffusers'
 //! `UniPCMultistepScheduler`.
 use super::dpm_common::{
-    alpha_sigma, index_or_last, lambda, multistep_timesteps, t_expm1, Extra, StepCounter, VpTable,
+    alpha_sigma, check_timestep_range, lambda, multistep_step_index, multistep_timesteps,
+    recent_output, t_expm1, timesteps_of_sigmas, vp_data_prediction, Extra, StepCounter, VpTable,
 };
 use super::sigmas::{self, SigmaSchedule};
 use super::{
-    check_inference_steps, check_step_shapes, threshold_sample, BetaSchedule, PredictionType,
-    SampleClipping, Scheduler, SchedulerConfig, TimestepSpacing, TrainSchedule,
+    check_inference_steps, BetaSchedule, PredictionType, SampleClipping, Scheduler,
+    SchedulerConfig, TimestepSpacing, TrainSchedule, COMMON_BETA_SCHEDULES,
 };
 use crate::rng::NoiseSource;
 use crate::{Error, Result};
@@ -65,11 +66,7 @@ impl UniPcMultistepScheduler {
         let schedule = TrainSchedule::from_config(
             config,
             (1000, 0.0001, 0.02, BetaSchedule::Linear),
-            &[
-                BetaSchedule::Linear,
-                BetaSchedule::ScaledLinear,
-                BetaSchedule::SquaredcosCapV2,
-            ],
+            COMMON_BETA_SCHEDULES,
             CLASS,
         )?;
         let extra = Extra {
@@ -153,24 +150,11 @@ impl UniPcMultistepScheduler {
         i: usize,
     ) -> Result<Tensor> {
         let (alpha_t, sigma_t) = alpha_sigma(sigmas::sigma_at(&self.sigmas, i)?)?;
-        let (a, s) = (alpha_t as f64, sigma_t as f64);
         if self.predict_x0 {
-            let x0 = match self.prediction {
-                PredictionType::Epsilon => sample
-                    .f_sub(&model_output.f_mul_scalar(s)?)?
-                    .f_div_scalar(a)?,
-                PredictionType::Sample => model_output.shallow_clone(),
-                PredictionType::VPrediction => sample
-                    .f_mul_scalar(a)?
-                    .f_sub(&model_output.f_mul_scalar(s)?)?,
-            };
-            match self.thresholding {
-                SampleClipping::Threshold { ratio, max_value } => {
-                    threshold_sample(&x0, ratio, max_value)
-                }
-                _ => Ok(x0),
-            }
+            let x0 = vp_data_prediction(self.prediction, model_output, sample, alpha_t, sigma_t)?;
+            self.thresholding.apply(x0)
         } else {
+            let (a, s) = (alpha_t as f64, sigma_t as f64);
             Ok(match self.prediction {
                 PredictionType::Epsilon => model_output.shallow_clone(),
                 PredictionType::Sample => sample
@@ -185,11 +169,7 @@ impl UniPcMultistepScheduler {
 
     /// The `back`-th most recent converted output (1 = the newest stored).
     fn output(&self, back: usize) -> Result<&Tensor> {
-        let k = self.model_outputs.len();
-        self.model_outputs
-            .get(k.wrapping_sub(back))
-            .and_then(|o| o.as_ref())
-            .ok_or_else(|| Error::Internal(format!("{CLASS}: missing model output {back}")))
+        recent_output(&self.model_outputs, back, CLASS)
     }
 
     /// λ at `sigmas[index]`.
@@ -358,23 +338,12 @@ impl Scheduler for UniPcMultistepScheduler {
             self.sigma_min.unwrap_or(train[0] as f64),
             self.sigma_max.unwrap_or(train[n_train - 1] as f64),
         );
-        let to_t = |sig: &[f64], round: bool| -> Vec<i64> {
-            sig.iter()
-                .map(|&s| {
-                    let t = sigmas::sigma_to_t(s, &self.table.log_sigmas);
-                    (if round { t.round_ties_even() } else { t }) as i64
-                })
-                .collect()
-        };
+        let to_t =
+            |sig: &[f64], round: bool| timesteps_of_sigmas(sig, &self.table.log_sigmas, round);
         let (ts, sig) = match self.sigma_schedule {
             SigmaSchedule::Interpolated => {
                 let ts = multistep_timesteps(self.spacing, n_train, n_train, n, self.steps_offset);
-                if let Some(&bad) = ts.iter().find(|&&t| t < 0 || t >= n_train as i64) {
-                    return Err(Error::invalid(format!(
-                        "{CLASS}: {n} steps with timestep_spacing {} and steps_offset {} give timestep {bad}, outside [0, {n_train})",
-                        self.spacing, self.steps_offset
-                    )));
-                }
+                check_timestep_range(CLASS, &ts, n, n_train, self.spacing, self.steps_offset)?;
                 let sig: Vec<f64> = ts.iter().map(|&t| train[t as usize] as f64).collect();
                 (ts, sig)
             }
@@ -427,23 +396,16 @@ impl Scheduler for UniPcMultistepScheduler {
         sample: &Tensor,
         _noise: &mut dyn NoiseSource,
     ) -> Result<Tensor> {
-        if self.num_inference_steps.is_none() {
-            return Err(Error::invalid(format!(
-                "{CLASS}: step called before set_timesteps"
-            )));
-        }
-        check_step_shapes(model_output, sample)?;
-        let timesteps = &self.timesteps;
-        let i = self
-            .counter
-            .init(|| Ok(index_or_last(timesteps, timestep)))?;
+        let i = multistep_step_index(
+            CLASS,
+            self.num_inference_steps.is_some(),
+            model_output,
+            sample,
+            &mut self.counter,
+            &self.timesteps,
+            timestep,
+        )?;
         let n = self.timesteps.len();
-        if i >= n {
-            return Err(Error::invalid(format!(
-                "{CLASS}: step {} of a {n}-step schedule; call set_timesteps before a new run",
-                i + 1
-            )));
-        }
         let converted = self.convert_model_output(model_output, sample, i)?;
         let mut sample = sample.shallow_clone();
         if i > 0 && !self.disable_corrector.contains(&(i - 1)) {

@@ -1,6 +1,9 @@
 //! Helpers shared by the parity tests: fixture paths and tensor comparisons.
 #![allow(dead_code)]
+use stable_diffusion::rng::{GlobalNoise, NoiseSource};
+use stable_diffusion::schedulers::SchedulerConfig;
 use stable_diffusion::weights::SafetensorsFile;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use tch::{Kind, Tensor};
 
@@ -58,4 +61,79 @@ pub fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, tol: f64) {
     assert!(err <= tol, "{what}: max abs error {err:e} > {tol:e}");
     // A comparison against an all-zero reference would prove little.
     assert!(scale > 0.0, "{what}: reference is all zeros");
+}
+
+/// `tests/fixtures/<set>`: one scheduler fixture set (`cases.json`, `cases.safetensors`).
+pub fn scheduler_fixture_dir(set: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(set)
+}
+
+/// The `cases.json` of a scheduler fixture set.
+pub fn scheduler_cases(set: &str) -> serde_json::Value {
+    let text =
+        std::fs::read_to_string(scheduler_fixture_dir(set).join("cases.json")).expect("cases.json");
+    serde_json::from_str(&text).expect("cases.json parses")
+}
+
+/// The tensors of a scheduler fixture set, by name.
+pub fn scheduler_tensors(set: &str) -> HashMap<String, Tensor> {
+    Tensor::read_safetensors(scheduler_fixture_dir(set).join("cases.safetensors"))
+        .expect("cases.safetensors")
+        .into_iter()
+        .collect()
+}
+
+/// The `"config"` member of a fixture case as a scheduler config.
+pub fn config_of(case: &serde_json::Value) -> SchedulerConfig {
+    SchedulerConfig::from_json_str(&case["config"].to_string()).expect("fixture config parses")
+}
+
+/// A JSON array of numbers.
+pub fn f64s(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+/// max|a − b| / max|b|.
+pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size());
+    let diff = (a - b).abs().max().double_value(&[]);
+    let scale = b.abs().max().double_value(&[]);
+    if scale == 0.0 {
+        diff
+    } else {
+        diff / scale
+    }
+}
+
+/// Counts the draws and forwards them to the global generator.
+pub struct CountingNoise {
+    pub draws: usize,
+}
+
+impl NoiseSource for CountingNoise {
+    fn randn(&mut self, shape: &[i64]) -> stable_diffusion::Result<Tensor> {
+        self.draws += 1;
+        GlobalNoise.randn(shape)
+    }
+}
+
+/// The message of an error (panics on success).
+pub fn err_text<T>(r: stable_diffusion::Result<T>) -> String {
+    match r {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Asserts that `msg` mentions every one of `parts`.
+pub fn contains_all(msg: &str, parts: &[&str]) {
+    for p in parts {
+        assert!(msg.contains(p), "{msg:?} should mention {p:?}");
+    }
 }
