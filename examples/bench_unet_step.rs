@@ -57,8 +57,12 @@ fn main() -> stable_diffusion::Result<()> {
         latents.size()
     );
     let warm = Instant::now();
-    let _ = unet.forward(&latents, 999.0, &context)?;
-    println!("warm-up step: {:.2} s", warm.elapsed().as_secs_f64());
+    let out = unet.forward(&latents, 999.0, &context)?;
+    println!(
+        "warm-up step: {:.2} s (output max |x| {:.3e})",
+        warm.elapsed().as_secs_f64(),
+        out.abs().max().double_value(&[])
+    );
     let start = Instant::now();
     for i in 0..steps {
         let _ = unet.forward(&latents, 999.0 - 50.0 * i as f64, &context)?;
