@@ -55,3 +55,15 @@ fixtures:
 
 clean-deps:
 	rm -rf .deps
+
+# Our own tiny model (README "Our own model"): trains VAE, CLIP and UNet from scratch on the
+# procedural shapes set with a fixed seed, resuming from the checkpoints in out/train/ when
+# interrupted (TRAIN_ARGS=--fresh starts over), and writes models/tiny.
+.PHONY: train-tiny eval
+train-tiny: build
+	OMP_WAIT_POLICY=PASSIVE cargo run --quiet --bin sd -- train --work-dir out/train --model-dir models/tiny $(TRAIN_ARGS)
+
+# Prompt adherence of a model (default models/tiny) judged by the analytic shape checker.
+EVAL_MODEL ?= models/tiny
+eval: build
+	OMP_WAIT_POLICY=PASSIVE cargo run --quiet --bin sd -- eval --model "$(EVAL_MODEL)" --sheet out/eval-sheet.png $(EVAL_ARGS)

@@ -8,6 +8,7 @@ pub mod pipeline;
 pub mod rng;
 pub mod schedulers;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;
 
 pub use error::{Error, Result};

@@ -209,13 +209,27 @@ fn txt2img_with_each_scheduler_matches_diffusers() {
             seen.push(info.timestep);
             Control::Continue
         };
-        let images = sd.txt2img(&params, Some(&mut on_step)).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let expected_t: Vec<f64> =
-            case["timesteps"].as_array().unwrap().iter().map(|t| t.as_f64().unwrap()).collect();
+        let images = sd
+            .txt2img(&params, Some(&mut on_step))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let expected_t: Vec<f64> = case["timesteps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_f64().unwrap())
+            .collect();
         assert_eq!(seen.len(), expected_t.len(), "{name}: number of UNet calls");
         for (a, b) in seen.iter().zip(&expected_t) {
-            assert!((a - b).abs() < 1e-3, "{name}: timesteps {seen:?} vs {expected_t:?}");
+            assert!(
+                (a - b).abs() < 1e-3,
+                "{name}: timesteps {seen:?} vs {expected_t:?}"
+            );
         }
-        assert_close(&format!("scheduler {name}"), &images.pixels, &refs.get(&format!("pipe_{name}")), 1e-3);
+        assert_close(
+            &format!("scheduler {name}"),
+            &images.pixels,
+            &refs.get(&format!("pipe_{name}")),
+            1e-3,
+        );
     }
 }

@@ -47,6 +47,125 @@ enum Command {
         #[arg(long)]
         paste_back: bool,
     },
+    /// Train the tiny shapes model from scratch (VAE, CLIP, UNet) and export it.
+    Train(TrainArgs),
+    /// Measure prompt adherence of a model with the analytic shape checker.
+    Eval(EvalArgs),
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Checkpoints and intermediate files; an interrupted run resumes from here.
+    #[arg(long, default_value = "out/train")]
+    work_dir: PathBuf,
+    /// Where the trained model is written (diffusers layout).
+    #[arg(long, default_value = "models/tiny")]
+    model_dir: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Start over instead of resuming from the checkpoints in --work-dir.
+    #[arg(long)]
+    fresh: bool,
+    /// `full` (the shipped model) or `tiny` (a seconds-long smoke run).
+    #[arg(long, default_value = "full")]
+    recipe: String,
+    /// Override a recipe value, e.g. `--set unet_steps=500` (repeatable; for experiments).
+    #[arg(long = "set")]
+    set: Vec<String>,
+    /// Stop after a stage: tokenizer, vae or clip (for experiments).
+    #[arg(long)]
+    stop_after: Option<String>,
+    /// Export the UNet checkpoint as it stands, without training (for experiments).
+    #[arg(long)]
+    export_only: bool,
+    /// libtorch intra-op threads (default: libtorch's choice).
+    #[arg(long)]
+    threads: Option<i32>,
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[arg(long, default_value = "models/tiny")]
+    model: PathBuf,
+    #[arg(long, default_value_t = 5.0)]
+    guidance: f64,
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    #[arg(long, default_value_t = 1000)]
+    seed: u64,
+    /// Held-out prompts (each also run with the empty prompt).
+    #[arg(long, default_value_t = 216)]
+    images: usize,
+    /// Images for each of: training combinations, img2img, inpainting.
+    #[arg(long, default_value_t = 108)]
+    other_images: usize,
+    /// img2img strength of the recolouring test.
+    #[arg(long, default_value_t = 0.7)]
+    strength: f64,
+    /// Write a contact sheet of held-out generations to this PNG.
+    #[arg(long)]
+    sheet: Option<PathBuf>,
+    #[arg(long)]
+    threads: Option<i32>,
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn train(a: &TrainArgs) -> Result<()> {
+    use stable_diffusion::train::{train_all, Recipe, TrainOptions};
+    if let Some(n) = a.threads {
+        tch::set_num_threads(n);
+    }
+    let mut recipe = match a.recipe.as_str() {
+        "full" => Recipe::full(),
+        "tiny" => Recipe::tiny(),
+        other => {
+            return Err(Error::invalid(format!(
+                "--recipe `{other}`: use full or tiny"
+            )))
+        }
+    };
+    for assignment in &a.set {
+        recipe.set(assignment)?;
+    }
+    let summary = train_all(&TrainOptions {
+        work_dir: a.work_dir.clone(),
+        model_dir: a.model_dir.clone(),
+        seed: a.seed,
+        recipe,
+        fresh: a.fresh,
+        progress: !a.quiet,
+        stop_after: a.stop_after.clone(),
+        export_only: a.export_only,
+    })?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&summary).unwrap_or_default()
+    );
+    Ok(())
+}
+
+fn eval(a: &EvalArgs) -> Result<()> {
+    use stable_diffusion::train::eval::{evaluate, EvalOptions};
+    if let Some(n) = a.threads {
+        tch::set_num_threads(n);
+    }
+    let sd = StableDiffusion::load(&a.model, &LoadOptions::default())?;
+    let options = EvalOptions {
+        guidance: a.guidance,
+        steps: a.steps,
+        seed: a.seed,
+        images: a.images,
+        other_images: a.other_images,
+        img2img_strength: a.strength,
+        sheet: a.sheet.clone(),
+        progress: !a.quiet,
+    };
+    let report = evaluate(&sd, &options)?;
+    report.print(&options);
+    Ok(())
 }
 
 /// What the editing subcommands add to the common options.
@@ -297,6 +416,8 @@ fn main() {
                 paste_back: *paste_back,
             },
         ),
+        Command::Train(a) => train(a),
+        Command::Eval(a) => eval(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

@@ -1,6 +1,7 @@
 //! The networks of Stable Diffusion.
 pub mod blocks;
 pub mod clip;
+pub mod clip_vision;
 pub mod config;
 pub mod torchscript;
 pub mod traits;

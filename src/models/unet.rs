@@ -567,6 +567,19 @@ impl UNet2DConditionModel {
     /// Predicts noise (or v) for `sample` `[b, in_channels, h, w]` at `timestep`, conditioned on
     /// `context` `[b, tokens, cross_attention_dim]`.
     pub fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
+        let b = sample.size4()?.0;
+        let t = Tensor::f_full([b], timestep, (Kind::Float, sample.device()))?;
+        self.forward_timesteps(sample, &t, context)
+    }
+
+    /// As [`UNet2DConditionModel::forward`] with one timestep per sample (`timesteps` of
+    /// shape `[b]`), as training needs.
+    pub fn forward_timesteps(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+    ) -> Result<Tensor> {
         let (b, c, _, _) = sample.size4()?;
         if c != self.config.in_channels {
             return Err(Error::invalid(format!(
@@ -580,10 +593,15 @@ impl UNet2DConditionModel {
                 "UNet context batch {cb} differs from sample batch {b}"
             )));
         }
+        if timesteps.size() != [b] {
+            return Err(Error::invalid(format!(
+                "UNet timesteps have shape {:?}, expected [{b}]",
+                timesteps.size()
+            )));
+        }
         let kind = sample.kind();
-        let t = Tensor::f_full([b], timestep, (Kind::Float, sample.device()))?;
         let t_emb = timestep_embedding(
-            &t,
+            timesteps,
             self.config.block_out_channels[0],
             self.config.flip_sin_to_cos,
             self.config.freq_shift,

@@ -1,0 +1,320 @@
+//! Our own tiny model (issue 6): each training stage lowers its loss on a tiny config, the
+//! pruned tokenizer equals the full one, and the shipped model (models/tiny) draws what it is
+//! asked for, judged by the analytic checker.
+use stable_diffusion::pipeline::{LoadOptions, StableDiffusion};
+use stable_diffusion::train::{self, clip, eval, unet, vae, Recipe, StageRun};
+use std::path::PathBuf;
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sd-train-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn tiny_run(name: &str, steps: usize, lr: f64) -> StageRun {
+    let mut run = StageRun::new(name, steps, lr, 0);
+    run.log_every = 1;
+    run.warmup = 2;
+    run
+}
+
+/// Mean of the first and last `k` per-step losses.
+fn ends(losses: &[f64], k: usize) -> (f64, f64) {
+    let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
+    (mean(&losses[..k]), mean(&losses[losses.len() - k..]))
+}
+
+fn tokenizer(name: &str) -> PathBuf {
+    let dir = tmp(name).join("tokenizer");
+    train::export::write_tokenizer(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn pruned_tokenizer_matches_full_vocabulary() {
+    let dir = tmp("tok").join("tokenizer");
+    let (tokens, merges, checked) = train::export::write_tokenizer(&dir).unwrap();
+    assert_eq!(tokens, 512 + merges + 2);
+    assert!(checked > 2000, "{checked}");
+    assert!(tokens < 1000, "{tokens}");
+}
+
+#[test]
+fn vae_stage_lowers_loss() {
+    let recipe = Recipe::tiny();
+    let out = vae::train(&recipe, &tiny_run("vae", 60, 2e-3)).unwrap();
+    let (first, last) = ends(&out.outcome.losses, 5);
+    assert!(last < 0.5 * first, "VAE loss {first} -> {last}");
+    assert!(out.psnr_train > 12.0, "PSNR {}", out.psnr_train);
+}
+
+#[test]
+fn clip_stage_lowers_loss() {
+    let recipe = Recipe::tiny();
+    let tok = tokenizer("clip");
+    let out = clip::train(&recipe, &tiny_run("clip", 60, 2e-3), &tok).unwrap();
+    let (first, last) = ends(&out.outcome.losses, 5);
+    assert!(last < 0.8 * first, "CLIP loss {first} -> {last}");
+}
+
+#[test]
+fn unet_stage_lowers_loss() {
+    let mut recipe = Recipe::tiny();
+    let tok = tokenizer("unet");
+    let v = vae::train(&recipe, &tiny_run("vae", 10, 2e-3)).unwrap();
+    let c = clip::train(&recipe, &tiny_run("clip", 5, 2e-3), &tok).unwrap();
+    recipe.unet_batch = 32;
+    let out = unet::train(&recipe, &tiny_run("unet", 60, 2e-3), &v, &c, &tok).unwrap();
+    let (first, last) = ends(&out.outcome.losses, 8);
+    assert!(last < 0.7 * first, "UNet loss {first} -> {last}");
+}
+
+/// A stage interrupted after a checkpoint resumes there and ends where an uninterrupted run
+/// ends; a finished stage is loaded, not retrained.
+#[test]
+fn checkpoints_resume_where_they_stopped() {
+    use stable_diffusion::train::dataset::Rng;
+    use tch::{nn, Kind, Tensor};
+    let make = || {
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let w = vs.root().var("w", &[4, 1], nn::Init::Const(0.0));
+        (vs, w)
+    };
+    let loss_at = |w: &Tensor, step: usize| {
+        let mut rng = Rng::derive(3, 9, step as u64);
+        let x = train::gaussian(&mut rng, &[16, 4]).unwrap();
+        let target = x.matmul(&Tensor::from_slice(&[1.0f32, -2.0, 3.0, 0.5]).view([4, 1]));
+        (x.matmul(w) - target).square().mean(Kind::Float)
+    };
+    let mut run = tiny_run("toy", 12, 0.05);
+    run.ema_decay = Some(0.5);
+    run.checkpoint_every = 5;
+
+    run.checkpoint_dir = Some(tmp("straight"));
+    let (vs_a, w_a) = make();
+    let a = train::run_stage(&run, &vs_a, |s| Ok(loss_at(&w_a, s))).unwrap();
+    assert_eq!(a.started_at, 0);
+
+    run.checkpoint_dir = Some(tmp("interrupted"));
+    let (vs_b, w_b) = make();
+    let failed = train::run_stage(&run, &vs_b, |s| {
+        if s == 7 {
+            Err(stable_diffusion::Error::Cancelled)
+        } else {
+            Ok(loss_at(&w_b, s))
+        }
+    });
+    assert!(failed.is_err());
+    let (vs_c, w_c) = make();
+    let c = train::run_stage(&run, &vs_c, |s| Ok(loss_at(&w_c, s))).unwrap();
+    assert_eq!(c.started_at, 5);
+    assert_eq!(c.losses.len(), a.losses.len());
+    for (x, y) in a.losses.iter().zip(&c.losses) {
+        assert!((x - y).abs() < 1e-6, "{x} vs {y}");
+    }
+    let diff = (&w_a - &w_c).abs().max().double_value(&[]);
+    assert!(diff < 1e-6, "weights differ by {diff}");
+
+    let (vs_d, w_d) = make();
+    let d = train::run_stage(&run, &vs_d, |_| panic!("a finished stage must not train")).unwrap();
+    assert_eq!(d.started_at, 12);
+    assert!((&w_a - &w_d).abs().max().double_value(&[]) < 1e-6);
+}
+
+/// Step times of the full recipe (`cargo test --test train -- --ignored --nocapture bench`).
+#[test]
+#[ignore]
+fn bench_full_recipe_steps() {
+    if let Ok(n) = std::env::var("THREADS") {
+        tch::set_num_threads(n.parse().unwrap());
+    }
+    let mut recipe = Recipe::full();
+    recipe.latent_pool = 512;
+    recipe.figure_images = 64;
+    let tok = tokenizer("bench");
+    let n = 12;
+    let t = std::time::Instant::now();
+    let v = vae::train(&recipe, &tiny_run("vae", n, 1e-3)).unwrap();
+    println!(
+        "vae  {:.3} s/step (incl. figures)",
+        t.elapsed().as_secs_f64() / n as f64
+    );
+    let t = std::time::Instant::now();
+    let c = clip::train(&recipe, &tiny_run("clip", n, 1e-3), &tok).unwrap();
+    println!(
+        "clip {:.3} s/step (incl. figures)",
+        t.elapsed().as_secs_f64() / n as f64
+    );
+    let t = std::time::Instant::now();
+    let u = unet::train(&recipe, &tiny_run("unet", n, 1e-3), &v, &c, &tok).unwrap();
+    println!(
+        "unet {:.3} s/step (prepare {:.1} s)",
+        (t.elapsed().as_secs_f64() - u.prepare_seconds) / n as f64,
+        u.prepare_seconds
+    );
+}
+
+/// Latent statistics of a model folder's VAE (`MODEL=... cargo test --test train -- --ignored --nocapture latent_stats`).
+#[test]
+#[ignore]
+fn latent_stats() {
+    use stable_diffusion::train::dataset::{self, Rng, Split};
+    use tch::Kind;
+    let root = PathBuf::from(std::env::var("MODEL").unwrap_or("models/tiny".into()));
+    let sd = StableDiffusion::load(&root, &LoadOptions::default()).unwrap();
+    let _g = tch::no_grad_guard();
+    let mut rng = Rng::new(5);
+    let (_, x) = dataset::batch(&mut rng, Split::Train, 64, 32).unwrap();
+    let post = sd.vae.encode(&x).unwrap();
+    let std = post.std().unwrap();
+    println!(
+        "mean std {:.4} |mu| {:.4} std(mu) {:.4}",
+        std.mean(Kind::Float).double_value(&[]),
+        post.mean.abs().mean(Kind::Float).double_value(&[]),
+        post.mean.std(true).double_value(&[])
+    );
+    for sigma in [0.0, 0.05, 0.1, 0.2, 0.4] {
+        let z = &post.mean + post.mean.randn_like() * sigma * post.mean.std(true).double_value(&[]);
+        let y = sd.vae.decode(&z).unwrap();
+        println!(
+            "latent noise {sigma}: PSNR {:.2}",
+            train::psnr(&y, &x).unwrap()
+        );
+    }
+}
+
+/// Checker accuracy on VAE reconstructions of data set images (the ceiling of adherence).
+#[test]
+#[ignore]
+fn recon_ceiling() {
+    use stable_diffusion::train::checker::{self, Tally, Target};
+    use stable_diffusion::train::dataset::{self, Rng, Spec, Split};
+    use tch::Kind;
+    let root = PathBuf::from(std::env::var("MODEL").unwrap_or("models/tiny".into()));
+    let sd = StableDiffusion::load(&root, &LoadOptions::default()).unwrap();
+    let _g = tch::no_grad_guard();
+    let mut rng = Rng::new(9);
+    let mut tally = [Tally::default(), Tally::default()];
+    for _ in 0..4 {
+        let specs: Vec<Spec> = (0..64)
+            .map(|_| Spec::sample(&mut rng, Split::HeldOut, 32))
+            .collect();
+        let imgs: Vec<Vec<u8>> = specs.iter().map(dataset::render).collect();
+        let x = dataset::to_tensor(&imgs, 32).unwrap();
+        let y = sd.vae.decode(&sd.vae.encode(&x).unwrap().mean).unwrap();
+        let y = ((y.clamp(-1.0, 1.0) + 1.0) * 127.5)
+            .round()
+            .to_kind(Kind::Uint8)
+            .permute([0, 2, 3, 1])
+            .contiguous();
+        for (i, s) in specs.iter().enumerate() {
+            let v: Vec<u8> = Vec::<u8>::try_from(y.get(i as i64).flatten(0, -1)).unwrap();
+            let r = checker::read(&v, 32);
+            tally[s.size].add(&r.judge(&Target {
+                colour: Some(s.colour),
+                shape: Some(s.shape),
+                cell: Some((s.column(), s.row())),
+            }));
+        }
+    }
+    println!(
+        "small: {}\nlarge: {}",
+        tally[0].summary(),
+        tally[1].summary()
+    );
+    let specs: Vec<Spec> = (0..16)
+        .map(|_| Spec::sample(&mut rng, Split::HeldOut, 32))
+        .filter(|s| s.size == 0)
+        .collect();
+    let imgs: Vec<Vec<u8>> = specs.iter().map(dataset::render).collect();
+    let x = dataset::to_tensor(&imgs, 32).unwrap();
+    let y = sd.vae.decode(&sd.vae.encode(&x).unwrap().mean).unwrap();
+    let y = ((y.clamp(-1.0, 1.0) + 1.0) * 127.5)
+        .round()
+        .to_kind(Kind::Uint8)
+        .permute([0, 2, 3, 1])
+        .contiguous();
+    let mut sheet = imgs.clone();
+    for i in 0..imgs.len() {
+        sheet.push(Vec::<u8>::try_from(y.get(i as i64).flatten(0, -1)).unwrap());
+    }
+    eval::write_sheet(
+        std::path::Path::new("/tmp/exp/recon.png"),
+        &sheet,
+        32,
+        imgs.len(),
+        4,
+    )
+    .unwrap();
+}
+
+/// Reconstructions of small held-out shapes by a work folder's VAE checkpoint
+/// (`WORK=out/train cargo test --test train -- --ignored --nocapture recon_sheet`).
+#[test]
+#[ignore]
+fn recon_sheet() {
+    use stable_diffusion::models::{AutoencoderKL, VaeConfig};
+    use stable_diffusion::train::checker::{self, Target};
+    use stable_diffusion::train::dataset::{self, Rng, Spec, Split};
+    use tch::Kind;
+    let work = PathBuf::from(std::env::var("WORK").unwrap());
+    let mut json = Recipe::full().vae;
+    for kv in std::env::var("VAE_SET")
+        .unwrap_or_default()
+        .split(';')
+        .filter(|s| !s.is_empty())
+    {
+        let (k, v) = kv.split_once('=').unwrap();
+        json[k] = serde_json::from_str(v).unwrap();
+    }
+    let cfg: VaeConfig = serde_json::from_value(json).unwrap();
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let vae = AutoencoderKL::new(vs.root(), &cfg).unwrap();
+    let ck = train::optim::Checkpoint::new(&work, "vae");
+    train::optim::load_model_state(&vs, &ck.read_tensors().unwrap()).unwrap();
+    let _g = tch::no_grad_guard();
+    let mut rng = Rng::new(11);
+    let specs: Vec<Spec> = (0..60)
+        .map(|_| Spec::sample(&mut rng, Split::HeldOut, 32))
+        .filter(|s| s.size == 0)
+        .take(24)
+        .collect();
+    let imgs: Vec<Vec<u8>> = specs.iter().map(dataset::render).collect();
+    let x = dataset::to_tensor(&imgs, 32).unwrap();
+    let y = vae.decode(&vae.encode(&x).unwrap().mean).unwrap();
+    let y = ((y.clamp(-1.0, 1.0) + 1.0) * 127.5)
+        .round()
+        .to_kind(Kind::Uint8)
+        .permute([0, 2, 3, 1])
+        .contiguous();
+    let mut sheet = imgs.clone();
+    for (i, s) in specs.iter().enumerate() {
+        let v = Vec::<u8>::try_from(y.get(i as i64).flatten(0, -1)).unwrap();
+        let r = checker::read(&v, 32);
+        let ok = r
+            .judge(&Target {
+                colour: Some(s.colour),
+                shape: Some(s.shape),
+                cell: None,
+            })
+            .colour_and_shape();
+        println!(
+            "{i:2} {:40} read {:?} {:?} iou {:.2} {}",
+            s.caption(),
+            r.colour,
+            r.shape,
+            r.iou,
+            if ok { "" } else { "WRONG" }
+        );
+        sheet.push(v);
+    }
+    eval::write_sheet(
+        std::path::Path::new("/tmp/exp/recon.png"),
+        &sheet,
+        32,
+        12,
+        3,
+    )
+    .unwrap();
+}
