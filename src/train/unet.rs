@@ -7,7 +7,10 @@
 //! - loss = mean over elements of (ε - ε_θ(x_t, t, c))², c the text encoder's hidden states
 //!   of the caption, replaced by those of the empty prompt with probability `cfg_dropout` so
 //!   that the same network also learns the unconditional ε_θ(x_t, t, ∅) of classifier-free
-//!   guidance.
+//!   guidance;
+//! - optionally each sample's loss weighted by min(SNR_t, γ) / SNR_t (min-SNR-γ, Hang et al.
+//!   2023): the nearly noise-free timesteps, which only polish pixels, stop dominating the
+//!   gradient, and the noisy ones, where colour and shape are decided, get the capacity.
 //!
 //! Latents and text embeddings are computed once (both encoders are frozen), which leaves
 //! the UNet's forward and backward as the whole cost of a step.
@@ -149,6 +152,7 @@ pub fn loss(
     scaling_factor: f64,
     batch: usize,
     cfg_dropout: f64,
+    min_snr_gamma: f64,
     rng: &mut Rng,
 ) -> Result<Tensor> {
     let n = data.specs.len();
@@ -182,7 +186,25 @@ pub fn loss(
     let noise = super::gaussian(rng, &shape)?;
     let xt = add_noise(schedule, &x0, &noise, &t)?;
     let pred = unet.forward_timesteps(&xt, &t.f_to_kind(Kind::Float)?, &context)?;
-    Ok(pred.f_sub(&noise)?.f_square()?.f_mean(Kind::Float)?)
+    let per_sample =
+        pred.f_sub(&noise)?
+            .f_square()?
+            .f_mean_dim(&[1i64, 2, 3][..], false, Kind::Float)?;
+    if min_snr_gamma <= 0.0 {
+        return Ok(per_sample.f_mean(Kind::Float)?);
+    }
+    let weight = min_snr_weight(schedule, &t, min_snr_gamma)?;
+    Ok(per_sample.f_mul(&weight)?.f_mean(Kind::Float)?)
+}
+
+/// min(SNR_t, γ) / SNR_t with SNR_t = ᾱ_t / (1 - ᾱ_t), per training-timestep index in `t`.
+pub fn min_snr_weight(schedule: &TrainSchedule, t: &Tensor, gamma: f64) -> Result<Tensor> {
+    let a = schedule
+        .alphas_cumprod
+        .f_index_select(0, t)?
+        .f_to_kind(Kind::Float)?;
+    let snr = a.f_div(&a.f_rsub_scalar(1.0)?)?;
+    Ok(snr.f_clamp_max(gamma)?.f_div(&snr)?)
 }
 
 /// Trains (or resumes, or loads) the UNet.
@@ -225,6 +247,7 @@ pub fn train(
             vae.scaling_factor,
             recipe.unet_batch,
             recipe.cfg_dropout,
+            recipe.min_snr_gamma,
             &mut rng,
         )
     })?;
