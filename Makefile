@@ -3,7 +3,7 @@ LIBTORCH ?= $(CURDIR)/.deps/libtorch
 export LIBTORCH
 
 PROMPT ?= a red circle on a white background
-MODEL ?= tests/fixtures/tiny-sd1
+MODEL ?= models/tiny
 OUT ?= out/demo.png
 
 .PHONY: setup build demo test fixtures clean-deps test-tools clients header install
@@ -21,7 +21,7 @@ build: setup
 
 demo: build
 	@mkdir -p $(dir $(OUT))
-	cargo run --quiet --bin sd -- txt2img --model "$(MODEL)" --prompt "$(PROMPT)" --steps 20 --seed 42 --out "$(OUT)"
+	cargo run --quiet --bin sd -- txt2img --model "$(MODEL)" --prompt "$(PROMPT)" --steps 20 --guidance 5 --seed 42 --out "$(OUT)"
 
 # cargo test, then the C ABI's clients (run even when cargo test failed; either fails the target).
 test: setup test-tools

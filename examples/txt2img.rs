@@ -1,16 +1,13 @@
 //! Library use in a dozen lines: load a model folder, generate, save a PNG.
 //!
-//!     cargo run --example txt2img -- tests/fixtures/tiny-sd1 "a red circle" out/example.png
+//!     cargo run --example txt2img -- models/tiny "a red circle" out/example.png
 use stable_diffusion::pipeline::{Control, GenerateParams, LoadOptions, StableDiffusion};
 use stable_diffusion::{image_io, Result};
 use std::path::PathBuf;
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
-    let model = PathBuf::from(
-        args.next()
-            .unwrap_or_else(|| "tests/fixtures/tiny-sd1".into()),
-    );
+    let model = PathBuf::from(args.next().unwrap_or_else(|| "models/tiny".into()));
     let prompt = args
         .next()
         .unwrap_or_else(|| "a red circle on a white background".into());

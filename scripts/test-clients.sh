@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds and runs the clients of the C ABI against the tiny fixture model, through an install
+# Builds and runs the clients of the C ABI against the shipped model (models/tiny), through an install
 # (`make install PROFILE=debug` into a scratch prefix, linked with pkg-config as the README
 # shows): the C example, the same under valgrind (no definite leak, no memory error), the C++
 # RAII wrapper's example, the C# binding's example (Mono) and the Python ctypes example.
@@ -11,7 +11,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 work="$root/target/clients"
 prefix="$work/prefix"
-model="$root/tests/fixtures/tiny-sd1"
+model="$root/models/tiny"
 rm -rf "$work"
 mkdir -p "$work"
 

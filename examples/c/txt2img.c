@@ -4,7 +4,7 @@
  * anything does not behave as documented, so the test suite runs it as a check.
  *
  *     cc -std=c99 txt2img.c $(pkg-config --cflags --libs stable_diffusion) -o txt2img
- *     ./txt2img tests/fixtures/tiny-sd1 out.ppm "a red circle" 4
+ *     ./txt2img models/tiny out.ppm "a red circle" 4
  */
 #define _POSIX_C_SOURCE 199309L /* nanosleep */
 #include "stable_diffusion.h"
@@ -72,7 +72,7 @@ static void sleep_ms(long ms) {
 }
 
 int main(int argc, char **argv) {
-  const char *model = argc > 1 ? argv[1] : "tests/fixtures/tiny-sd1";
+  const char *model = argc > 1 ? argv[1] : "models/tiny";
   const char *out_path = argc > 2 ? argv[2] : "txt2img.ppm";
   const char *prompt = argc > 3 ? argv[3] : "a red circle on a white background";
   unsigned steps = argc > 4 ? (unsigned)atoi(argv[4]) : 4;

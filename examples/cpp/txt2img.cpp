@@ -3,7 +3,7 @@
 // behave as documented, so the test suite runs it as a check.
 //
 //     c++ -std=c++17 txt2img.cpp $(pkg-config --cflags --libs stable_diffusion) -o txt2img
-//     ./txt2img tests/fixtures/tiny-sd1 out.ppm
+//     ./txt2img models/tiny out.ppm
 #include "stable_diffusion.hpp"
 
 #include <atomic>
@@ -34,7 +34,7 @@ void write_ppm(const std::string& path, const sd_image& img) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const std::string model = argc > 1 ? argv[1] : "tests/fixtures/tiny-sd1";
+  const std::string model = argc > 1 ? argv[1] : "models/tiny";
   const std::string out_path = argc > 2 ? argv[2] : "txt2img-cpp.ppm";
   if (!sd::abi_compatible()) {
     std::cerr << "header and library ABI differ\n";

@@ -3,7 +3,7 @@
 // anything does not behave as documented, so the test suite runs it as a check.
 //
 //     mcs -out:example.exe StableDiffusion.cs Example.cs
-//     LD_LIBRARY_PATH=path/to/lib mono example.exe tests/fixtures/tiny-sd1 out.ppm
+//     LD_LIBRARY_PATH=path/to/lib mono example.exe models/tiny out.ppm
 using System;
 using System.IO;
 using System.Threading;
@@ -33,7 +33,7 @@ static class Example
 
     static int Main(string[] args)
     {
-        string model = args.Length > 0 ? args[0] : "tests/fixtures/tiny-sd1";
+        string model = args.Length > 0 ? args[0] : "models/tiny";
         string outPath = args.Length > 1 ? args[1] : "txt2img-csharp.ppm";
         Console.WriteLine("libstable_diffusion " + Library.Version + ", ABI " + Library.LoadedAbiVersion);
         Expect(Library.LoadedAbiVersion == Library.AbiVersion, "ABI version");

@@ -107,7 +107,7 @@ class SdError(Exception):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lib")
-    ap.add_argument("model", nargs="?", default=os.path.join(ROOT, "tests/fixtures/tiny-sd1"))
+    ap.add_argument("model", nargs="?", default=os.path.join(ROOT, "models/tiny"))
     ap.add_argument("out", nargs="?", default="txt2img-python.ppm")
     args = ap.parse_args()
     lib = bind(find_library(args.lib))

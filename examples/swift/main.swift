@@ -3,7 +3,7 @@
 //
 //   swiftc -I examples/swift -L target/release -Xlinker -rpath -Xlinker target/release \
 //       examples/swift/main.swift -o txt2img-swift
-//   ./txt2img-swift tests/fixtures/tiny-sd1
+//   ./txt2img-swift models/tiny
 import CStableDiffusion
 import Foundation
 
@@ -67,7 +67,7 @@ final class Pipeline {
     }
 }
 
-let model = CommandLine.arguments.count > 1 ? CommandLine.arguments[1] : "tests/fixtures/tiny-sd1"
+let model = CommandLine.arguments.count > 1 ? CommandLine.arguments[1] : "models/tiny"
 print("libstable_diffusion \(String(cString: sd_version())), ABI \(sd_abi_version())")
 do {
     let pipe = try Pipeline(model: model)

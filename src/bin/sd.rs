@@ -179,8 +179,9 @@ struct Edit {
 
 #[derive(Args)]
 struct CommonArgs {
-    /// Model folder in the diffusers layout.
-    #[arg(long)]
+    /// Model: a diffusers folder, a single .safetensors / .ckpt file or a TorchScript export;
+    /// the default is the model this repository trains and ships.
+    #[arg(long, default_value = "models/tiny")]
     model: PathBuf,
     #[arg(long, short)]
     prompt: String,
