@@ -108,7 +108,7 @@ fn vae_matches_folder_and_diffusers() {
     );
 
     // A batch and size other than the traced ones.
-    let x2 = Tensor::rand([2, 3, 24, 40], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
+    let x2 = common::locked_rand(&[2, 3, 24, 40]) * 2.0 - 1.0;
     assert_same(
         "vae mean, batch 2 24x40",
         &ts.vae.encode(&x2).unwrap().mean,
@@ -155,8 +155,8 @@ fn unet_matches_folder_and_diffusers() {
         );
     }
     // Batch 3 at 12x8 latents, a fractional timestep: nothing baked into the trace.
-    let sample = Tensor::randn([3, 4, 12, 8], (Kind::Float, Device::Cpu));
-    let ehs = Tensor::randn([3, 77, 32], (Kind::Float, Device::Cpu));
+    let sample = common::locked_randn(&[3, 4, 12, 8]);
+    let ehs = common::locked_randn(&[3, 77, 32]);
     assert_same(
         "unet batch 3 12x8",
         &ts.unet.forward(&sample, 321.5, &ehs).unwrap(),
@@ -341,7 +341,7 @@ fn other_dtype_is_converted_at_the_module_boundaries() {
     // The modules compute in fp32; only the result is rounded to bf16.
     let err = max_abs_diff(&emb, &want);
     assert!(err <= 0.05, "bf16 embeddings differ by {err}");
-    let latents = Tensor::randn([1, 4, 8, 8], (Kind::Float, Device::Cpu));
+    let latents = common::locked_randn(&[1, 4, 8, 8]);
     let out = ts
         .unet
         .forward(&latents.to_kind(Kind::BFloat16), 500.0, &emb)

@@ -7,6 +7,20 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use tch::{Kind, Tensor};
 
+/// Standard normal test inputs, drawn holding the library's generator lock: an unlocked draw on
+/// another test thread could land between a seeded pipeline's `manual_seed` and its own draws
+/// and change that pipeline's noise.
+pub fn locked_randn(shape: &[i64]) -> Tensor {
+    let _guard = stable_diffusion::rng::GLOBAL_RNG.lock();
+    Tensor::randn(shape, (Kind::Float, tch::Device::Cpu))
+}
+
+/// Uniform [0, 1) test inputs, drawn holding the library's generator lock (see [`locked_randn`]).
+pub fn locked_rand(shape: &[i64]) -> Tensor {
+    let _guard = stable_diffusion::rng::GLOBAL_RNG.lock();
+    Tensor::rand(shape, (Kind::Float, tch::Device::Cpu))
+}
+
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests")
