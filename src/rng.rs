@@ -4,6 +4,9 @@
 //! gives exactly what `torch.randn(..., generator=torch.Generator("cpu").manual_seed(seed))`
 //! gives. Because the generator is process-wide, every seeded run draws *all* the noise it will
 //! need at once under [`GLOBAL_RNG`], so that pipelines on other threads never interleave draws.
+//! The lock covers the library's own draws only: code in the same process that draws from
+//! libtorch's global generator on another thread without taking [`GLOBAL_RNG`] can change a
+//! seeded run's noise (the tests take it for their random inputs).
 use crate::{Error, Result};
 use parking_lot::Mutex;
 use std::collections::VecDeque;
