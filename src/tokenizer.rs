@@ -38,9 +38,9 @@ use crate::{Error, Result};
 
 /// The context length of every CLIP text encoder used by Stable Diffusion.
 pub const CLIP_MAX_LENGTH: usize = 77;
-const BOS: &str = "<|startoftext|>";
-const EOS: &str = "<|endoftext|>";
-const END_OF_WORD: &str = "</w>";
+pub(crate) const BOS: &str = "<|startoftext|>";
+pub(crate) const EOS: &str = "<|endoftext|>";
+pub(crate) const END_OF_WORD: &str = "</w>";
 /// CLIP uses merges lines [1, 1 + STANDARD_MERGES) of its merges file.
 const STANDARD_MERGES: usize = 49152 - 256 - 2;
 /// Words kept in the BPE cache; past this, new words are not cached any more.
@@ -446,7 +446,7 @@ fn split_added<'a>(sentence: &'a str, patterns: &[AddedPattern]) -> Vec<Piece<'a
 
 /// GPT-2's reversible map from bytes to printable characters, and the order of the bytes in
 /// CLIP's vocabulary (the printable ones first).
-fn byte_symbols() -> ([char; 256], Vec<u8>) {
+pub(crate) fn byte_symbols() -> ([char; 256], Vec<u8>) {
     let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
     let mut chars = ['\0'; 256];
     let mut order: Vec<u8> = (0..=255u8).filter(|&b| printable(b)).collect();
@@ -556,6 +556,23 @@ impl Bpe {
 
 /// The vocabulary and merges CLIP builds from its merges file.
 fn standard_vocab() -> Result<(Vocab, Vec<Merge>)> {
+    let (tokens, merges) = standard_tokens()?;
+    let vocab: HashMap<String, u32> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| (t, i as u32))
+        .collect();
+    if vocab.len() != 49408 {
+        return Err(Error::bad_model(format!(
+            "<embedded bpe_simple_vocab_16e6.txt.gz>: built {} distinct tokens, expected 49408",
+            vocab.len()
+        )));
+    }
+    Ok((vocab, merges))
+}
+
+/// CLIP's standard vocabulary as tokens in id order, and its merges in rank order.
+pub(crate) fn standard_tokens() -> Result<(Vec<String>, Vec<Merge>)> {
     let origin = "<embedded bpe_simple_vocab_16e6.txt.gz>";
     let mut text = String::new();
     flate2::read::GzDecoder::new(STANDARD_GZ)
@@ -592,18 +609,7 @@ fn standard_vocab() -> Result<(Vocab, Vec<Merge>)> {
     tokens.extend(merges.iter().map(|(a, b)| format!("{a}{b}")));
     tokens.push(BOS.to_owned());
     tokens.push(EOS.to_owned());
-    let vocab: HashMap<String, u32> = tokens
-        .into_iter()
-        .enumerate()
-        .map(|(i, t)| (t, i as u32))
-        .collect();
-    if vocab.len() != 49408 {
-        return Err(Error::bad_model(format!(
-            "{origin}: built {} distinct tokens, expected 49408",
-            vocab.len()
-        )));
-    }
-    Ok((vocab, merges))
+    Ok((tokens, merges))
 }
 
 /// tokenizer_config.json and special_tokens_map.json of the SD 1.x `tokenizer/` folder.

@@ -13,38 +13,11 @@
 //! table applies is kept, and every kept merge had the same relative rank, so the pruned table
 //! picks the same merge at every step. [`verify`] checks it, token string by token string,
 //! against the library's tokenizer with the full vocabulary.
-use crate::tokenizer::ClipTokenizer;
+use crate::tokenizer::{byte_symbols, standard_tokens, ClipTokenizer, BOS, END_OF_WORD, EOS};
 use crate::{Error, Result};
 use serde_json::json;
 use std::collections::{BTreeSet, HashMap};
-use std::io::Read;
 use std::path::Path;
-
-static STANDARD_GZ: &[u8] = include_bytes!("../../assets/bpe_simple_vocab_16e6.txt.gz");
-/// CLIP uses merge lines [1, 1 + MERGES) of its merges file.
-const MERGES: usize = 49152 - 256 - 2;
-const BOS: &str = "<|startoftext|>";
-const EOS: &str = "<|endoftext|>";
-const END: &str = "</w>";
-
-/// GPT-2's printable stand-ins for the 256 bytes, in CLIP's vocabulary order.
-fn byte_symbols() -> ([char; 256], Vec<u8>) {
-    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
-    let mut chars = ['\0'; 256];
-    let mut order: Vec<u8> = (0..=255u8).filter(|&b| printable(b)).collect();
-    for &b in &order {
-        chars[b as usize] = char::from(b);
-    }
-    let mut next = 256u32;
-    for b in 0..=255u8 {
-        if !printable(b) {
-            chars[b as usize] = char::from_u32(next).unwrap_or('\0');
-            order.push(b);
-            next += 1;
-        }
-    }
-    (chars, order)
-}
 
 /// The full CLIP vocabulary: tokens in id order, and the merges in rank order.
 pub struct FullVocab {
@@ -54,33 +27,7 @@ pub struct FullVocab {
 
 impl FullVocab {
     pub fn load() -> Result<Self> {
-        let origin = "<embedded bpe_simple_vocab_16e6.txt.gz>";
-        let mut text = String::new();
-        flate2::read::GzDecoder::new(STANDARD_GZ)
-            .read_to_string(&mut text)
-            .map_err(|e| Error::io(origin, e))?;
-        let lines: Vec<&str> = text.split('\n').collect();
-        if lines.len() < 1 + MERGES {
-            return Err(Error::bad_model(format!("{origin}: too few lines")));
-        }
-        let mut merges = Vec::with_capacity(MERGES);
-        for line in &lines[1..1 + MERGES] {
-            let mut parts = line.split_whitespace();
-            match (parts.next(), parts.next()) {
-                (Some(a), Some(b)) => merges.push((a.to_string(), b.to_string())),
-                _ => return Err(Error::bad_model(format!("{origin}: bad merge {line:?}"))),
-            }
-        }
-        let (chars, order) = byte_symbols();
-        let mut tokens: Vec<String> = order
-            .iter()
-            .map(|&b| chars[b as usize].to_string())
-            .collect();
-        let ended: Vec<String> = tokens.iter().map(|t| format!("{t}{END}")).collect();
-        tokens.extend(ended);
-        tokens.extend(merges.iter().map(|(a, b)| format!("{a}{b}")));
-        tokens.push(BOS.into());
-        tokens.push(EOS.into());
+        let (tokens, merges) = standard_tokens()?;
         Ok(Self { tokens, merges })
     }
 
@@ -94,7 +41,7 @@ impl FullVocab {
             .map(|(i, &b)| {
                 let c = chars[b as usize].to_string();
                 if i + 1 == bytes.len() {
-                    format!("{c}{END}")
+                    format!("{c}{END_OF_WORD}")
                 } else {
                     c
                 }
