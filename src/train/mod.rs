@@ -499,6 +499,20 @@ pub struct TrainSummary {
     pub model_bytes: u64,
 }
 
+impl TrainSummary {
+    /// The figures of a run stopped after a stage (`stop_after`): nothing exported.
+    fn stopped_early(
+        seconds: serde_json::Map<String, serde_json::Value>,
+        figures: serde_json::Map<String, serde_json::Value>,
+    ) -> Self {
+        Self {
+            seconds,
+            figures,
+            model_bytes: 0,
+        }
+    }
+}
+
 /// Runs every stage (resuming from checkpoints) and exports the model.
 pub fn train_all(opts: &TrainOptions) -> Result<TrainSummary> {
     let t0 = Instant::now();
@@ -531,11 +545,7 @@ pub fn train_all(opts: &TrainOptions) -> Result<TrainSummary> {
     seconds.insert("tokenizer".into(), t.elapsed().as_secs_f64().into());
 
     if opts.stop_after.as_deref() == Some("tokenizer") {
-        return Ok(TrainSummary {
-            seconds,
-            figures,
-            model_bytes: 0,
-        });
+        return Ok(TrainSummary::stopped_early(seconds, figures));
     }
     // 2. VAE.
     let r = &opts.recipe;
@@ -554,11 +564,7 @@ pub fn train_all(opts: &TrainOptions) -> Result<TrainSummary> {
     figures.insert("vae_scaling_factor".into(), vae_out.scaling_factor.into());
 
     if opts.stop_after.as_deref() == Some("vae") {
-        return Ok(TrainSummary {
-            seconds,
-            figures,
-            model_bytes: 0,
-        });
+        return Ok(TrainSummary::stopped_early(seconds, figures));
     }
     // 3. CLIP.
     let mut run = StageRun::new("clip", r.clip_steps, r.clip_lr, opts.seed);
@@ -585,11 +591,7 @@ pub fn train_all(opts: &TrainOptions) -> Result<TrainSummary> {
     figures.insert("clip_candidates".into(), clip_out.candidates.into());
 
     if opts.stop_after.as_deref() == Some("clip") {
-        return Ok(TrainSummary {
-            seconds,
-            figures,
-            model_bytes: 0,
-        });
+        return Ok(TrainSummary::stopped_early(seconds, figures));
     }
     // 4. UNet.
     let mut run = StageRun::new("unet", r.unet_steps, r.unet_lr, opts.seed);
