@@ -119,12 +119,7 @@ fn run_edit_cases(group: &str) -> Vec<String> {
                 continue;
             }
         };
-        let expected_t: Vec<f64> = case["timesteps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| t.as_f64().unwrap())
-            .collect();
+        let expected_t: Vec<f64> = common::f64s(&case["timesteps"]);
         if seen != expected_t {
             failures.push(format!(
                 "{name}: timesteps {seen:?}, diffusers ran {expected_t:?}"

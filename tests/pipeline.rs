@@ -44,12 +44,7 @@ fn txt2img_matches_diffusers() {
             let images = sd
                 .txt2img(&params, Some(&mut on_step))
                 .unwrap_or_else(|e| panic!("{model}/{name}: {e}"));
-            let expected_t: Vec<f64> = case["timesteps"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|t| t.as_f64().unwrap())
-                .collect();
+            let expected_t: Vec<f64> = common::f64s(&case["timesteps"]);
             assert_eq!(
                 seen, expected_t,
                 "{model}/{name}: timesteps seen by the callback"
@@ -212,12 +207,7 @@ fn txt2img_with_each_scheduler_matches_diffusers() {
         let images = sd
             .txt2img(&params, Some(&mut on_step))
             .unwrap_or_else(|e| panic!("{name}: {e}"));
-        let expected_t: Vec<f64> = case["timesteps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| t.as_f64().unwrap())
-            .collect();
+        let expected_t: Vec<f64> = common::f64s(&case["timesteps"]);
         assert_eq!(seen.len(), expected_t.len(), "{name}: number of UNet calls");
         for (a, b) in seen.iter().zip(&expected_t) {
             assert!(
