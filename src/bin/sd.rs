@@ -374,13 +374,17 @@ fn run(a: &CommonArgs, edit: Edit) -> Result<()> {
         .iter()
         .zip(output_paths(&a.out, images.len()))
     {
-        image_io::save_png(
+        // A text entry that cannot be stored as given costs a warning, never the image.
+        let warnings = image_io::write_png(
             &path,
             rgb,
             images.width(),
             images.height(),
             &[("parameters", &text)],
         )?;
+        for w in warnings {
+            eprintln!("warning: {}: {w}", path.display());
+        }
         println!("{}", path.display());
     }
     Ok(())
