@@ -44,9 +44,9 @@ fn listing(dir: &Path) -> Vec<String> {
 /// Which chunk type a text entry was read from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Kind {
-    TEXt,
-    ZTXt,
-    ITXt,
+    Text,
+    Ztxt,
+    Itxt,
 }
 
 /// The pixels (through the `image` crate, as users read them) and the text entries (through
@@ -63,15 +63,15 @@ fn read_back(path: &Path) -> (Vec<u8>, Vec<(Kind, String, String)>) {
     let info = reader.info();
     let mut text = Vec::new();
     for c in &info.uncompressed_latin1_text {
-        text.push((Kind::TEXt, c.keyword.clone(), c.text.clone()));
+        text.push((Kind::Text, c.keyword.clone(), c.text.clone()));
     }
     for c in &info.compressed_latin1_text {
-        text.push((Kind::ZTXt, c.keyword.clone(), c.get_text().unwrap()));
+        text.push((Kind::Ztxt, c.keyword.clone(), c.get_text().unwrap()));
     }
     for c in &info.utf8_text {
         let mut c = c.clone();
         c.decompress_text_with_limit(usize::MAX).unwrap();
-        text.push((Kind::ITXt, c.keyword.clone(), c.get_text().unwrap()));
+        text.push((Kind::Itxt, c.keyword.clone(), c.get_text().unwrap()));
     }
     (pixels, text)
 }
@@ -215,9 +215,9 @@ fn random_text_entries_never_cost_the_image_and_read_back() {
                 cleaned += 1;
             }
             let kind = if latin1(&stored) {
-                Kind::TEXt
+                Kind::Text
             } else {
-                Kind::ITXt
+                Kind::Itxt
             };
             expected.push((kind, k.clone(), stored));
         }
@@ -266,8 +266,8 @@ fn a_prompt_outside_latin1_goes_to_itxt_and_latin1_stays_in_text() {
     assert_eq!(
         text,
         vec![
-            (Kind::TEXt, "Software".into(), "sd café".into()),
-            (Kind::ITXt, "parameters".into(), prompt.into()),
+            (Kind::Text, "Software".into(), "sd café".into()),
+            (Kind::Itxt, "parameters".into(), prompt.into()),
         ]
     );
     std::fs::remove_dir_all(&dir).unwrap();
@@ -300,9 +300,9 @@ fn megabyte_values_are_stored_and_longer_ones_cut_at_a_character() {
     assert_eq!(
         text,
         vec![
-            (Kind::TEXt, "ascii".into(), ascii),
-            (Kind::ITXt, "cjk".into(), cjk),
-            (Kind::ITXt, "huge".into(), cut),
+            (Kind::Text, "ascii".into(), ascii),
+            (Kind::Itxt, "cjk".into(), cjk),
+            (Kind::Itxt, "huge".into(), cut),
         ]
     );
     std::fs::remove_dir_all(&dir).unwrap();
@@ -372,7 +372,7 @@ fn an_existing_destination_is_replaced_only_on_success() {
     image_io::save_png(&path, &[9, 8, 7, 6, 5, 4], 2, 1, &[("parameters", "p")]).unwrap();
     let (pixels, text) = read_back(&path);
     assert_eq!(pixels, vec![9, 8, 7, 6, 5, 4]);
-    assert_eq!(text, vec![(Kind::TEXt, "parameters".into(), "p".into())]);
+    assert_eq!(text, vec![(Kind::Text, "parameters".into(), "p".into())]);
     assert_eq!(listing(&dir), vec!["busy.png", "out.png"]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
