@@ -24,7 +24,8 @@
 //! tokenizer folder (`tokenizer_config.json`, `special_tokens_map.json`, `added_tokens.json`,
 //! the `added_tokens` of `tokenizer.json`); see `resolve_added_tokens` below.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -45,6 +46,8 @@ pub(crate) const END_OF_WORD: &str = "</w>";
 const STANDARD_MERGES: usize = 49152 - 256 - 2;
 /// Words kept in the BPE cache; past this, new words are not cached any more.
 const CACHE_CAPACITY: usize = 50_000;
+/// Longest word (bytes) kept in the BPE cache: longer ones are rare and would only fill it.
+const CACHE_MAX_WORD_BYTES: usize = 256;
 
 static STANDARD_GZ: &[u8] = include_bytes!("../assets/bpe_simple_vocab_16e6.txt.gz");
 
@@ -246,9 +249,10 @@ impl ClipTokenizer {
         })
     }
 
-    /// Token ids with start and end tokens, not truncated, not padded.
+    /// Token ids with start and end tokens, not truncated, not padded. The work grows as
+    /// `n log n` in the length of the text (of its longest word, for the BPE merges).
     pub fn encode(&self, text: &str) -> Vec<i64> {
-        let body = self.inner.encode_body(text);
+        let body = self.inner.encode_body(text, usize::MAX);
         let mut out = Vec::with_capacity(body.len() + 2);
         out.push(self.inner.bos as i64);
         out.extend(body.iter().map(|&id| id as i64));
@@ -259,15 +263,26 @@ impl ClipTokenizer {
     /// What the SD pipelines feed the text encoder: truncated to max_length (keeping the end
     /// token last) and padded with the pad token to exactly max_length.
     pub fn encode_padded(&self, text: &str) -> Vec<i64> {
+        self.encode_padded_checked(text).0
+    }
+
+    /// [`ClipTokenizer::encode_padded`], and whether tokens were cut to fit. Tokenising stops
+    /// as soon as more tokens exist than fit, so the work is bounded by `max_length` rather
+    /// than by the length of the text (beyond the linear normalisation and splitting): a word
+    /// longer than the fitting tokens could span is merged only as far as they reach. The
+    /// ids are those of [`ClipTokenizer::encode`], cut, for every text whose tokens fit.
+    pub fn encode_padded_checked(&self, text: &str) -> (Vec<i64>, bool) {
         let max = self.inner.max_length;
-        let mut body = self.inner.encode_body(text);
-        body.truncate(max.saturating_sub(2));
+        let room = max.saturating_sub(2);
+        let mut body = self.inner.encode_body(text, room);
+        let truncated = body.len() > room;
+        body.truncate(room);
         let mut out = Vec::with_capacity(max);
         out.push(self.inner.bos as i64);
         out.extend(body.iter().map(|&id| id as i64));
         out.push(self.inner.eos as i64);
         out.resize(max.max(out.len()), self.inner.pad as i64);
-        out
+        (out, truncated)
     }
 
     pub fn max_length(&self) -> usize {
@@ -291,10 +306,14 @@ impl ClipTokenizer {
 // encoding
 
 impl Inner {
-    /// The ids between the start and end tokens.
-    fn encode_body(&self, text: &str) -> Vec<u32> {
+    /// The ids between the start and end tokens. Once more than `limit` ids exist the rest of
+    /// the text is skipped (the ids past `limit` are then incomplete: callers cut them).
+    fn encode_body(&self, text: &str, limit: usize) -> Vec<u32> {
         let mut out = Vec::new();
         for raw in split_added(text, &self.raw_tokens) {
+            if out.len() > limit {
+                break;
+            }
             match raw {
                 Piece::Token(id) => out.push(id),
                 Piece::Text(t) => {
@@ -303,9 +322,12 @@ impl Inner {
                     }
                     let normalized = normalize(t);
                     for piece in split_added(&normalized, &self.normalized_tokens) {
+                        if out.len() > limit {
+                            break;
+                        }
                         match piece {
                             Piece::Token(id) => out.push(id),
-                            Piece::Text(t) => self.encode_normalized(t, &mut out),
+                            Piece::Text(t) => self.encode_normalized(t, limit, &mut out),
                         }
                     }
                 }
@@ -314,28 +336,51 @@ impl Inner {
         out
     }
 
-    fn encode_normalized(&self, text: &str, out: &mut Vec<u32>) {
+    fn encode_normalized(&self, text: &str, limit: usize, out: &mut Vec<u32>) {
         for piece in CLIP_SPLIT.find_iter(text) {
             let piece = piece.as_str();
             // The byte-level regex covers every character, but keep any gap as its own word,
             // as the tokenizers crate's "isolated" split would.
             let mut last = 0;
             for word in BYTE_LEVEL_SPLIT.find_iter(piece) {
-                if word.start() > last {
-                    self.encode_word(&piece[last..word.start()], out);
+                if out.len() > limit {
+                    return;
                 }
-                self.encode_word(word.as_str(), out);
+                if word.start() > last {
+                    self.encode_word(&piece[last..word.start()], limit, out);
+                }
+                self.encode_word(word.as_str(), limit, out);
                 last = word.end();
             }
+            if out.len() > limit {
+                return;
+            }
             if last < piece.len() {
-                self.encode_word(&piece[last..], out);
+                self.encode_word(&piece[last..], limit, out);
             }
         }
     }
 
-    fn encode_word(&self, word: &str, out: &mut Vec<u32>) {
-        if word.is_empty() {
+    /// Appends the ids of one word; with a `limit`, a word longer than the ids still wanted
+    /// could span is merged only over its first bytes (enough for more ids than wanted).
+    fn encode_word(&self, word: &str, limit: usize, out: &mut Vec<u32>) {
+        if word.is_empty() || out.len() > limit {
             return;
+        }
+        let wanted = (limit - out.len()).saturating_add(1);
+        let span = wanted.saturating_mul(self.bpe.max_token_bytes);
+        if word.len() > span {
+            // Every id covers at most `max_token_bytes` bytes, so `span` bytes give at least
+            // `wanted` ids (unless the vocabulary drops bytes: then merge the whole word).
+            let mut cut = span;
+            while !word.is_char_boundary(cut) {
+                cut += 1;
+            }
+            let ids = self.bpe.tokenize(word[..cut].as_bytes());
+            if ids.len() >= wanted {
+                out.extend_from_slice(&ids);
+                return;
+            }
         }
         {
             let cache = self.cache.read().unwrap_or_else(|e| e.into_inner());
@@ -346,9 +391,11 @@ impl Inner {
         }
         let ids = self.bpe.tokenize(word.as_bytes());
         out.extend_from_slice(&ids);
-        let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
-        if cache.len() < CACHE_CAPACITY {
-            cache.insert(word.to_owned(), ids);
+        if word.len() <= CACHE_MAX_WORD_BYTES {
+            let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
+            if cache.len() < CACHE_CAPACITY {
+                cache.insert(word.to_owned(), ids);
+            }
         }
     }
 }
@@ -476,6 +523,9 @@ struct Bpe {
     merges: HashMap<(u32, u32), (u32, u32)>,
     /// Set once the unknown token is known (it must be in the model vocabulary).
     unk: Option<u32>,
+    /// Bytes of the longest vocabulary entry (without `</w>`), at least 1: no id the merges
+    /// make covers more bytes of a word.
+    max_token_bytes: usize,
 }
 
 impl Bpe {
@@ -507,12 +557,20 @@ impl Bpe {
             byte_ids[b] = vocab.get(c.to_string().as_str()).copied();
             byte_end_ids[b] = vocab.get(format!("{c}{END_OF_WORD}").as_str()).copied();
         }
+        // Each byte symbol is one character, so characters count bytes.
+        let max_token_bytes = vocab
+            .keys()
+            .map(|t| t.strip_suffix(END_OF_WORD).unwrap_or(t).chars().count())
+            .max()
+            .unwrap_or(1)
+            .max(1);
         Ok(Bpe {
             vocab,
             byte_ids,
             byte_end_ids,
             merges: table,
             unk: None,
+            max_token_bytes,
         })
     }
 
@@ -532,25 +590,61 @@ impl Bpe {
             }
         }
         // Apply the best-ranked merge at its leftmost occurrence until none applies: the
-        // same order as the tokenizers crate's priority queue of (rank, position).
-        while symbols.len() > 1 {
-            let mut best: Option<(u32, usize, u32)> = None;
-            for i in 0..symbols.len() - 1 {
-                if let Some(&(rank, merged)) = self.merges.get(&(symbols[i], symbols[i + 1])) {
-                    if !matches!(best, Some((r, _, _)) if r <= rank) {
-                        best = Some((rank, i, merged));
-                    }
-                }
-            }
-            match best {
-                Some((_, i, merged)) => {
-                    symbols[i] = merged;
-                    symbols.remove(i + 1);
-                }
-                None => break,
+        // same order as the tokenizers crate's priority queue of (rank, position). The
+        // symbols form a linked list over their first positions (a merge keeps the left
+        // one's), and a heap holds (rank, left position) for every adjacent pair that has a
+        // merge; an entry whose pair has changed since is skipped when it comes out. Every
+        // step is O(log n), so a word of n bytes costs O(n log n), not O(n^2).
+        const NONE: usize = usize::MAX;
+        let n = symbols.len();
+        if n < 2 {
+            return symbols;
+        }
+        let mut next: Vec<usize> = (1..=n).map(|i| if i < n { i } else { NONE }).collect();
+        let mut prev: Vec<usize> = (0..n).map(|i| i.checked_sub(1).unwrap_or(NONE)).collect();
+        let mut alive = vec![true; n];
+        let mut heap = BinaryHeap::new();
+        let rank_of = |symbols: &[u32], i: usize, j: usize| {
+            self.merges.get(&(symbols[i], symbols[j])).copied()
+        };
+        for i in 0..n - 1 {
+            if let Some((rank, _)) = rank_of(&symbols, i, i + 1) {
+                heap.push(Reverse((rank, i)));
             }
         }
-        symbols
+        while let Some(Reverse((rank, i))) = heap.pop() {
+            let j = next[i];
+            if !alive[i] || j == NONE {
+                continue;
+            }
+            let merged = match rank_of(&symbols, i, j) {
+                Some((r, merged)) if r == rank => merged,
+                _ => continue, // stale: the pair at i changed after this entry was pushed
+            };
+            symbols[i] = merged;
+            alive[j] = false;
+            next[i] = next[j];
+            if next[j] != NONE {
+                prev[next[j]] = i;
+            }
+            if prev[i] != NONE {
+                if let Some((r, _)) = rank_of(&symbols, prev[i], i) {
+                    heap.push(Reverse((r, prev[i])));
+                }
+            }
+            if next[i] != NONE {
+                if let Some((r, _)) = rank_of(&symbols, i, next[i]) {
+                    heap.push(Reverse((r, i)));
+                }
+            }
+        }
+        let mut out = Vec::new();
+        let mut i = 0; // the first symbol is never merged away
+        while i != NONE {
+            out.push(symbols[i]);
+            i = next[i];
+        }
+        out
     }
 }
 

@@ -474,3 +474,199 @@ fn from_dir_reads_a_real_layout_with_tokenizer_json_only() {
     assert_eq!(padded.len(), 77);
     assert_eq!(&padded[..4], &[5, 4, 6, 6]);
 }
+
+// ------------------------------------------------------------------------------------------
+// bounded work: the BPE merges against a naive reference, and long words and prompts
+
+/// The standard vocabulary as the naive reference needs it: byte -> symbol, merge ranks, ids.
+struct Reference {
+    symbols: Vec<char>,
+    ranks: std::collections::HashMap<(String, String), usize>,
+    ids: std::collections::HashMap<String, i64>,
+}
+
+fn reference() -> Reference {
+    let (vocab, merges) = standard_files();
+    let vocab: serde_json::Map<String, Value> = serde_json::from_str(&vocab).unwrap();
+    let ids = vocab
+        .into_iter()
+        .map(|(k, v)| (k, v.as_i64().unwrap()))
+        .collect();
+    let ranks = merges
+        .lines()
+        .skip(1)
+        .enumerate()
+        .map(|(rank, line)| {
+            let (a, b) = line.split_once(' ').unwrap();
+            ((a.to_string(), b.to_string()), rank)
+        })
+        .collect();
+    let keep =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let mut symbols = vec!['\0'; 256];
+    let mut n = 0;
+    for b in 0..256u32 {
+        symbols[b as usize] = if keep(b) {
+            char::from_u32(b).unwrap()
+        } else {
+            n += 1;
+            char::from_u32(256 + n - 1).unwrap()
+        };
+    }
+    Reference {
+        symbols,
+        ranks,
+        ids,
+    }
+}
+
+impl Reference {
+    /// BPE as its definition says, in O(n^2): the lowest-ranked merge at its leftmost
+    /// occurrence, until none applies.
+    fn word(&self, word: &str) -> Vec<i64> {
+        let bytes = word.as_bytes();
+        let mut parts: Vec<String> = bytes
+            .iter()
+            .map(|&b| self.symbols[b as usize].to_string())
+            .collect();
+        if let Some(last) = parts.last_mut() {
+            last.push_str("</w>");
+        }
+        loop {
+            let best = (0..parts.len().saturating_sub(1))
+                .filter_map(|i| {
+                    self.ranks
+                        .get(&(parts[i].clone(), parts[i + 1].clone()))
+                        .map(|&r| (r, i))
+                })
+                .min();
+            let Some((_, i)) = best else { break };
+            let right = parts.remove(i + 1);
+            parts[i].push_str(&right);
+        }
+        parts.iter().map(|p| self.ids[p]).collect()
+    }
+}
+
+/// A small seeded generator (xorshift64*), so that the cases are the same on every run.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn word(&mut self, alphabet: &[char], len: usize) -> String {
+        (0..len)
+            .map(|_| alphabet[self.below(alphabet.len())])
+            .collect()
+    }
+}
+
+#[test]
+fn bpe_merges_equal_the_naive_definition_on_seeded_words() {
+    let tok = ClipTokenizer::standard().unwrap();
+    let reference = reference();
+    let latin: Vec<char> = ('a'..='z').collect();
+    // Few letters: many equal-ranked pairs, so the leftmost-first order is exercised.
+    let narrow = ['a', 'b'];
+    let repeated = ['e'];
+    // Letters of several UTF-8 lengths (all lower case and NFC-stable).
+    let wide = ['é', 'ß', 'ж', 'λ', 'の', '猫', 'ü', 'ø', 'ñ', 'k'];
+    let mut rng = Rng(0x5eed_cafe_f00d_0001);
+    let mut cases = 0;
+    for (alphabet, max_len) in [
+        (&latin[..], 60),
+        (&narrow[..], 200),
+        (&repeated[..], 300),
+        (&wide[..], 40),
+    ] {
+        for _ in 0..60 {
+            let len = 1 + rng.below(max_len);
+            let word = rng.word(alphabet, len);
+            let ids = tok.encode(&word);
+            let body = &ids[1..ids.len() - 1];
+            assert_eq!(body, &reference.word(&word)[..], "word {word:?}");
+            cases += 1;
+        }
+    }
+    eprintln!("{cases} words merged as the naive definition does");
+}
+
+#[test]
+fn a_100_kb_word_is_tokenised_in_well_under_a_second() {
+    let tok = ClipTokenizer::standard().unwrap();
+    let latin: Vec<char> = ('a'..='z').collect();
+    let mut rng = Rng(7);
+    for word in [rng.word(&latin, 100_000), "a".repeat(100_000)] {
+        let start = std::time::Instant::now();
+        let (padded, truncated) = tok.encode_padded_checked(&word);
+        let bounded = start.elapsed();
+        assert!(truncated);
+        assert_eq!(padded.len(), 77);
+        assert_eq!(padded[76], tok.eos_id());
+        assert!(
+            bounded.as_secs_f64() < 0.5,
+            "encode_padded of a 100 KB word took {bounded:?}"
+        );
+        // The whole word, merged in O(n log n): the same first tokens.
+        let start = std::time::Instant::now();
+        let full = tok.encode(&word);
+        let whole = start.elapsed();
+        assert!(
+            whole.as_secs_f64() < 2.0,
+            "encode of a 100 KB word took {whole:?}"
+        );
+        assert_eq!(&padded[..76], &full[..76]);
+        eprintln!(
+            "100 KB word ({}...): padded in {bounded:?}, all {} tokens in {whole:?}",
+            &word[..8],
+            full.len()
+        );
+    }
+}
+
+#[test]
+fn long_prompts_stop_early_with_the_same_ids() {
+    let tok = ClipTokenizer::standard().unwrap();
+    let mut rng = Rng(11);
+    let latin: Vec<char> = ('a'..='z').collect();
+    // Around the limit: every prompt that fits gets exactly encode's ids; longer ones its
+    // first 76, and the truncation is reported.
+    for words in 60..90 {
+        let text: Vec<String> = (0..words)
+            .map(|_| {
+                let len = 1 + rng.below(9);
+                rng.word(&latin, len)
+            })
+            .collect();
+        let text = text.join(" ");
+        let full = tok.encode(&text);
+        let (padded, truncated) = tok.encode_padded_checked(&text);
+        assert_eq!(padded, tok.encode_padded(&text));
+        assert_eq!(truncated, full.len() > 77, "{text:?}");
+        let n = full.len().min(76);
+        assert_eq!(&padded[..n], &full[..n], "{text:?}");
+    }
+    // Many words, many digits, much punctuation: 100 KB each, bounded work.
+    for text in [
+        "a lighthouse at dusk, ".repeat(4_600),
+        "7".repeat(100_000),
+        "!?".repeat(50_000),
+    ] {
+        let start = std::time::Instant::now();
+        let (padded, truncated) = tok.encode_padded_checked(&text);
+        let took = start.elapsed();
+        assert!(truncated && padded.len() == 77);
+        assert!(took.as_secs_f64() < 0.5, "{:?}...: {took:?}", &text[..10]);
+        let full = tok.encode(&text);
+        assert_eq!(&padded[..76], &full[..76]);
+    }
+}
