@@ -8,6 +8,11 @@ use tch::Tensor;
 pub trait TextEncoder: Send {
     /// `clip_skip` layers are skipped from the end; the final layer norm is applied either way.
     fn forward(&self, input_ids: &Tensor, clip_skip: usize) -> Result<Tensor>;
+    /// Transformer layers, when known: `clip_skip` must stay below it. The pipeline checks it
+    /// before a run starts; `None` leaves the check to `forward`.
+    fn num_layers(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// The UNet: predicts noise (or v) for latents at a timestep, conditioned on text.
@@ -52,6 +57,9 @@ pub trait Autoencoder: Send {
 impl TextEncoder for ClipTextTransformer {
     fn forward(&self, input_ids: &Tensor, clip_skip: usize) -> Result<Tensor> {
         ClipTextTransformer::forward(self, input_ids, clip_skip)
+    }
+    fn num_layers(&self) -> Option<usize> {
+        usize::try_from(self.config().num_hidden_layers).ok()
     }
 }
 

@@ -6,6 +6,7 @@ pub mod preview;
 pub use loader::{LoadOptions, ModelFiles};
 
 use crate::image_io::Image;
+use crate::limits::MAX_PROMPT_BYTES;
 use crate::models::traits::{Autoencoder, Denoiser, TextEncoder};
 use crate::rng::{NoiseSource, PredrawnNoise};
 use crate::schedulers::{self, Scheduler, SchedulerConfig};
@@ -210,28 +211,24 @@ impl StableDiffusion {
     /// A fresh scheduler: the named one, else the one the model's config names, else (a class
     /// this library lacks) DDIM with the config's values.
     pub fn scheduler(&self, name: Option<&str>) -> Result<Box<dyn Scheduler>> {
-        match name {
-            Some(n) => schedulers::scheduler_from_name(n, &self.scheduler_config),
-            None => match schedulers::scheduler_from_config(&self.scheduler_config) {
-                Err(Error::Unsupported(why)) => {
-                    self.log(LogLevel::Warn, || {
-                        format!("{why}; using DDIM with its settings")
-                    });
-                    schedulers::scheduler_from_name("ddim", &self.scheduler_config)
-                }
-                other => other,
-            },
+        let (scheduler, fallback) = self.validator().scheduler(name)?;
+        if let Some(why) = fallback {
+            self.log(LogLevel::Warn, || why);
         }
+        Ok(scheduler)
     }
 
-    /// Text embeddings `[batch, tokens, dim]` for one prompt repeated `batch` times.
+    /// Text embeddings `[batch, tokens, dim]` for one prompt repeated `batch` times. A prompt
+    /// longer than the tokenizer's `max_length` is cut (with a warning to the logger); the
+    /// tokenizer stops as soon as it has enough tokens, so a long prompt costs no more.
     pub fn encode_prompt(&self, prompt: &str, batch: usize, clip_skip: usize) -> Result<Tensor> {
-        let ids = self.tokenizer.encode_padded(prompt);
-        let full = self.tokenizer.encode(prompt).len();
-        if full > ids.len() {
+        check_prompt("prompt", prompt)?;
+        let (ids, truncated) = self.tokenizer.encode_padded_checked(prompt);
+        if truncated {
             self.log(LogLevel::Warn, || {
                 format!(
-                    "prompt is {full} tokens; only the first {} are used",
+                    "prompt is longer than {} tokens; only the first {} are used",
+                    ids.len(),
                     ids.len()
                 )
             });
@@ -243,74 +240,25 @@ impl StableDiffusion {
         Ok(hidden.f_repeat([batch as i64, 1, 1])?)
     }
 
-    fn check_params(&self, p: &GenerateParams) -> Result<(i64, i64)> {
-        // Editing modes take their default size from the init image, rounded down to 8.
-        let from_image = |side: u32| (side as i64) / 8 * 8;
-        let width = p
-            .width
-            .or(p.init_image.as_ref().map(|i| from_image(i.width)))
-            .unwrap_or_else(|| self.default_size());
-        let height = p
-            .height
-            .or(p.init_image.as_ref().map(|i| from_image(i.height)))
-            .unwrap_or_else(|| self.default_size());
-        for (name, v) in [("width", width), ("height", height)] {
-            if v <= 0 || v % 8 != 0 || v > MAX_SIDE {
-                return Err(Error::invalid(format!(
-                    "{name} must be a positive multiple of 8 up to {MAX_SIDE}, got {v}"
-                )));
-            }
-            if v % self.vae_scale_factor() != 0 {
-                return Err(Error::invalid(format!(
-                    "{name} {v} is not a multiple of the VAE's scale factor {}",
-                    self.vae_scale_factor()
-                )));
-            }
+    /// What [`StableDiffusion::generate`] checks before it runs, detached from the model: the
+    /// C ABI checks a job's request with it when the job is submitted, while another call may
+    /// hold the model.
+    pub fn validator(&self) -> Validator {
+        Validator {
+            default_size: self.default_size(),
+            vae_scale: self.vae_scale_factor(),
+            unet_in: self.unet.in_channels(),
+            latent_channels: self.vae.latent_channels(),
+            text_layers: self.text_encoder.num_layers(),
+            scheduler_config: self.scheduler_config.clone(),
         }
-        if p.steps == 0 || p.steps > MAX_STEPS {
-            return Err(Error::invalid(format!(
-                "steps must be in 1..={MAX_STEPS}, got {}",
-                p.steps
-            )));
-        }
-        if p.batch == 0 || p.batch > MAX_BATCH {
-            return Err(Error::invalid(format!(
-                "batch must be in 1..={MAX_BATCH}, got {}",
-                p.batch
-            )));
-        }
-        if !p.guidance.is_finite() {
-            return Err(Error::invalid(format!(
-                "guidance must be a finite number, got {}",
-                p.guidance
-            )));
-        }
-        if !p.eta.is_finite() || p.eta < 0.0 {
-            return Err(Error::invalid(format!("eta must be >= 0, got {}", p.eta)));
-        }
-        if let Some(s) = p.strength {
-            if !(0.0..=1.0).contains(&s) {
-                return Err(Error::invalid(format!(
-                    "strength must be in [0, 1], got {s}"
-                )));
-            }
-        }
-        if p.mask.is_some() && p.init_image.is_none() {
-            return Err(Error::invalid("a mask needs an init image to inpaint"));
-        }
-        let unet_in = self.unet.in_channels();
-        let latent_c = self.vae.latent_channels();
-        if unet_in == 2 * latent_c + 1 && p.mask.is_none() {
-            return Err(Error::invalid(format!(
-                "this is an inpainting model ({unet_in}-channel UNet): give an init image and a mask"
-            )));
-        }
-        if unet_in != latent_c && unet_in != 2 * latent_c + 1 {
-            return Err(Error::Unsupported(format!(
-                "a UNet with {unet_in} input channels"
-            )));
-        }
-        Ok((width, height))
+    }
+
+    /// Checks a complete request as [`StableDiffusion::generate`] does first thing, and
+    /// resolves its size and scheduler: whatever this accepts, `generate` only refuses for
+    /// reasons found while running (memory, the backend, cancellation).
+    pub fn validate(&self, params: &GenerateParams) -> Result<Validated> {
+        self.validator().validate(params)
     }
 
     /// Text to image. `on_step` runs after every denoising step and may cancel the run.
@@ -332,13 +280,39 @@ impl StableDiffusion {
     pub fn generate(
         &self,
         params: &GenerateParams,
-        mut on_step: Option<&mut dyn FnMut(&StepInfo) -> Control>,
+        on_step: Option<&mut dyn FnMut(&StepInfo) -> Control>,
     ) -> Result<Images> {
-        let (width, height) = self.check_params(params)?;
+        self.generate_cancellable(params, on_step, &|| false)
+    }
+
+    /// [`StableDiffusion::generate`], which also stops with [`Error::Cancelled`] as soon as
+    /// `cancelled` returns true. It is asked between every two phases of the run (image
+    /// preparation, each VAE encode, each prompt's encoding, before and after each denoising
+    /// step, each image's VAE decode), so a cancel takes effect within about one step.
+    pub fn generate_cancellable(
+        &self,
+        params: &GenerateParams,
+        mut on_step: Option<&mut dyn FnMut(&StepInfo) -> Control>,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Images> {
+        let Validated {
+            width,
+            height,
+            mut scheduler,
+            fallback,
+        } = self.validate(params)?;
+        if let Some(why) = fallback {
+            self.log(LogLevel::Warn, || why);
+        }
+        let stop = || -> Result<()> {
+            if cancelled() {
+                Err(Error::Cancelled)
+            } else {
+                Ok(())
+            }
+        };
+        stop()?;
         let _no_grad = tch::no_grad_guard();
-        let mut scheduler = self.scheduler(params.scheduler.as_deref())?;
-        scheduler.set_eta(params.eta)?;
-        scheduler.set_timesteps(params.steps)?;
 
         let batch = params.batch as i64;
         let vsf = self.vae_scale_factor();
@@ -351,6 +325,7 @@ impl StableDiffusion {
             Some(img) => Some(self.image_to_tensor(&img.resized(width as u32, height as u32)?)?),
             None => None,
         };
+        stop()?;
         let mask = match &params.mask {
             Some(m) => Some(mask_to_tensor(
                 &m.resized(width as u32, height as u32)?,
@@ -359,6 +334,7 @@ impl StableDiffusion {
             )?),
             None => None,
         };
+        stop()?;
         let inpaint_unet = self.unet.in_channels() != latent_c;
 
         // Which timesteps run: editing modes skip the first ones (diffusers' get_timesteps).
@@ -379,8 +355,9 @@ impl StableDiffusion {
             if timesteps.is_empty() {
                 // Nothing to denoise: the encoded-decoded input (posterior mean).
                 let z = self.vae.scale_latents(&self.vae.encode(init)?.mean)?;
+                stop()?;
                 let z = z.f_repeat([batch, 1, 1, 1])?;
-                return self.finish(&z, params, mask.as_ref(), Some(init));
+                return self.finish(&z, params, mask.as_ref(), Some(init), cancelled);
             }
             scheduler.set_begin_index(t_start * order);
         }
@@ -398,6 +375,7 @@ impl StableDiffusion {
             shapes.push(single.clone());
         }
         shapes.extend(std::iter::repeat_n(shape.clone(), scheduler.noise_draws()));
+        stop()?;
         let mut noise_source = PredrawnNoise::draw(params.seed, &shapes, self.kind, self.device)?;
 
         let image_latents = match (&init, needs_image_latents) {
@@ -407,6 +385,7 @@ impl StableDiffusion {
             }
             _ => None,
         };
+        stop()?;
         let noise = noise_source.randn(&shape)?;
         let mut latents = match (&image_latents, strength_max) {
             (Some(z0), false) => scheduler.add_noise(z0, &noise, timesteps[0])?,
@@ -421,6 +400,7 @@ impl StableDiffusion {
             let masked_latents = self
                 .vae
                 .scale_latents(&self.vae.encode(&masked)?.sample(&mut noise_source)?)?;
+            stop()?;
             let small = mask.f_upsample_nearest2d([height / vsf, width / vsf], None, None)?;
             inpaint = Some((
                 small.f_repeat([batch, 1, 1, 1])?,
@@ -429,7 +409,8 @@ impl StableDiffusion {
         }
 
         let cfg = params.guidance > 1.0;
-        let context = self.text_context(params, cfg)?;
+        let context = self.text_context(params, cfg, &stop)?;
+        stop()?;
         let double = |t: &Tensor| -> Result<Tensor> {
             Ok(if cfg {
                 Tensor::f_cat(&[t, t], 0)?
@@ -444,6 +425,7 @@ impl StableDiffusion {
 
         let total = timesteps.len();
         for (i, &t) in timesteps.iter().enumerate() {
+            stop()?;
             let mut model_input = scheduler.scale_model_input(&double(&latents)?, t)?;
             if let Some((m, z)) = &unet_extra {
                 model_input = Tensor::f_cat(&[&model_input, m, z], 1)?;
@@ -478,15 +460,22 @@ impl StableDiffusion {
                 }
             }
         }
-        self.finish(&latents, params, mask.as_ref(), init.as_ref())
+        stop()?;
+        self.finish(&latents, params, mask.as_ref(), init.as_ref(), cancelled)
     }
 
     /// Prompt embeddings, preceded by the negative prompt's when guidance is on.
-    fn text_context(&self, params: &GenerateParams, cfg: bool) -> Result<Tensor> {
+    fn text_context(
+        &self,
+        params: &GenerateParams,
+        cfg: bool,
+        stop: &dyn Fn() -> Result<()>,
+    ) -> Result<Tensor> {
         let cond = self.encode_prompt(&params.prompt, params.batch, params.clip_skip)?;
         if !cfg {
             return Ok(cond);
         }
+        stop()?;
         let negative = params.negative_prompt.as_deref().unwrap_or("");
         // diffusers applies clip_skip to the prompt only, not to the negative prompt.
         let uncond = self.encode_prompt(negative, params.batch, 0)?;
@@ -500,8 +489,9 @@ impl StableDiffusion {
         params: &GenerateParams,
         mask: Option<&Tensor>,
         init: Option<&Tensor>,
+        cancelled: &dyn Fn() -> bool,
     ) -> Result<Images> {
-        let images = self.decode_latents(latents)?;
+        let images = self.decode_each(latents, cancelled)?;
         match (params.paste_back, mask, init) {
             (true, Some(mask), Some(init)) => {
                 let to_hwc = |t: &Tensor| -> Result<Tensor> {
@@ -542,6 +532,24 @@ impl StableDiffusion {
             .f_contiguous()?)
     }
 
+    /// [`StableDiffusion::decode_latents`] one image at a time, asking `cancelled` before each.
+    fn decode_each(&self, latents: &Tensor, cancelled: &dyn Fn() -> bool) -> Result<Images> {
+        let batch = latents.size().first().copied().unwrap_or(0);
+        if batch <= 1 {
+            return self.decode_latents(latents);
+        }
+        let mut parts = Vec::with_capacity(batch as usize);
+        for i in 0..batch {
+            if cancelled() {
+                return Err(Error::Cancelled);
+            }
+            parts.push(self.decode_latents(&latents.f_narrow(0, i, 1)?)?.pixels);
+        }
+        Ok(Images {
+            pixels: Tensor::f_cat(&parts, 0)?,
+        })
+    }
+
     /// Latents (as the UNet sees them) to images in [0, 1], `[batch, h, w, 3]` on the CPU.
     pub fn decode_latents(&self, latents: &Tensor) -> Result<Images> {
         let _no_grad = tch::no_grad_guard();
@@ -555,6 +563,171 @@ impl StableDiffusion {
             .f_to_device(Device::Cpu)?
             .f_contiguous()?;
         Ok(Images { pixels })
+    }
+}
+
+/// A prompt (or negative prompt) must fit in [`MAX_PROMPT_BYTES`]; `what` names it.
+pub fn check_prompt(what: &str, text: &str) -> Result<()> {
+    if text.len() > MAX_PROMPT_BYTES {
+        return Err(Error::invalid(format!(
+            "{what} is {} bytes: the limit is {MAX_PROMPT_BYTES} (CLIP reads {} tokens; the \
+             rest of a long prompt is ignored anyway)",
+            text.len(),
+            crate::tokenizer::CLIP_MAX_LENGTH
+        )));
+    }
+    Ok(())
+}
+
+/// What a pipeline checks before it runs a request, without the model itself (see
+/// [`StableDiffusion::validator`]). Cheap to clone; `Send` and `Sync`.
+#[derive(Debug, Clone)]
+pub struct Validator {
+    default_size: i64,
+    vae_scale: i64,
+    unet_in: i64,
+    latent_channels: i64,
+    text_layers: Option<usize>,
+    scheduler_config: SchedulerConfig,
+}
+
+/// A request [`Validator::validate`] accepted: its output size and its scheduler, ready to
+/// run (eta and timesteps set).
+pub struct Validated {
+    pub width: i64,
+    pub height: i64,
+    pub scheduler: Box<dyn Scheduler>,
+    /// Why the model's own scheduler could not be used (DDIM with its settings runs instead).
+    pub fallback: Option<String>,
+}
+
+impl Validator {
+    /// Every check of a complete request that needs no model run: prompt lengths, the size
+    /// (resolved against the init image and the model's native size), steps, batch, the
+    /// numbers, strength, the images, the model kind, clip_skip, and the scheduler (its name,
+    /// eta and step count). The errors name the parameter at fault.
+    pub fn validate(&self, p: &GenerateParams) -> Result<Validated> {
+        check_prompt("prompt", &p.prompt)?;
+        if let Some(negative) = &p.negative_prompt {
+            check_prompt("negative prompt", negative)?;
+        }
+        // Editing modes take their default size from the init image, rounded down to 8.
+        let from_image = |side: u32| (side as i64) / 8 * 8;
+        let width = p
+            .width
+            .or(p.init_image.as_ref().map(|i| from_image(i.width)))
+            .unwrap_or(self.default_size);
+        let height = p
+            .height
+            .or(p.init_image.as_ref().map(|i| from_image(i.height)))
+            .unwrap_or(self.default_size);
+        for (name, v) in [("width", width), ("height", height)] {
+            if v <= 0 || v % 8 != 0 || v > MAX_SIDE {
+                return Err(Error::invalid(format!(
+                    "{name} must be a positive multiple of 8 up to {MAX_SIDE}, got {v}{}",
+                    if p.init_image.is_some() && (p.width.is_none() || p.height.is_none()) {
+                        " (from the init image's size, rounded down to 8)"
+                    } else {
+                        ""
+                    }
+                )));
+            }
+            if v % self.vae_scale != 0 {
+                return Err(Error::invalid(format!(
+                    "{name} {v} is not a multiple of the VAE's scale factor {}",
+                    self.vae_scale
+                )));
+            }
+        }
+        if p.steps == 0 || p.steps > MAX_STEPS {
+            return Err(Error::invalid(format!(
+                "steps must be in 1..={MAX_STEPS}, got {}",
+                p.steps
+            )));
+        }
+        if p.batch == 0 || p.batch > MAX_BATCH {
+            return Err(Error::invalid(format!(
+                "batch must be in 1..={MAX_BATCH}, got {}",
+                p.batch
+            )));
+        }
+        if !p.guidance.is_finite() {
+            return Err(Error::invalid(format!(
+                "guidance must be a finite number, got {}",
+                p.guidance
+            )));
+        }
+        if !p.eta.is_finite() || p.eta < 0.0 {
+            return Err(Error::invalid(format!("eta must be >= 0, got {}", p.eta)));
+        }
+        if let Some(s) = p.strength {
+            if !(0.0..=1.0).contains(&s) {
+                return Err(Error::invalid(format!(
+                    "strength must be in [0, 1], got {s}"
+                )));
+            }
+        }
+        for (what, image) in [("init image", &p.init_image), ("mask", &p.mask)] {
+            if let Some(img) = image {
+                let expected = img.width as usize * img.height as usize * 3;
+                if img.width == 0 || img.height == 0 || img.rgb.len() != expected {
+                    return Err(Error::invalid(format!(
+                        "the {what} is {}x{} with {} bytes: expected {expected} bytes of RGB",
+                        img.width,
+                        img.height,
+                        img.rgb.len()
+                    )));
+                }
+            }
+        }
+        if p.mask.is_some() && p.init_image.is_none() {
+            return Err(Error::invalid("a mask needs an init image to inpaint"));
+        }
+        let (unet_in, latent_c) = (self.unet_in, self.latent_channels);
+        if unet_in == 2 * latent_c + 1 && p.mask.is_none() {
+            return Err(Error::invalid(format!(
+                "this is an inpainting model ({unet_in}-channel UNet): give an init image and a mask"
+            )));
+        }
+        if unet_in != latent_c && unet_in != 2 * latent_c + 1 {
+            return Err(Error::Unsupported(format!(
+                "a UNet with {unet_in} input channels"
+            )));
+        }
+        if let Some(layers) = self.text_layers {
+            if p.clip_skip >= layers {
+                return Err(Error::invalid(format!(
+                    "clip_skip {} must be below the text encoder's {layers} layers",
+                    p.clip_skip
+                )));
+            }
+        }
+        let (mut scheduler, fallback) = self.scheduler(p.scheduler.as_deref())?;
+        scheduler.set_eta(p.eta)?;
+        scheduler.set_timesteps(p.steps)?;
+        Ok(Validated {
+            width,
+            height,
+            scheduler,
+            fallback,
+        })
+    }
+
+    /// A fresh scheduler, as [`StableDiffusion::scheduler`], and the reason for a fallback.
+    fn scheduler(&self, name: Option<&str>) -> Result<(Box<dyn Scheduler>, Option<String>)> {
+        match name {
+            Some(n) => Ok((
+                schedulers::scheduler_from_name(n, &self.scheduler_config)?,
+                None,
+            )),
+            None => match schedulers::scheduler_from_config(&self.scheduler_config) {
+                Err(Error::Unsupported(why)) => Ok((
+                    schedulers::scheduler_from_name("ddim", &self.scheduler_config)?,
+                    Some(format!("{why}; using DDIM with its settings")),
+                )),
+                other => Ok((other?, None)),
+            },
+        }
     }
 }
 
