@@ -315,15 +315,17 @@ typedef struct sd_generate_params {
    */
   size_t struct_size;
   /**
-   * The prompt, UTF-8 (required; "" is allowed). Borrowed for the call.
+   * The prompt, UTF-8 (required; "" is allowed; at most 65536 bytes, of which the text
+   * encoder reads the first 77 tokens). Borrowed for the call.
    */
   const char *prompt;
   /**
-   * What to steer away from, UTF-8; NULL = "". Borrowed for the call.
+   * What to steer away from, UTF-8, at most 65536 bytes; NULL = "". Borrowed for the call.
    */
   const char *negative_prompt;
   /**
-   * Denoising steps, 1..=1000 (default 50). Image to image runs `steps * strength` of them.
+   * Denoising steps, 1..=1000 (default 50; a scheduler may allow fewer, e.g. DDIM's
+   * "leading" spacing at most 999). Image to image runs `steps * strength` of them.
    */
   uint32_t steps;
   /**
@@ -542,8 +544,9 @@ sd_status sd_pipeline_set_log_callback(struct sd_pipeline *pipeline,
  * others and for running jobs), different pipelines in parallel. Must not be called from a
  * callback of the same pipeline (`SD_ERR_INVALID_ARGUMENT`).
  * Errors: `SD_ERR_INVALID_ARGUMENT` (NULL, bad UTF-8, `struct_size`, sizes, steps, batch,
- * strength, images, an unknown scheduler name),
- * `SD_ERR_CANCELLED` (the callback asked), `SD_ERR_OUT_OF_MEMORY`, `SD_ERR_BACKEND`.
+ * strength, images, clip_skip, a prompt over 65536 bytes, an unknown scheduler name; all
+ * checked before the call waits for the pipeline), `SD_ERR_CANCELLED` (the callback asked),
+ * `SD_ERR_OUT_OF_MEMORY`, `SD_ERR_BACKEND`.
  *
  * Pointers: each one NULL (an error) or valid as described above.
  */
@@ -552,8 +555,9 @@ sd_status sd_generate(struct sd_pipeline *pipeline,
                       struct sd_images **out_images);
 
 /**
- * Inside the step callback: stores in `*out_image` a cheap RGB preview of image `index` of the
- * batch, made from the current latents by a fixed linear map (no VAE), at latent resolution
+ * Inside the step callback: stores in `*out_image` (NULL on failure) a cheap RGB preview of
+ * image `index` of the batch, made from the current latents by a fixed linear map (no VAE), at
+ * latent resolution
  * (width / 8 x height / 8). It is computed on the first request of a step (well under a
  * millisecond at 512 x 512) and is valid until the callback returns.
  *
@@ -573,14 +577,15 @@ sd_status sd_step_preview(const struct sd_step_info *info,
  * which holds `count` floats, at least the product of those four fields of `info`.
  *
  * Errors: `SD_ERR_INVALID_ARGUMENT` when `info` is not the pointer the running callback got,
- * `dst` is NULL or `count` is too small. Call it only from the callback's thread.
+ * `dst` is NULL or `count` is too small; `dst` is written only on success. Call it only from
+ * the callback's thread.
  *
  * Pointers: `dst` is NULL or valid for `count` floats of writes.
  */
 sd_status sd_step_latents(const struct sd_step_info *info, float *dst, size_t count);
 
 /**
- * Stores the number of images in `*out_count`.
+ * Stores the number of images in `*out_count` (0 on failure).
  *
  * Errors: `SD_ERR_INVALID_ARGUMENT` when a pointer is NULL. Thread-safe (read-only).
  *
@@ -589,8 +594,9 @@ sd_status sd_step_latents(const struct sd_step_info *info, float *dst, size_t co
 sd_status sd_images_count(const struct sd_images *images, size_t *out_count);
 
 /**
- * Stores in `*out_image` a pointer to image `index` (0-based). The `sd_image` and its pixels
- * belong to `images` and stay valid until `sd_images_free(images)`; do not write or free them.
+ * Stores in `*out_image` a pointer to image `index` (0-based; NULL on failure). The `sd_image`
+ * and its pixels belong to `images` and stay valid until `sd_images_free(images)`; do not write
+ * or free them.
  *
  * Errors: `SD_ERR_INVALID_ARGUMENT` when a pointer is NULL or `index` is out of range.
  * Thread-safe (read-only).
@@ -612,7 +618,9 @@ void sd_images_free(struct sd_images *images);
 /**
  * Starts generating on a worker thread and returns at once with a new job in `*out_job`
  * (NULL on failure). The parameters are checked and copied before it returns (the caller may
- * free its strings and images right after). Jobs and calls on one pipeline run one at a time
+ * free its strings and images right after): everything `sd_generate` checks before it runs
+ * (sizes against the model's, the scheduler name and step count, strength, images, prompt
+ * lengths...) is refused here, at once, with the same status and message. Jobs and calls on one pipeline run one at a time
  * (a job waits in `SD_JOB_QUEUED`; the order among waiting ones is not guaranteed); jobs on
  * different pipelines run in parallel.
  * `params->on_step` and the pipeline's log callback run on the worker thread.
@@ -633,15 +641,18 @@ sd_status sd_job_submit(struct sd_pipeline *pipeline,
  * Set `progress->struct_size = sizeof(sd_job_progress)` first.
  *
  * Threading: thread-safe; cheap enough to call every frame.
- * Errors: `SD_ERR_INVALID_ARGUMENT` when a pointer is NULL or `struct_size` is too small.
+ * Errors: `SD_ERR_INVALID_ARGUMENT` when a pointer is NULL or `struct_size` is too small. When
+ * `job` is the fault, the fields of `*progress` are zeroed; with a wrong `struct_size` it is
+ * not written at all.
  *
  * Pointers: `job` is NULL or live; `progress` is NULL or valid for `progress->struct_size` bytes.
  */
 sd_status sd_job_poll(const struct sd_job *job, struct sd_job_progress *progress);
 
 /**
- * Asks the job to stop: a queued job never starts, a running one stops before its next step.
- * Returns at once; the job then ends in `SD_JOB_CANCELLED` (or in its other final state if it
+ * Asks the job to stop: a queued job never starts, a running one stops at its next phase
+ * (preparing the images, encoding the prompts, each step, decoding each image), so within
+ * about one step's time. Returns at once; the job then ends in `SD_JOB_CANCELLED` (or in its other final state if it
  * finished first). Cancelling a finished job does nothing.
  *
  * Threading: thread-safe, also from the job's own step callback.

@@ -3,7 +3,7 @@
 use super::status::Fail;
 use super::types::{read_versioned, sd_generate_params, sd_image, sd_step_fn, sd_step_info};
 use crate::image_io::Image;
-use crate::pipeline::{GenerateParams, MAX_BATCH, MAX_SIDE, MAX_STEPS};
+use crate::pipeline::{check_prompt, GenerateParams, MAX_BATCH, MAX_SIDE, MAX_STEPS};
 use std::ffi::{c_char, c_void, CStr};
 
 /// The largest side of an input image (it is resized to the output size anyway).
@@ -135,7 +135,9 @@ fn check_number(what: &str, value: f64) -> Result<f64, Fail> {
     Ok(value)
 }
 
-/// Reads and checks `sd_generate_params`, copying everything it points to.
+/// Reads and checks `sd_generate_params`, copying everything it points to. What needs the
+/// model (sizes against its native size, the scheduler name, ...) is checked after this, by
+/// `request_for`.
 ///
 /// # Safety
 /// `p` is NULL or a valid `sd_generate_params` whose pointers are NULL or valid.
@@ -153,10 +155,15 @@ pub(crate) unsafe fn request(
         )));
     }
     let strength = check_number("strength", c.strength)?;
+    let prompt = required_str(c.prompt, "params->prompt")?;
+    check_prompt("params->prompt", prompt)?;
+    let negative_prompt = optional_str(c.negative_prompt, "params->negative_prompt")?;
+    if let Some(negative) = negative_prompt {
+        check_prompt("params->negative_prompt", negative)?;
+    }
     let params = GenerateParams {
-        prompt: required_str(c.prompt, "params->prompt")?.to_owned(),
-        negative_prompt: optional_str(c.negative_prompt, "params->negative_prompt")?
-            .map(str::to_owned),
+        prompt: prompt.to_owned(),
+        negative_prompt: negative_prompt.map(str::to_owned),
         steps: c.steps as usize,
         guidance: check_number("guidance", c.guidance)?,
         seed: c.seed,

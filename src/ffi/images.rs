@@ -1,6 +1,6 @@
 //! `sd_images`: the images a generate call or a job returns, owned by the library until
 //! `sd_images_free`.
-use super::status::{guard, guard_void, sd_status, write_out, Fail};
+use super::status::{clear_out, guard, guard_void, sd_status, Fail};
 use super::types::sd_image;
 use crate::pipeline::Images;
 
@@ -76,7 +76,7 @@ impl sd_images {
     }
 }
 
-/// Stores the number of images in `*out_count`.
+/// Stores the number of images in `*out_count` (0 on failure).
 ///
 /// Errors: `SD_ERR_INVALID_ARGUMENT` when a pointer is NULL. Thread-safe (read-only).
 ///
@@ -87,13 +87,16 @@ pub unsafe extern "C" fn sd_images_count(
     out_count: *mut usize,
 ) -> sd_status {
     guard(|| {
+        clear_out(out_count, "out_count", 0)?;
         let images = sd_images::from_ptr(images)?;
-        write_out(out_count, "out_count", images.items.len())
+        out_count.write(images.items.len());
+        Ok(())
     })
 }
 
-/// Stores in `*out_image` a pointer to image `index` (0-based). The `sd_image` and its pixels
-/// belong to `images` and stay valid until `sd_images_free(images)`; do not write or free them.
+/// Stores in `*out_image` a pointer to image `index` (0-based; NULL on failure). The `sd_image`
+/// and its pixels belong to `images` and stay valid until `sd_images_free(images)`; do not write
+/// or free them.
 ///
 /// Errors: `SD_ERR_INVALID_ARGUMENT` when a pointer is NULL or `index` is out of range.
 /// Thread-safe (read-only).
@@ -106,6 +109,7 @@ pub unsafe extern "C" fn sd_images_get(
     out_image: *mut *const sd_image,
 ) -> sd_status {
     guard(|| {
+        clear_out(out_image, "out_image", std::ptr::null())?;
         let images = sd_images::from_ptr(images)?;
         let item = images.items.get(index).ok_or_else(|| {
             Fail::invalid(format!(
@@ -113,7 +117,8 @@ pub unsafe extern "C" fn sd_images_get(
                 images.items.len()
             ))
         })?;
-        write_out(out_image, "out_image", item.view())
+        out_image.write(item.view());
+        Ok(())
     })
 }
 

@@ -3,7 +3,7 @@
 use super::convert::Request;
 use super::images::sd_images;
 use super::pipeline::{inner_of, request_for, sd_pipeline, PipelineInner};
-use super::status::{guard, guard_void, sd_status, Fail};
+use super::status::{clear_out, guard, guard_void, sd_status, Fail};
 use super::types::{sd_generate_params, sd_job_progress, sd_job_state, write_versioned};
 use parking_lot::{Condvar, Mutex};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -154,7 +154,9 @@ fn spawn(
 
 /// Starts generating on a worker thread and returns at once with a new job in `*out_job`
 /// (NULL on failure). The parameters are checked and copied before it returns (the caller may
-/// free its strings and images right after). Jobs and calls on one pipeline run one at a time
+/// free its strings and images right after): everything `sd_generate` checks before it runs
+/// (sizes against the model's, the scheduler name and step count, strength, images, prompt
+/// lengths...) is refused here, at once, with the same status and message. Jobs and calls on one pipeline run one at a time
 /// (a job waits in `SD_JOB_QUEUED`; the order among waiting ones is not guaranteed); jobs on
 /// different pipelines run in parallel.
 /// `params->on_step` and the pipeline's log callback run on the worker thread.
@@ -172,10 +174,7 @@ pub unsafe extern "C" fn sd_job_submit(
     out_job: *mut *mut sd_job,
 ) -> sd_status {
     guard(|| {
-        if out_job.is_null() {
-            return Err(Fail::invalid("out_job is NULL"));
-        }
-        out_job.write(std::ptr::null_mut());
+        clear_out(out_job, "out_job", std::ptr::null_mut())?;
         let inner = inner_of(pipeline)?;
         let req = request_for(&inner, params)?;
         let shared = Arc::new(JobShared::new());
@@ -194,7 +193,9 @@ pub unsafe extern "C" fn sd_job_submit(
 /// Set `progress->struct_size = sizeof(sd_job_progress)` first.
 ///
 /// Threading: thread-safe; cheap enough to call every frame.
-/// Errors: `SD_ERR_INVALID_ARGUMENT` when a pointer is NULL or `struct_size` is too small.
+/// Errors: `SD_ERR_INVALID_ARGUMENT` when a pointer is NULL or `struct_size` is too small. When
+/// `job` is the fault, the fields of `*progress` are zeroed; with a wrong `struct_size` it is
+/// not written at all.
 ///
 /// Pointers: `job` is NULL or live; `progress` is NULL or valid for `progress->struct_size` bytes.
 #[no_mangle]
@@ -203,11 +204,13 @@ pub unsafe extern "C" fn sd_job_poll(
     progress: *mut sd_job_progress,
 ) -> sd_status {
     guard(|| {
-        let job = job_of(job)?;
         if progress.is_null() {
             return Err(Fail::invalid("progress is NULL"));
         }
         let caller_size = (progress as *const usize).read_unaligned();
+        // Cleared first (when its size is right), so that a failure leaves it zeroed.
+        write_versioned(progress, caller_size, zeroed_progress(), "progress")?;
+        let job = job_of(job)?;
         let s = job.shared.status.lock();
         let value = sd_job_progress {
             struct_size: caller_size,
@@ -221,8 +224,20 @@ pub unsafe extern "C" fn sd_job_poll(
     })
 }
 
-/// Asks the job to stop: a queued job never starts, a running one stops before its next step.
-/// Returns at once; the job then ends in `SD_JOB_CANCELLED` (or in its other final state if it
+/// All fields zero but `struct_size`.
+fn zeroed_progress() -> sd_job_progress {
+    sd_job_progress {
+        struct_size: 0,
+        state: sd_job_state::SD_JOB_QUEUED,
+        step: 0,
+        total: 0,
+        elapsed_seconds: 0.0,
+    }
+}
+
+/// Asks the job to stop: a queued job never starts, a running one stops at its next phase
+/// (preparing the images, encoding the prompts, each step, decoding each image), so within
+/// about one step's time. Returns at once; the job then ends in `SD_JOB_CANCELLED` (or in its other final state if it
 /// finished first). Cancelling a finished job does nothing.
 ///
 /// Threading: thread-safe, also from the job's own step callback.
@@ -290,10 +305,7 @@ pub unsafe extern "C" fn sd_job_take_images(
     out_images: *mut *mut sd_images,
 ) -> sd_status {
     guard(|| {
-        if out_images.is_null() {
-            return Err(Fail::invalid("out_images is NULL"));
-        }
-        out_images.write(std::ptr::null_mut());
+        clear_out(out_images, "out_images", std::ptr::null_mut())?;
         let job = job_of(job)?;
         let mut s = job.shared.status.lock();
         outcome_status(&s)?;

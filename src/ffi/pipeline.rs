@@ -4,13 +4,13 @@
 use super::convert::{optional_str, request, required_str, Request};
 use super::images::sd_images;
 use super::job::JobShared;
-use super::status::{guard, guard_void, sd_status, Fail};
+use super::status::{clear_out, guard, guard_void, sd_status, Fail};
 use super::step;
 use super::types::{
     read_versioned, sd_generate_params, sd_load_options, sd_log_fn, sd_log_level, Versioned,
     SD_DTYPE_BF16, SD_DTYPE_FP16, SD_DTYPE_FP32,
 };
-use crate::pipeline::{Control, LoadOptions, LogLevel, StableDiffusion, StepInfo};
+use crate::pipeline::{Control, LoadOptions, LogLevel, StableDiffusion, StepInfo, Validator};
 use parking_lot::{Mutex, MutexGuard};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CString};
@@ -44,6 +44,8 @@ pub(crate) struct PipelineInner {
     model: Mutex<StableDiffusion>,
     log: Arc<Mutex<Option<LogSink>>>,
     default_scheduler: Option<String>,
+    /// The model's checks of a request, usable while a call holds the model.
+    validator: Validator,
     jobs: Mutex<Vec<Weak<JobShared>>>,
 }
 
@@ -112,7 +114,8 @@ impl PipelineInner {
     }
 
     /// Runs one generate call under the lock; `job` (when this is a job) gets the progress and
-    /// its cancel flag is honoured while waiting and before every next step.
+    /// its cancel flag is honoured while waiting and between every two phases of the run
+    /// (image preparation, VAE encodes, prompt encodings, steps, each image's decode).
     pub fn run(&self, req: &Request, job: Option<&JobShared>) -> Result<Box<sd_images>, Fail> {
         let cancelled = || job.is_some_and(|j| j.is_cancelled());
         let model = self.lock(job.map(|_| &cancelled as &dyn Fn() -> bool))?;
@@ -137,7 +140,10 @@ impl PipelineInner {
                 Control::Continue
             }
         };
-        let images = model.model.generate(&req.params, Some(&mut on_step))?;
+        let images =
+            model
+                .model
+                .generate_cancellable(&req.params, Some(&mut on_step), &cancelled)?;
         drop(model);
         sd_images::from_images(&images, req.channels)
     }
@@ -273,12 +279,14 @@ unsafe fn load(
     model.set_logger(Some(Arc::new(move |level, message: &str| {
         forward(&slot, level, message)
     })));
+    let validator = model.validator();
     Ok(sd_pipeline {
         magic: PIPELINE_MAGIC,
         inner: Arc::new(PipelineInner {
             model: Mutex::new(model),
             log,
             default_scheduler: scheduler,
+            validator,
             jobs: Mutex::new(Vec::new()),
         }),
     })
@@ -304,10 +312,7 @@ pub unsafe extern "C" fn sd_pipeline_load(
     out_pipeline: *mut *mut sd_pipeline,
 ) -> sd_status {
     guard(|| {
-        if out_pipeline.is_null() {
-            return Err(Fail::invalid("out_pipeline is NULL"));
-        }
-        out_pipeline.write(std::ptr::null_mut());
+        clear_out(out_pipeline, "out_pipeline", std::ptr::null_mut())?;
         let pipeline = load(model_path, options)?;
         out_pipeline.write(Box::into_raw(Box::new(pipeline)));
         Ok(())
@@ -367,8 +372,9 @@ pub unsafe extern "C" fn sd_pipeline_set_log_callback(
 /// others and for running jobs), different pipelines in parallel. Must not be called from a
 /// callback of the same pipeline (`SD_ERR_INVALID_ARGUMENT`).
 /// Errors: `SD_ERR_INVALID_ARGUMENT` (NULL, bad UTF-8, `struct_size`, sizes, steps, batch,
-/// strength, images, an unknown scheduler name),
-/// `SD_ERR_CANCELLED` (the callback asked), `SD_ERR_OUT_OF_MEMORY`, `SD_ERR_BACKEND`.
+/// strength, images, clip_skip, a prompt over 65536 bytes, an unknown scheduler name; all
+/// checked before the call waits for the pipeline), `SD_ERR_CANCELLED` (the callback asked),
+/// `SD_ERR_OUT_OF_MEMORY`, `SD_ERR_BACKEND`.
 ///
 /// Pointers: each one NULL (an error) or valid as described above.
 #[no_mangle]
@@ -378,23 +384,28 @@ pub unsafe extern "C" fn sd_generate(
     out_images: *mut *mut sd_images,
 ) -> sd_status {
     guard(|| {
-        if out_images.is_null() {
-            return Err(Fail::invalid("out_images is NULL"));
-        }
-        out_images.write(std::ptr::null_mut());
+        clear_out(out_images, "out_images", std::ptr::null_mut())?;
         let inner = inner_of(pipeline)?;
-        let req = request(params, inner.default_scheduler.as_deref())?;
+        let req = request_for(&inner, params)?;
         let images = inner.run(&req, None)?;
         out_images.write(Box::into_raw(images));
         Ok(())
     })
 }
 
+/// Reads and checks a generate request completely, before anything waits or runs: the C
+/// arguments ([`request`]), then everything the pipeline checks before a run
+/// ([`Validator::validate`]: sizes against the model, scheduler name, strength, images,
+/// prompt length...). `sd_generate` and `sd_job_submit` both call it first, so they refuse
+/// the same requests with the same status and message, at once.
+///
 /// # Safety
 /// As `sd_job_submit`.
 pub(crate) unsafe fn request_for(
     inner: &PipelineInner,
     params: *const sd_generate_params,
 ) -> Result<Request, Fail> {
-    request(params, inner.default_scheduler.as_deref())
+    let req = request(params, inner.default_scheduler.as_deref())?;
+    inner.validator.validate(&req.params)?;
+    Ok(req)
 }

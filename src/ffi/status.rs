@@ -168,14 +168,16 @@ pub(crate) fn guard_void(body: impl FnOnce()) {
     }
 }
 
-/// Writes through an out-pointer, failing with a message naming it when it is NULL.
+/// The first thing of every entry point with an out-pointer: fails, naming it, when it is NULL,
+/// else stores `empty` (NULL, 0) in it, so that every later failure leaves it cleared as the
+/// header promises.
 ///
 /// # Safety
 /// `out` is NULL or valid for writes.
-pub(crate) unsafe fn write_out<T>(out: *mut T, name: &str, value: T) -> Result<(), Fail> {
+pub(crate) unsafe fn clear_out<T>(out: *mut T, name: &str, empty: T) -> Result<(), Fail> {
     if out.is_null() {
         return Err(Fail::invalid(format!("{name} is NULL")));
     }
-    out.write(value);
+    out.write(empty);
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! `sd_step_latents` read, valid on the callback's thread while the callback runs.
 use super::convert::StepCallback;
 use super::images::OwnedImage;
-use super::status::{guard, sd_status, write_out, Fail};
+use super::status::{clear_out, guard, sd_status, Fail};
 use super::types::{sd_image, sd_step_info};
 use crate::pipeline::preview::latents_to_preview_rgb;
 use crate::pipeline::StepInfo;
@@ -67,8 +67,9 @@ fn context<'a>(info: *const sd_step_info) -> Result<&'a StepContext<'a>, Fail> {
     Ok(unsafe { &*(info as *const StepContext) })
 }
 
-/// Inside the step callback: stores in `*out_image` a cheap RGB preview of image `index` of the
-/// batch, made from the current latents by a fixed linear map (no VAE), at latent resolution
+/// Inside the step callback: stores in `*out_image` (NULL on failure) a cheap RGB preview of
+/// image `index` of the batch, made from the current latents by a fixed linear map (no VAE), at
+/// latent resolution
 /// (width / 8 x height / 8). It is computed on the first request of a step (well under a
 /// millisecond at 512 x 512) and is valid until the callback returns.
 ///
@@ -84,10 +85,8 @@ pub unsafe extern "C" fn sd_step_preview(
     out_image: *mut *const sd_image,
 ) -> sd_status {
     guard(|| {
+        clear_out(out_image, "out_image", std::ptr::null())?;
         let ctx = context(info)?;
-        if out_image.is_null() {
-            return Err(Fail::invalid("out_image is NULL"));
-        }
         if index >= ctx.info.batch {
             return Err(Fail::invalid(format!(
                 "index {index} is out of range: the batch has {} images",
@@ -105,7 +104,8 @@ pub unsafe extern "C" fn sd_step_preview(
         let image = previews
             .get(index as usize)
             .ok_or_else(|| Fail::invalid(format!("no preview for image {index}")))?;
-        write_out(out_image, "out_image", image.view())
+        out_image.write(image.view());
+        Ok(())
     })
 }
 
@@ -114,7 +114,8 @@ pub unsafe extern "C" fn sd_step_preview(
 /// which holds `count` floats, at least the product of those four fields of `info`.
 ///
 /// Errors: `SD_ERR_INVALID_ARGUMENT` when `info` is not the pointer the running callback got,
-/// `dst` is NULL or `count` is too small. Call it only from the callback's thread.
+/// `dst` is NULL or `count` is too small; `dst` is written only on success. Call it only from
+/// the callback's thread.
 ///
 /// Pointers: `dst` is NULL or valid for `count` floats of writes.
 #[no_mangle]

@@ -92,11 +92,13 @@ pub struct sd_load_options {
 pub struct sd_generate_params {
     /// `sizeof(sd_generate_params)` as the caller was compiled; set by `sd_generate_params_init`.
     pub struct_size: usize,
-    /// The prompt, UTF-8 (required; "" is allowed). Borrowed for the call.
+    /// The prompt, UTF-8 (required; "" is allowed; at most 65536 bytes, of which the text
+    /// encoder reads the first 77 tokens). Borrowed for the call.
     pub prompt: *const c_char,
-    /// What to steer away from, UTF-8; NULL = "". Borrowed for the call.
+    /// What to steer away from, UTF-8, at most 65536 bytes; NULL = "". Borrowed for the call.
     pub negative_prompt: *const c_char,
-    /// Denoising steps, 1..=1000 (default 50). Image to image runs `steps * strength` of them.
+    /// Denoising steps, 1..=1000 (default 50; a scheduler may allow fewer, e.g. DDIM's
+    /// "leading" spacing at most 999). Image to image runs `steps * strength` of them.
     pub steps: u32,
     /// Images generated for the prompt, 1..=64 (default 1).
     pub batch: u32,
