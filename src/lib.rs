@@ -3,6 +3,7 @@
 pub mod error;
 pub mod ffi;
 pub mod image_io;
+pub mod limits;
 pub mod models;
 pub mod pipeline;
 pub mod rng;

@@ -35,6 +35,47 @@ pub fn random_init(init: Init) -> Init {
     }
 }
 
+thread_local! {
+    /// `Some(count)` while [`count_parameters`] runs on this thread.
+    static COUNTING: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+/// Creates variable `name` of `vs` with `dims`; while [`count_parameters`] runs, only adds its
+/// element count (saturating) and returns an empty placeholder, so that a model of absurd size
+/// costs nothing to measure. Every variable of our models is created through here.
+pub fn variable(vs: &nn::Path, name: &str, dims: &[i64], init: Init) -> Tensor {
+    let counted = COUNTING.with(|c| match c.get() {
+        Some(total) => {
+            let n = crate::limits::element_count(dims)
+                .and_then(|n| u64::try_from(n).ok())
+                .unwrap_or(u64::MAX);
+            c.set(Some(total.saturating_add(n)));
+            true
+        }
+        None => false,
+    });
+    if counted {
+        Tensor::empty([0], (tch::Kind::Float, tch::Device::Cpu))
+    } else {
+        vs.var(name, dims, init)
+    }
+}
+
+/// The number of parameters the model that `build` makes would have, without allocating them:
+/// the sizes of a config are checked with this before the model is built for real.
+pub fn count_parameters<T>(build: impl FnOnce(nn::Path) -> crate::Result<T>) -> crate::Result<u64> {
+    struct Reset(Option<u64>);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            COUNTING.with(|c| c.set(self.0));
+        }
+    }
+    let _reset = Reset(COUNTING.with(|c| c.replace(Some(0))));
+    let vs = nn::VarStore::new(tch::Device::Cpu);
+    drop(build(vs.root())?);
+    Ok(COUNTING.with(|c| c.get()).unwrap_or(0))
+}
+
 fn kaiming() -> Init {
     random_init(nn::init::DEFAULT_KAIMING_UNIFORM)
 }
@@ -48,8 +89,8 @@ pub struct Linear {
 
 impl Linear {
     pub fn new(vs: nn::Path, in_dim: i64, out_dim: i64, bias: bool) -> Self {
-        let weight = vs.var("weight", &[out_dim, in_dim], kaiming());
-        let bias = bias.then(|| vs.var("bias", &[out_dim], Init::Const(0.)));
+        let weight = variable(&vs, "weight", &[out_dim, in_dim], kaiming());
+        let bias = bias.then(|| variable(&vs, "bias", &[out_dim], Init::Const(0.)));
         Self { weight, bias }
     }
 
@@ -75,8 +116,8 @@ impl Conv2d {
         stride: i64,
         padding: i64,
     ) -> Self {
-        let weight = vs.var("weight", &[out_c, in_c, kernel, kernel], kaiming());
-        let bias = Some(vs.var("bias", &[out_c], Init::Const(0.)));
+        let weight = variable(&vs, "weight", &[out_c, in_c, kernel, kernel], kaiming());
+        let bias = Some(variable(&vs, "bias", &[out_c], Init::Const(0.)));
         Self {
             weight,
             bias,
@@ -107,8 +148,8 @@ pub struct GroupNorm {
 
 impl GroupNorm {
     pub fn new(vs: nn::Path, groups: i64, channels: i64, eps: f64) -> Self {
-        let weight = vs.var("weight", &[channels], Init::Const(1.));
-        let bias = vs.var("bias", &[channels], Init::Const(0.));
+        let weight = variable(&vs, "weight", &[channels], Init::Const(1.));
+        let bias = variable(&vs, "bias", &[channels], Init::Const(0.));
         Self {
             weight,
             bias,
@@ -138,8 +179,8 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn new(vs: nn::Path, dim: i64, eps: f64) -> Self {
-        let weight = vs.var("weight", &[dim], Init::Const(1.));
-        let bias = vs.var("bias", &[dim], Init::Const(0.));
+        let weight = variable(&vs, "weight", &[dim], Init::Const(1.));
+        let bias = variable(&vs, "bias", &[dim], Init::Const(0.));
         Self {
             weight,
             bias,

@@ -1,6 +1,10 @@
 //! The CLIP text transformer (transformers' `CLIPTextModel`) that conditions the UNet.
-use super::blocks::{multi_head_attention, LayerNorm, Linear};
+use super::blocks::{multi_head_attention, variable, LayerNorm, Linear};
 use super::config::read_json;
+use crate::limits::{
+    check_finite, check_positive, MAX_CONFIG_CHANNELS, MAX_CONFIG_LAYERS, MAX_CONFIG_POSITIONS,
+    MAX_CONFIG_VOCAB,
+};
 use crate::{Error, Result};
 use std::path::Path;
 use tch::nn::{self, Init};
@@ -56,15 +60,37 @@ impl ClipTextConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let value: serde_json::Value = read_json(path)?;
         let text = value.get("text_config").cloned().unwrap_or(value);
-        let cfg: Self = serde_json::from_value(text).map_err(|e| Error::Json {
-            path: path.into(),
-            source: e,
-        })?;
+        let cfg: Self = super::config::from_json_value(text, "text encoder config")
+            .map_err(|msg| Error::BadModel(format!("{}: {msg}", path.display())))?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     pub fn validate(&self) -> Result<()> {
+        let field = |name: &str| format!("text encoder config {name}");
+        check_positive(&field("vocab_size"), self.vocab_size, MAX_CONFIG_VOCAB)?;
+        check_positive(&field("hidden_size"), self.hidden_size, MAX_CONFIG_CHANNELS)?;
+        check_positive(
+            &field("intermediate_size"),
+            self.intermediate_size,
+            4 * MAX_CONFIG_CHANNELS,
+        )?;
+        check_positive(
+            &field("num_hidden_layers"),
+            self.num_hidden_layers,
+            MAX_CONFIG_LAYERS,
+        )?;
+        check_positive(
+            &field("num_attention_heads"),
+            self.num_attention_heads,
+            self.hidden_size,
+        )?;
+        check_positive(
+            &field("max_position_embeddings"),
+            self.max_position_embeddings,
+            MAX_CONFIG_POSITIONS,
+        )?;
+        check_finite(&field("layer_norm_eps"), self.layer_norm_eps, false)?;
         if self.hidden_size % self.num_attention_heads != 0 {
             return Err(Error::bad_model(format!(
                 "text encoder hidden_size {} is not a multiple of num_attention_heads {}",
@@ -172,9 +198,14 @@ impl ClipTextTransformer {
             mean: 0.,
             stdev: 0.02,
         });
-        let token_embedding =
-            (&emb / "token_embedding").var("weight", &[config.vocab_size, d], normal);
-        let position_embedding = (&emb / "position_embedding").var(
+        let token_embedding = variable(
+            &(&emb / "token_embedding"),
+            "weight",
+            &[config.vocab_size, d],
+            normal,
+        );
+        let position_embedding = variable(
+            &(&emb / "position_embedding"),
             "weight",
             &[config.max_position_embeddings, d],
             normal,

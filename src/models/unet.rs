@@ -4,6 +4,10 @@ use super::blocks::{
     Upsample2D,
 };
 use super::config::{read_json, PerBlock};
+use crate::limits::{
+    check_each_positive, check_finite, check_positive, MAX_CONFIG_BLOCKS, MAX_CONFIG_CHANNELS,
+    MAX_CONFIG_LAYERS, MAX_CONFIG_POSITIONS,
+};
 use crate::{Error, Result};
 use std::path::Path;
 use tch::nn;
@@ -178,8 +182,70 @@ impl UNetConfig {
         })
     }
 
+    /// Every size of the config in a range a real UNet uses, before anything is built from it.
+    fn check_ranges(&self) -> Result<()> {
+        let field = |name: &str| format!("UNet config {name}");
+        check_each_positive(
+            &field("block_out_channels"),
+            &self.block_out_channels,
+            MAX_CONFIG_CHANNELS,
+        )?;
+        check_positive(&field("in_channels"), self.in_channels, MAX_CONFIG_CHANNELS)?;
+        check_positive(
+            &field("out_channels"),
+            self.out_channels,
+            MAX_CONFIG_CHANNELS,
+        )?;
+        check_positive(
+            &field("norm_num_groups"),
+            self.norm_num_groups,
+            MAX_CONFIG_CHANNELS,
+        )?;
+        if let Some(s) = self.sample_size {
+            check_positive(&field("sample_size"), s, MAX_CONFIG_POSITIONS)?;
+        }
+        if !(0..=2).contains(&self.downsample_padding) {
+            return Err(Error::bad_model(format!(
+                "{} is {}: it must be 0, 1 or 2",
+                field("downsample_padding"),
+                self.downsample_padding
+            )));
+        }
+        check_finite(&field("norm_eps"), self.norm_eps, false)?;
+        check_finite(&field("freq_shift"), self.freq_shift, false)?;
+        check_finite(
+            &field("mid_block_scale_factor"),
+            self.mid_block_scale_factor,
+            true,
+        )?;
+        let r = self.resolve()?;
+        check_each_positive(&field("layers_per_block"), &r.layers, MAX_CONFIG_LAYERS)?;
+        let heads_field = if self.num_attention_heads.is_some() {
+            "num_attention_heads"
+        } else {
+            "attention_head_dim"
+        };
+        check_each_positive(&field(heads_field), &r.heads, MAX_CONFIG_CHANNELS)?;
+        check_each_positive(
+            &field("cross_attention_dim"),
+            &r.cross_dims,
+            MAX_CONFIG_CHANNELS,
+        )?;
+        check_each_positive(
+            &field("transformer_layers_per_block"),
+            &r.transformer_layers,
+            MAX_CONFIG_LAYERS,
+        )?;
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<()> {
         let n = self.block_out_channels.len();
+        if n > MAX_CONFIG_BLOCKS {
+            return Err(Error::bad_model(format!(
+                "UNet config has {n} block_out_channels: at most {MAX_CONFIG_BLOCKS} levels"
+            )));
+        }
         if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
             return Err(Error::bad_model(format!(
                 "UNet config: {} block_out_channels, {} down_block_types, {} up_block_types must agree",
@@ -226,6 +292,7 @@ impl UNetConfig {
                 self.resnet_time_scale_shift, self.time_embedding_type
             ));
         }
+        self.check_ranges()?;
         let r = self.resolve()?;
         for (i, (&c, &h)) in self.block_out_channels.iter().zip(&r.heads).enumerate() {
             if h <= 0 || c % h != 0 || c % self.norm_num_groups != 0 {

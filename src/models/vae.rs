@@ -3,6 +3,10 @@ use super::blocks::{
     Attention, Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, ResnetConfig, Upsample2D,
 };
 use super::config::read_json;
+use crate::limits::{
+    check_each_positive, check_finite, check_positive, MAX_CONFIG_BLOCKS, MAX_CONFIG_CHANNELS,
+    MAX_CONFIG_LAYERS,
+};
 use crate::rng::NoiseSource;
 use crate::{Error, Result};
 use std::path::Path;
@@ -81,6 +85,43 @@ impl VaeConfig {
 
     pub fn validate(&self) -> Result<()> {
         let n = self.block_out_channels.len();
+        let field = |name: &str| format!("VAE config {name}");
+        if n > MAX_CONFIG_BLOCKS {
+            return Err(Error::bad_model(format!(
+                "{} has {n} entries: at most {MAX_CONFIG_BLOCKS} levels",
+                field("block_out_channels")
+            )));
+        }
+        check_each_positive(
+            &field("block_out_channels"),
+            &self.block_out_channels,
+            MAX_CONFIG_CHANNELS,
+        )?;
+        check_positive(&field("in_channels"), self.in_channels, MAX_CONFIG_CHANNELS)?;
+        check_positive(
+            &field("out_channels"),
+            self.out_channels,
+            MAX_CONFIG_CHANNELS,
+        )?;
+        check_positive(
+            &field("latent_channels"),
+            self.latent_channels,
+            MAX_CONFIG_CHANNELS,
+        )?;
+        check_positive(
+            &field("layers_per_block"),
+            self.layers_per_block,
+            MAX_CONFIG_LAYERS,
+        )?;
+        check_positive(
+            &field("norm_num_groups"),
+            self.norm_num_groups,
+            MAX_CONFIG_CHANNELS,
+        )?;
+        check_finite(&field("scaling_factor"), self.scaling_factor, true)?;
+        if let Some(shift) = self.shift_factor {
+            check_finite(&field("shift_factor"), shift, false)?;
+        }
         if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
             return Err(Error::bad_model(format!(
                 "VAE config: {} block_out_channels, {} down_block_types, {} up_block_types must agree",

@@ -181,7 +181,7 @@ impl SchedulerConfig {
     /// [`Error::Json`], and a field with a wrong type or value is [`Error::BadModel`] naming the
     /// file, the field and (for string enums) the valid values.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::models::config::read_text(path)?;
         let value: serde_json::Value = serde_json::from_str(&dpm_common::quote_nonfinite(&text))
             .map_err(|source| Error::Json {
                 path: path.to_path_buf(),
@@ -200,30 +200,7 @@ impl SchedulerConfig {
 
     /// Deserialises, and on failure finds the field at fault so that the message names it.
     fn from_value(value: serde_json::Value) -> std::result::Result<Self, String> {
-        let map = match value {
-            serde_json::Value::Object(map) => map,
-            other => {
-                return Err(format!(
-                    "scheduler config must be a JSON object, found {}",
-                    json_kind(&other)
-                ))
-            }
-        };
-        match serde_json::from_value::<Self>(serde_json::Value::Object(map.clone())) {
-            Ok(config) => Ok(config),
-            Err(whole) => {
-                for (key, val) in map {
-                    let mut single = serde_json::Map::new();
-                    single.insert(key.clone(), val);
-                    if let Err(e) =
-                        serde_json::from_value::<Self>(serde_json::Value::Object(single))
-                    {
-                        return Err(format!("scheduler config field `{key}`: {e}"));
-                    }
-                }
-                Err(format!("scheduler config: {whole}"))
-            }
-        }
+        crate::models::config::from_json_value(value, "scheduler config")
     }
 
     /// The config with some fields replaced: each override is a field name and its value as
@@ -251,17 +228,6 @@ impl SchedulerConfig {
     pub fn with_class_name(mut self, name: &str) -> Self {
         self.class_name = Some(name.to_string());
         self
-    }
-}
-
-fn json_kind(v: &serde_json::Value) -> &'static str {
-    match v {
-        serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "a boolean",
-        serde_json::Value::Number(_) => "a number",
-        serde_json::Value::String(_) => "a string",
-        serde_json::Value::Array(_) => "an array",
-        serde_json::Value::Object(_) => "an object",
     }
 }
 
