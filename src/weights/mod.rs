@@ -126,7 +126,14 @@ impl WeightSet {
         &self.files
     }
 
-    fn describe(&self) -> String {
+    /// Bytes of all the files together.
+    pub fn total_bytes(&self) -> u64 {
+        self.files
+            .iter()
+            .fold(0u64, |a, f| a.saturating_add(f.file_len()))
+    }
+
+    pub fn describe(&self) -> String {
         let names: Vec<String> = self
             .files
             .iter()
@@ -186,7 +193,7 @@ impl TensorSource for WeightSet {
 }
 
 fn shards_of_index(index: &Path) -> Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let text = crate::models::config::read_text(index)?;
     let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Json {
         path: index.into(),
         source: e,

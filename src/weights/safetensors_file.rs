@@ -1,3 +1,4 @@
+use crate::limits::{element_count, MAX_TENSOR_DIMS, MAX_TENSOR_ELEMENTS};
 use crate::{Error, Result};
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, Metadata};
@@ -39,16 +40,17 @@ impl SafetensorsFile {
         let mut tensors = std::collections::HashMap::new();
         for (name, info) in metadata.tensors() {
             let (start, end) = info.data_offsets;
-            if start > end || data_start + end > mmap.len() {
+            if start > end || data_start.checked_add(end).map_or(true, |e| e > mmap.len()) {
                 return Err(Error::bad_model(format!(
                     "tensor `{name}` in {} points outside the file",
                     path.display()
                 )));
             }
+            let shape = checked_shape(path, &name, &info.shape)?;
             tensors.insert(
                 name,
                 TensorInfo {
-                    shape: info.shape.iter().map(|&d| d as i64).collect(),
+                    shape,
                     dtype: info.dtype,
                     start: data_start + start,
                     end: data_start + end,
@@ -75,6 +77,11 @@ impl SafetensorsFile {
         self.tensors.keys().map(|s| s.as_str())
     }
 
+    /// Size of the file in bytes.
+    pub fn file_len(&self) -> u64 {
+        self.mmap.len() as u64
+    }
+
     /// Size in bytes of the header plus data, as on disk.
     pub fn data_start(&self) -> usize {
         self.data_start
@@ -98,7 +105,33 @@ impl SafetensorsFile {
     }
 }
 
-fn kind_of(dtype: Dtype) -> Option<Kind> {
+/// A tensor's shape as stored in a safetensors header, within [`MAX_TENSOR_DIMS`] dimensions
+/// and [`MAX_TENSOR_ELEMENTS`] elements (a zero-sized tensor may not hide an absurd dimension
+/// either: shapes become configs).
+pub(crate) fn checked_shape(path: &Path, name: &str, shape: &[usize]) -> Result<Vec<i64>> {
+    let bad = |why: String| {
+        Error::bad_model(format!(
+            "tensor `{name}` in {} has shape {shape:?}: {why}",
+            path.display()
+        ))
+    };
+    if shape.len() > MAX_TENSOR_DIMS {
+        return Err(bad(format!("more than {MAX_TENSOR_DIMS} dimensions")));
+    }
+    let dims: Vec<i64> = shape
+        .iter()
+        .map(|&d| i64::try_from(d).ok().filter(|&d| d <= MAX_TENSOR_ELEMENTS))
+        .collect::<Option<_>>()
+        .ok_or_else(|| bad(format!("a dimension above {MAX_TENSOR_ELEMENTS}")))?;
+    match element_count(&dims) {
+        Some(n) if n <= MAX_TENSOR_ELEMENTS => Ok(dims),
+        _ => Err(bad(format!(
+            "more than {MAX_TENSOR_ELEMENTS} elements, the limit for one tensor"
+        ))),
+    }
+}
+
+pub(crate) fn kind_of(dtype: Dtype) -> Option<Kind> {
     Some(match dtype {
         Dtype::F32 => Kind::Float,
         Dtype::F16 => Kind::Half,
