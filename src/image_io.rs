@@ -282,10 +282,30 @@ pub fn read_png_text(path: &Path) -> Result<Vec<(String, String)>> {
     let reader = decoder
         .read_info()
         .map_err(|e| Error::Image(format!("{}: {e}", path.display())))?;
-    Ok(reader
-        .info()
+    // All three text chunk kinds: our own PNGs put non-Latin-1 text in iTXt, other tools
+    // compress theirs. Compressed text is inflated up to MAX_PNG_TEXT_BYTES; a chunk that
+    // cannot be read is skipped, not an error (the image is what matters).
+    let info = reader.info();
+    let mut text: Vec<(String, String)> = info
         .uncompressed_latin1_text
         .iter()
         .map(|c| (c.keyword.clone(), c.text.clone()))
-        .collect())
+        .collect();
+    for chunk in &info.compressed_latin1_text {
+        let mut c = chunk.clone();
+        if c.decompress_text_with_limit(MAX_PNG_TEXT_BYTES).is_ok() {
+            if let Ok(t) = c.get_text() {
+                text.push((c.keyword, t));
+            }
+        }
+    }
+    for chunk in &info.utf8_text {
+        let mut c = chunk.clone();
+        if c.decompress_text_with_limit(MAX_PNG_TEXT_BYTES).is_ok() {
+            if let Ok(t) = c.get_text() {
+                text.push((c.keyword, t));
+            }
+        }
+    }
+    Ok(text)
 }

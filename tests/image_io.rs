@@ -270,6 +270,16 @@ fn a_prompt_outside_latin1_goes_to_itxt_and_latin1_stays_in_text() {
             (Kind::Itxt, "parameters".into(), prompt.into()),
         ]
     );
+    // The library's own reader sees both kinds.
+    let mut ours = stable_diffusion::image_io::read_png_text(&path).unwrap();
+    ours.sort();
+    assert_eq!(
+        ours,
+        vec![
+            ("Software".to_string(), "sd café".to_string()),
+            ("parameters".to_string(), prompt.to_string()),
+        ]
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
