@@ -223,6 +223,10 @@ struct CommonArgs {
     /// Single files: a diffusers folder whose configs and tokenizer replace the detected ones.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Single files: render the EMA copy of the UNet (`model_ema.*`) when the file has one;
+    /// without it the non-EMA weights are used, as diffusers, A1111 and ComfyUI do.
+    #[arg(long)]
+    ema: bool,
     /// Output PNG; with --batch N > 1, files are numbered (out-1.png, out-2.png, ...).
     #[arg(long, short, default_value = "out.png")]
     out: PathBuf,
@@ -291,7 +295,24 @@ fn a1111_parameters(
     s
 }
 
+/// The folder of `--out` must exist before minutes are spent generating into it.
+fn check_out_folder(out: &Path) -> Result<()> {
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !parent.is_dir() {
+        return Err(Error::invalid(format!(
+            "--out {}: the folder {} does not exist",
+            out.display(),
+            parent.display()
+        )));
+    }
+    Ok(())
+}
+
 fn run(a: &CommonArgs, edit: Edit) -> Result<()> {
+    check_out_folder(&a.out)?;
     let options = LoadOptions {
         device: parse_device(&a.device)?,
         kind: parse_dtype(&a.dtype)?,
@@ -310,7 +331,7 @@ fn run(a: &CommonArgs, edit: Edit) -> Result<()> {
     let overrides = ModelOverrides {
         prediction_type,
         config_dir: a.config.clone(),
-        ..Default::default()
+        use_ema: a.ema,
     };
     let sd = StableDiffusion::load_with(&a.model, &options, &overrides)?;
     let params = GenerateParams {
