@@ -35,8 +35,8 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
         .map_err(|msg| Error::BadModel(format!("{}: {msg}", path.display())))
 }
 
-/// Deserialises `value` (a config object whose fields all have defaults); on failure finds the
-/// field at fault, so that the message names it rather than a type deep inside serde.
+/// Deserialises `value` (a config object); on failure finds the field at fault when every
+/// field has a default, so that the message names it rather than a type deep inside serde.
 pub fn from_json_value<T: DeserializeOwned>(
     value: serde_json::Value,
     what: &str,
@@ -55,6 +55,10 @@ pub fn from_json_value<T: DeserializeOwned>(
     };
     match serde_json::from_value::<T>(serde_json::Value::Object(map.clone())) {
         Ok(v) => Ok(v),
+        // Finding the field by trying each alone only works when every field has a default.
+        Err(whole) if serde_json::from_value::<T>(serde_json::json!({})).is_err() => {
+            Err(format!("{what}: {whole}"))
+        }
         Err(whole) => {
             for (key, val) in map {
                 let mut single = serde_json::Map::new();

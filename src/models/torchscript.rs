@@ -69,11 +69,7 @@ impl Manifest {
     /// Reads and checks `dir/manifest.json`; errors name the file.
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST);
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let manifest: Manifest = serde_json::from_str(&text).map_err(|e| Error::Json {
-            path: path.clone(),
-            source: e,
-        })?;
+        let manifest: Manifest = super::config::read_json(&path)?;
         manifest.check(&path)?;
         Ok(manifest)
     }
@@ -181,7 +177,7 @@ pub fn is_export_folder(path: &Path) -> bool {
     if !path.is_dir() || !manifest.is_file() {
         return false;
     }
-    let declared = std::fs::read_to_string(&manifest)
+    let declared = super::config::read_text(&manifest)
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
         .and_then(|v| v.get("format").and_then(|f| f.as_str()).map(String::from));
