@@ -56,8 +56,8 @@ pub const MAX_CONFIG_LAYERS: i64 = 64;
 pub const MAX_CONFIG_VOCAB: i64 = 1 << 20;
 pub const MAX_CONFIG_POSITIONS: i64 = 4096;
 
-/// A scheduler's training timesteps (1000 in every SD model).
-pub const MAX_TRAIN_TIMESTEPS: i64 = 100_000;
+/// A scheduler's training timesteps (1000 in every SD model): its tables are this long.
+pub const MAX_TRAIN_TIMESTEPS: usize = 1_000_000;
 
 /// Checks `value` is in `1..=max`, naming `what` (a config field or argument) otherwise.
 pub fn check_positive(what: &str, value: i64, max: i64) -> crate::Result<()> {

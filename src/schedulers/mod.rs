@@ -609,9 +609,10 @@ impl TrainSchedule {
                 "num_train_timesteps must be at least 1, got 0",
             ));
         }
-        if n > 1_000_000 {
+        if n > crate::limits::MAX_TRAIN_TIMESTEPS {
             return Err(Error::invalid(format!(
-                "num_train_timesteps {n} is unreasonably large (at most 1000000)"
+                "num_train_timesteps {n} is unreasonably large (at most {})",
+                crate::limits::MAX_TRAIN_TIMESTEPS
             )));
         }
         let betas = match &config.trained_betas {
