@@ -131,7 +131,7 @@ pub struct Checkpoint {
     global_step: Option<i64>,
 }
 
-/// The first bytes of a file say what it is.
+/// The first bytes of a file say what it is (only those are read).
 pub fn sniff(path: &Path) -> Result<Option<FileFormat>> {
     use std::io::Read;
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
@@ -280,12 +280,19 @@ impl Checkpoint {
     }
 }
 
+/// Says what a file that is not a checkpoint is, when it is recognisable (from its first
+/// bytes only: the file may be huge).
 fn not_a_checkpoint(path: &Path) -> Error {
-    let legacy = std::fs::read(path)
-        .ok()
-        .map(|b| b.len() >= 2 && b[0] == 0x80 && b[1] <= 5)
-        .unwrap_or(false);
-    if legacy {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(8);
+    let _ = std::fs::File::open(path).and_then(|f| f.take(8).read_to_end(&mut head));
+    if head.starts_with(b"GGUF") {
+        Error::Unsupported(format!(
+            "{} is a GGUF file (llama.cpp / stable-diffusion.cpp format), not supported: use a \
+             .safetensors or .ckpt checkpoint or a diffusers folder",
+            path.display()
+        ))
+    } else if head.len() >= 2 && head[0] == 0x80 && head[1] <= 5 {
         Error::Unsupported(format!(
             "{} is a PyTorch file in the legacy (pre-1.6, non-zip) format; re-save it with a \
              recent torch or convert it to .safetensors",
