@@ -235,7 +235,21 @@ impl Checkpoint {
         let elt = raw.kind.elt_size_in_bytes();
         let from_bytes = |bytes: &[u8]| -> Result<Tensor> {
             Ok(match &raw.stride {
-                None => Tensor::f_from_data_size(bytes, &raw.shape, raw.kind)?,
+                None => {
+                    // libtorch reads as many bytes as the shape says: never more than we have.
+                    let needed = crate::limits::element_count(&raw.shape)
+                        .and_then(|n| usize::try_from(n).ok())
+                        .and_then(|n| n.checked_mul(elt));
+                    if needed != Some(bytes.len()) {
+                        return Err(Error::bad_model(format!(
+                            "tensor `{key}` in {}: shape {:?} does not match its {} bytes",
+                            self.path.display(),
+                            raw.shape,
+                            bytes.len()
+                        )));
+                    }
+                    Tensor::f_from_data_size(bytes, &raw.shape, raw.kind)?
+                }
                 Some(stride) => {
                     let n = (bytes.len() / elt) as i64;
                     Tensor::f_from_data_size(bytes, &[n], raw.kind)?
