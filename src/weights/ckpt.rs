@@ -3,7 +3,7 @@
 //! entry per storage, normally stored uncompressed). The pickle goes through the restricted
 //! [`super::pickle`] interpreter, which only rebuilds tensor references and plain containers;
 //! the storages are not read here: each tensor is indexed as a byte range of the memory-mapped
-//! file, or of a compressed entry that [`read_entry`] decompresses when the tensor is read.
+//! file, or of a compressed entry that [`ZippedStorages`] decompresses when it is read.
 //!
 //! The file may be hostile or damaged. Every size that comes from it is checked before it is
 //! used: the zip directory's entry count against the file's length (the zip crate reserves
@@ -24,19 +24,21 @@ use std::collections::{HashMap, HashSet};
 use std::io::{Cursor, Read};
 use std::path::Path;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use zip::CompressionMethod;
 
 /// The tensors of a checkpoint's state dict, and its `global_step` if it records one.
 pub(crate) struct CkptIndex {
     pub tensors: HashMap<String, RawTensor>,
     pub global_step: Option<i64>,
+    /// The compressed entries that [`Bytes::Zipped`] tensors read from.
+    pub zipped: ZippedStorages,
 }
 
 /// A zip entry, as its central directory record and local header place it.
 #[derive(Debug, Clone)]
 struct Entry {
-    /// Index in the archive.
-    index: usize,
     name: String,
     method: CompressionMethod,
     /// Offset of the (possibly compressed) data in the file.
@@ -139,11 +141,108 @@ fn entry_bytes<'a>(
     Ok(Cow::Owned(out))
 }
 
-/// Decompresses (or copies) zip entry `index` of the checkpoint, within [`MAX_STORAGE_BYTES`].
-pub(crate) fn read_entry(path: &Path, data: &[u8], index: usize) -> Result<Vec<u8>> {
-    let mut archive = zip::ZipArchive::new(Cursor::new(data)).map_err(|e| zip_error(path, e))?;
-    let entry = entry_at(path, data, &mut archive, index)?;
-    Ok(entry_bytes(path, data, &entry, MAX_STORAGE_BYTES, "MAX_STORAGE_BYTES")?.into_owned())
+/// The compressed storages of a checkpoint, decompressed on demand.
+///
+/// A storage that several tensors are views of (a rare layout, but a legitimate one) is kept
+/// decompressed until each of its tensors has been released (see [`Self::release`]) or the
+/// checkpoint is dropped, so it is decompressed once, not once per tensor. The trade-off is
+/// memory: such a storage is held next to the tensors already made from it, up to
+/// [`MAX_STORAGE_BYTES`] of held storages in all (the oldest are let go past that, and are
+/// decompressed again if read again). A storage with a single tensor, the usual layout, is
+/// never held: it costs one decompression per read of its tensor, as before.
+#[derive(Default)]
+pub(crate) struct ZippedStorages {
+    entries: Vec<Entry>,
+    /// For each entry, the tensors that read from it.
+    tensors: Vec<usize>,
+    cache: Mutex<StorageCache>,
+    decompressions: AtomicUsize,
+}
+
+#[derive(Default)]
+struct StorageCache {
+    /// Held storages by entry, oldest first.
+    held: Vec<(usize, Arc<Vec<u8>>)>,
+    held_bytes: u64,
+    /// The tensors of each shared entry released so far.
+    released: HashMap<usize, HashSet<String>>,
+}
+
+impl ZippedStorages {
+    /// Registers one more tensor reading from compressed `entry`; returns the entry's index.
+    fn add(&mut self, entry: &Entry, by_name: &mut HashMap<String, usize>) -> usize {
+        let i = *by_name.entry(entry.name.clone()).or_insert_with(|| {
+            self.entries.push(entry.clone());
+            self.tensors.push(0);
+            self.entries.len() - 1
+        });
+        self.tensors[i] += 1;
+        i
+    }
+
+    /// How many times an entry was decompressed.
+    #[cfg(test)]
+    pub(crate) fn decompressions(&self) -> usize {
+        self.decompressions.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of storages held decompressed.
+    #[cfg(test)]
+    pub(crate) fn held_bytes(&self) -> u64 {
+        self.lock().held_bytes
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, StorageCache> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn shared(&self, i: usize) -> bool {
+        self.tensors.get(i).is_some_and(|&n| n > 1)
+    }
+
+    fn all_released(&self, cache: &StorageCache, i: usize) -> bool {
+        cache.released.get(&i).map_or(0, |s| s.len()) >= self.tensors[i]
+    }
+
+    /// The decompressed bytes of entry `i`.
+    pub(crate) fn read(&self, path: &Path, file: &[u8], i: usize) -> Result<Arc<Vec<u8>>> {
+        let entry = self.entries.get(i).ok_or_else(|| {
+            Error::bad_model(format!("{}: no compressed entry {i}", path.display()))
+        })?;
+        let mut cache = self.lock();
+        if let Some((_, data)) = cache.held.iter().find(|(e, _)| *e == i) {
+            return Ok(Arc::clone(data));
+        }
+        self.decompressions.fetch_add(1, Ordering::Relaxed);
+        let bytes = entry_bytes(path, file, entry, MAX_STORAGE_BYTES, "MAX_STORAGE_BYTES")?;
+        let data = Arc::new(bytes.into_owned());
+        if self.shared(i) && !self.all_released(&cache, i) {
+            let size = data.len() as u64;
+            while cache.held_bytes + size > MAX_STORAGE_BYTES && !cache.held.is_empty() {
+                let (_, old) = cache.held.remove(0);
+                cache.held_bytes -= old.len() as u64;
+            }
+            cache.held.push((i, Arc::clone(&data)));
+            cache.held_bytes += size;
+        }
+        Ok(data)
+    }
+
+    /// Says the caller is done with tensor `key` of entry `i`: once every tensor of a held
+    /// storage has been released, the storage is let go.
+    pub(crate) fn release(&self, i: usize, key: &str) {
+        if !self.shared(i) {
+            return;
+        }
+        let mut cache = self.lock();
+        cache.released.entry(i).or_default().insert(key.to_string());
+        if self.all_released(&cache, i) {
+            if let Some(at) = cache.held.iter().position(|(e, _)| *e == i) {
+                let (_, old) = cache.held.remove(at);
+                cache.held_bytes -= old.len() as u64;
+            }
+        }
+    }
 }
 
 /// Entry `i` of `archive`, checked to lie inside the file.
@@ -166,7 +265,6 @@ fn entry_at(
         )));
     };
     let entry = Entry {
-        index: i,
         name,
         method: f.compression(),
         data_start,
@@ -405,6 +503,8 @@ pub(crate) fn index(path: &Path, data: &[u8]) -> Result<CkptIndex> {
     let global_step = root.get("global_step").and_then(|v| v.as_int());
 
     let mut tensors = HashMap::new();
+    let mut zipped = ZippedStorages::default();
+    let mut zipped_by_name = HashMap::new();
     // Work per entry must not grow with the length of a string the memo can hand out again
     // and again: a key or storage name is looked at once per string object, and the last
     // entry of a key wins, as in a Python dict.
@@ -456,7 +556,7 @@ pub(crate) fn index(path: &Path, data: &[u8]) -> Result<CkptIndex> {
             }
         } else {
             Bytes::Zipped {
-                entry: entry.index,
+                entry: zipped.add(entry, &mut zipped_by_name),
                 start,
                 len,
             }
@@ -474,6 +574,7 @@ pub(crate) fn index(path: &Path, data: &[u8]) -> Result<CkptIndex> {
     Ok(CkptIndex {
         tensors,
         global_step,
+        zipped,
     })
 }
 
@@ -484,6 +585,7 @@ mod tests {
     use crate::weights::single_file::Checkpoint;
     use std::io::Write;
     use std::path::PathBuf;
+    use tch::Tensor;
 
     /// A tensor of a test state dict, in a `FloatStorage`.
     struct T<'a> {
@@ -993,6 +1095,71 @@ mod tests {
             "{} truncations; {cases} flip cases: {opened} opened ({read} tensors read), {refused} refused",
             good.len()
         );
+        let _ = std::fs::remove_file(path);
+    }
+
+    /// Many tensors as views of one deflated storage: every one reads correctly, the storage
+    /// is decompressed once, and it is let go once every tensor has been released.
+    #[test]
+    fn views_of_one_deflated_storage_decompress_once() {
+        let n = 300;
+        let storage = floats(n * 64);
+        let names: Vec<String> = (0..n).map(|i| format!("layer.{i:03}.weight")).collect();
+        let mut tensors: Vec<T> = Vec::new();
+        let (row, square, tr): (&[i64], &[i64], &[i64]) = (&[64], &[8, 8], &[1, 8]);
+        for (i, name) in names.iter().enumerate() {
+            let offset = (i * 64) as i64;
+            tensors.push(if i % 3 == 2 {
+                t(name, "0", offset, square, tr)
+            } else {
+                t(name, "0", offset, row, &[1])
+            });
+        }
+        tensors.push(t("alone", "1", 0, &[16], &[1]));
+        let zip = archive(
+            &pickle_of(&tensors),
+            &[("0", &storage, true), ("1", &floats(16), true)],
+        );
+        let path = tmp("views-of-one.ckpt");
+        std::fs::write(&path, &zip).unwrap();
+        let c = Checkpoint::open(&path).unwrap();
+        let check = |i: usize, got: &Tensor| {
+            let base = (i * 64) as f32;
+            let expected: Vec<f32> = if i % 3 == 2 {
+                (0..64)
+                    .map(|k| base + ((k % 8) * 8 + k / 8) as f32)
+                    .collect()
+            } else {
+                (0..64).map(|k| base + k as f32).collect()
+            };
+            assert_eq!(
+                Vec::<f32>::try_from(got.flatten(0, -1)).unwrap(),
+                expected,
+                "{i}"
+            );
+        };
+        // In a scrambled order, then in key order.
+        let mut order: Vec<usize> = (0..n).collect();
+        let mut rng = Rng(7);
+        for i in (1..n).rev() {
+            order.swap(i, rng.below(i + 1));
+        }
+        for &i in &order {
+            check(i, &c.tensor(&names[i]).unwrap());
+        }
+        assert_eq!(c.zipped.decompressions(), 1);
+        assert_eq!(c.zipped.held_bytes(), storage.len() as u64);
+        // A storage with one tensor is not held.
+        let _ = c.tensor("alone").unwrap();
+        assert_eq!(c.zipped.decompressions(), 2);
+        assert_eq!(c.zipped.held_bytes(), storage.len() as u64);
+        // Releasing every tensor of the shared storage lets it go.
+        for (i, name) in names.iter().enumerate() {
+            check(i, &c.tensor(name).unwrap());
+            c.release(name);
+        }
+        assert_eq!(c.zipped.decompressions(), 2);
+        assert_eq!(c.zipped.held_bytes(), 0);
         let _ = std::fs::remove_file(path);
     }
 }

@@ -102,7 +102,8 @@ pub enum FileFormat {
 pub(crate) enum Bytes {
     /// A range of the memory map.
     Mapped { start: usize, len: usize },
-    /// A range of a compressed zip entry (decompressed on demand).
+    /// A range of a compressed zip entry, decompressed on demand: `entry` indexes the
+    /// checkpoint's [`ckpt::ZippedStorages`].
     Zipped {
         entry: usize,
         start: usize,
@@ -129,6 +130,8 @@ pub struct Checkpoint {
     tensors: HashMap<String, RawTensor>,
     metadata: BTreeMap<String, String>,
     global_step: Option<i64>,
+    /// The compressed storages of a `.ckpt` (none for most files), decompressed once each.
+    pub(super) zipped: ckpt::ZippedStorages,
 }
 
 /// The first bytes of a file say what it is (only those are read).
@@ -163,14 +166,19 @@ impl Checkpoint {
         // SAFETY: read-only private map; a file truncated under us by another process is
         // outside what any reader of on-disk weights can defend against.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let (tensors, metadata, global_step) = match format {
+        let (tensors, metadata, global_step, zipped) = match format {
             FileFormat::Safetensors => {
                 let (t, m) = index_safetensors(path, &mmap)?;
-                (t, m, None)
+                (t, m, None, ckpt::ZippedStorages::default())
             }
             FileFormat::Ckpt => {
                 let index = ckpt::index(path, &mmap)?;
-                (index.tensors, BTreeMap::new(), index.global_step)
+                (
+                    index.tensors,
+                    BTreeMap::new(),
+                    index.global_step,
+                    index.zipped,
+                )
             }
         };
         Ok(Self {
@@ -180,6 +188,7 @@ impl Checkpoint {
             tensors,
             metadata,
             global_step,
+            zipped,
         })
     }
 
@@ -261,7 +270,7 @@ impl Checkpoint {
         match &raw.bytes {
             Bytes::Mapped { start, len } => from_bytes(&self.mmap[*start..*start + *len]),
             Bytes::Zipped { entry, start, len } => {
-                let data = ckpt::read_entry(&self.path, &self.mmap, *entry)?;
+                let data = self.zipped.read(&self.path, &self.mmap, *entry)?;
                 let slice = data.get(*start..*start + *len).ok_or_else(|| {
                     Error::bad_model(format!(
                         "tensor `{key}` in {} points outside its storage",
@@ -274,8 +283,17 @@ impl Checkpoint {
     }
 
     /// Drops the resident pages of `key`'s bytes (they are read again from the file if needed),
-    /// so that a loaded model does not also keep the file's pages in its RSS.
+    /// so that a loaded model does not also keep the file's pages in its RSS; for a tensor of a
+    /// compressed storage that other tensors share, counts it as done, and lets the storage go
+    /// once all of them are.
     pub fn release(&self, key: &str) {
+        if let Some(RawTensor {
+            bytes: Bytes::Zipped { entry, .. },
+            ..
+        }) = self.tensors.get(key)
+        {
+            self.zipped.release(*entry, key);
+        }
         if let Some(RawTensor {
             bytes: Bytes::Mapped { start, len },
             ..
