@@ -3,6 +3,8 @@
 //! layout (`.safetensors` or `.ckpt`), told apart by content, or a TorchScript export folder
 //! (`manifest.json` from `tools/export_torchscript.py`).
 use super::StableDiffusion;
+use crate::limits::check_component_size;
+use crate::models::blocks::count_parameters;
 use crate::models::torchscript::{self, TorchScriptParts};
 use crate::models::{
     AutoencoderKL, ClipTextConfig, ClipTextTransformer, UNet2DConditionModel, UNetConfig, VaeConfig,
@@ -92,16 +94,26 @@ fn var_store(device: Device, kind: Kind) -> VarStore {
     vs
 }
 
-fn load_weights(
-    vs: &mut VarStore,
+/// Builds one component of a diffusers folder with `build` and fills it from the weights in
+/// `dir` (`{stem}.safetensors` or its variants). The size its config describes is checked
+/// against the limits and the weight files first, so a config cannot make us allocate more
+/// than the files could fill.
+fn load_component<T>(
+    what: &str,
     dir: &Path,
     stem: &str,
+    options: &LoadOptions,
+    build: impl Fn(tch::nn::Path) -> Result<T>,
     keys_of: impl Fn(&str) -> Vec<String>,
-) -> Result<()> {
+) -> Result<T> {
     let weights = WeightSet::find_in_dir(dir, stem)?;
-    weights.load_into_with(vs, keys_of)?;
+    let parameters = count_parameters(&build)?;
+    check_component_size(what, parameters, weights.total_bytes(), &weights.describe())?;
+    let mut vs = var_store(options.device, options.kind);
+    let model = build(vs.root())?;
+    weights.load_into_with(&vs, keys_of)?;
     vs.freeze();
-    Ok(())
+    Ok(model)
 }
 
 /// diffusers before 0.14 named the VAE's attention `query/key/value/proj_attn`.
@@ -171,8 +183,6 @@ impl StableDiffusion {
     /// Loads a diffusers-layout Stable Diffusion folder.
     fn load_folder(root: &Path, options: &LoadOptions) -> Result<Self> {
         let files = ModelFiles::new(root)?;
-        let device = options.device;
-        let kind = options.kind;
 
         let tokenizer_dir = files.part("tokenizer");
         let tokenizer = if tokenizer_dir.is_dir() {
@@ -183,21 +193,36 @@ impl StableDiffusion {
 
         let text_dir = files.part("text_encoder");
         let text_config = ClipTextConfig::from_file(&text_dir.join("config.json"))?;
-        let mut vs = var_store(device, kind);
-        let text_encoder = ClipTextTransformer::new(vs.root(), &text_config)?;
-        load_weights(&mut vs, &text_dir, "model", text_encoder_keys)?;
+        let text_encoder = load_component(
+            "text encoder",
+            &text_dir,
+            "model",
+            options,
+            |vs| ClipTextTransformer::new(vs, &text_config),
+            text_encoder_keys,
+        )?;
 
         let unet_dir = files.part("unet");
         let unet_config = UNetConfig::from_file(&unet_dir.join("config.json"))?;
-        let mut vs = var_store(device, kind);
-        let unet = UNet2DConditionModel::new(vs.root(), &unet_config)?;
-        load_weights(&mut vs, &unet_dir, "diffusion_pytorch_model", same_key)?;
+        let unet = load_component(
+            "UNet",
+            &unet_dir,
+            "diffusion_pytorch_model",
+            options,
+            |vs| UNet2DConditionModel::new(vs, &unet_config),
+            same_key,
+        )?;
 
         let vae_dir = files.part("vae");
         let vae_config = VaeConfig::from_file(&vae_dir.join("config.json"))?;
-        let mut vs = var_store(device, kind);
-        let vae = AutoencoderKL::new(vs.root(), &vae_config)?;
-        load_weights(&mut vs, &vae_dir, "diffusion_pytorch_model", vae_keys)?;
+        let vae = load_component(
+            "VAE",
+            &vae_dir,
+            "diffusion_pytorch_model",
+            options,
+            |vs| AutoencoderKL::new(vs, &vae_config),
+            vae_keys,
+        )?;
 
         let sched_path = files.part("scheduler").join("scheduler_config.json");
         let scheduler_config = if sched_path.is_file() {
@@ -263,6 +288,22 @@ impl StableDiffusion {
             Some(dir) if dir.is_dir() => ClipTokenizer::from_dir(&dir)?,
             _ => standard_tokenizer(layout.family)?,
         };
+
+        // Everything the configs describe must fit in the file before anything is built.
+        let parameters = [
+            count_parameters(|vs| ClipTextTransformer::new(vs, &configs.text))?,
+            count_parameters(|vs| UNet2DConditionModel::new(vs, &configs.unet))?,
+            count_parameters(|vs| AutoencoderKL::new(vs, &configs.vae))?,
+        ];
+        for (what, n) in ["text encoder", "UNet", "VAE"].iter().zip(parameters) {
+            check_component_size(what, n, ckpt.file_len(), &ckpt.path().display().to_string())?;
+        }
+        check_component_size(
+            "model",
+            parameters.iter().fold(0u64, |a, &n| a.saturating_add(n)),
+            ckpt.file_len(),
+            &ckpt.path().display().to_string(),
+        )?;
 
         let mut vs = var_store(device, kind);
         let text_encoder = ClipTextTransformer::new(vs.root(), &configs.text)?;

@@ -14,6 +14,7 @@
 //! the pages of each are released once it is copied, so loading never holds a second copy of
 //! the model.
 use super::ckpt;
+use super::safetensors_file::{checked_shape, kind_of};
 use super::TensorSource;
 use crate::models::{ClipTextConfig, UNetConfig, VaeConfig};
 use crate::schedulers::{PredictionType, SchedulerConfig};
@@ -71,7 +72,9 @@ pub struct ModelOverrides {
     /// (as diffusers' `from_single_file(config=...)`).
     pub config_dir: Option<PathBuf>,
     /// Single files only: take the UNet from the EMA copy (`model_ema.*`) when the file has
-    /// one (default true).
+    /// one. Default false: diffusers' `from_single_file`, A1111 and ComfyUI render the
+    /// non-EMA weights, and users compare our images with theirs. A file that holds only the
+    /// EMA copy uses it either way.
     pub use_ema: bool,
 }
 
@@ -80,7 +83,7 @@ impl Default for ModelOverrides {
         Self {
             prediction_type: None,
             config_dir: None,
-            use_ema: true,
+            use_ema: false,
         }
     }
 }
@@ -198,6 +201,11 @@ impl Checkpoint {
 
     pub fn format(&self) -> FileFormat {
         self.format
+    }
+
+    /// Size of the file in bytes.
+    pub fn file_len(&self) -> u64 {
+        self.mmap.len() as u64
     }
 
     /// Number of tensors in the file.
@@ -338,23 +346,6 @@ fn not_a_checkpoint(path: &Path) -> Error {
     }
 }
 
-fn kind_of(dtype: safetensors::Dtype) -> Option<Kind> {
-    use safetensors::Dtype as D;
-    Some(match dtype {
-        D::F32 => Kind::Float,
-        D::F16 => Kind::Half,
-        D::BF16 => Kind::BFloat16,
-        D::F64 => Kind::Double,
-        D::I64 => Kind::Int64,
-        D::I32 => Kind::Int,
-        D::I16 => Kind::Int16,
-        D::I8 => Kind::Int8,
-        D::U8 => Kind::Uint8,
-        D::BOOL => Kind::Bool,
-        _ => return None,
-    })
-}
-
 type Index = (HashMap<String, RawTensor>, BTreeMap<String, String>);
 
 fn index_safetensors(path: &Path, mmap: &Mmap) -> Result<Index> {
@@ -368,7 +359,7 @@ fn index_safetensors(path: &Path, mmap: &Mmap) -> Result<Index> {
     let mut tensors = HashMap::new();
     for (name, info) in meta.tensors() {
         let (start, end) = info.data_offsets;
-        if start > end || data_start + end > mmap.len() {
+        if start > end || data_start.checked_add(end).map_or(true, |e| e > mmap.len()) {
             return Err(Error::bad_model(format!(
                 "tensor `{name}` in {} points outside the file (truncated?)",
                 path.display()
@@ -379,11 +370,12 @@ fn index_safetensors(path: &Path, mmap: &Mmap) -> Result<Index> {
         let Some(kind) = kind_of(info.dtype) else {
             continue;
         };
+        let shape = checked_shape(path, &name, &info.shape)?;
         tensors.insert(
             name,
             RawTensor {
                 kind,
-                shape: info.shape.iter().map(|&d| d as i64).collect(),
+                shape,
                 stride: None,
                 bytes: Bytes::Mapped {
                     start: data_start + start,
@@ -477,7 +469,7 @@ impl Layout {
 
         let conv_in = format!("{UNET}input_blocks.0.0.weight");
         let has_ema = has(&ema_key(&conv_in));
-        let ema = use_ema && has_ema;
+        let ema = has_ema && (use_ema || !has(&conv_in));
         let unet_shape = if has(&conv_in) {
             ckpt.shape(&conv_in)
         } else if has_ema {
