@@ -435,6 +435,67 @@ fn ema_weights_are_used_when_present() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A file with both copies renders the non-EMA UNet unless EMA is asked for, as diffusers'
+/// `from_single_file`, A1111 and ComfyUI do; a file with only the EMA copy renders it.
+#[test]
+fn non_ema_weights_are_the_default() {
+    let dir = tmp_dir("ema-default");
+    let both = dir.join("both.safetensors");
+    let ema_only = dir.join("ema-only.safetensors");
+    let ema_name = |rest: &str| format!("model_ema.diffusion_model{}", rest.replace('.', ""));
+    // The real UNet under the usual names, zeros as its EMA copy.
+    rewrite(
+        &single("tiny-sd1.safetensors"),
+        &both,
+        |name, t| match name.strip_prefix("model.diffusion_model.") {
+            Some(rest) => vec![(ema_name(rest), t.zeros_like()), (name.to_string(), t)],
+            None => vec![(name.to_string(), t)],
+        },
+        None,
+    );
+    rewrite(
+        &single("tiny-sd1.safetensors"),
+        &ema_only,
+        |name, t| match name.strip_prefix("model.diffusion_model.") {
+            Some(rest) => vec![(ema_name(rest), t)],
+            None => vec![(name.to_string(), t)],
+        },
+        None,
+    );
+    assert!(!ModelOverrides::default().use_ema);
+    // fp16, as the single file stores the weights: the folder's image is then the reference.
+    let render = |path: &Path, use_ema: bool| {
+        let overrides = ModelOverrides {
+            use_ema,
+            ..with_config("tiny-sd1")
+        };
+        let sd = StableDiffusion::load_with(path, &half(), &overrides)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        sd.generate(&txt2img_params(), None).unwrap().pixels
+    };
+    let folder = StableDiffusion::load(&fixtures().join("tiny-sd1"), &half())
+        .unwrap()
+        .generate(&txt2img_params(), None)
+        .unwrap()
+        .pixels;
+    let by_default = render(&both, ModelOverrides::default().use_ema);
+    assert!(
+        max_abs_diff(&folder, &by_default) <= 1e-4,
+        "default is not the non-EMA UNet"
+    );
+    let with_ema = render(&both, true);
+    assert!(
+        max_abs_diff(&folder, &with_ema) > 1e-2,
+        "use_ema did not take the EMA copy"
+    );
+    let only = render(&ema_only, false);
+    assert!(
+        max_abs_diff(&folder, &only) <= 1e-4,
+        "an EMA-only file must use its EMA copy"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn key_variants_load() {
     // `conditioner.embedders.0.transformer.*` (sgm-style) and no position_ids.
