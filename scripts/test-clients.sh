@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds and runs the clients of the C ABI against the shipped model (models/tiny), through an install
 # (`make install PROFILE=debug` into a scratch prefix, linked with pkg-config as the README
-# shows): the C example, the same under valgrind (no definite leak, no memory error), the C++
+# shows): the C example, the same under valgrind (no definite leak, no memory error), the C
+# fuzzer of the ABI's promises (3000 seeded cases, and 300 cheap ones under valgrind), the C++
 # RAII wrapper's example, the C# binding's example (Mono) and the Python ctypes example.
 # Each example checks its own results and exits non-zero on a surprise.
 # Prints `clients: N passed, M failed` last; exits non-zero when any failed.
@@ -27,6 +28,7 @@ run() {
   if "$@" >"$work/$name.log" 2>&1; then
     passed=$((passed + 1))
     echo "client $name: ok ($((SECONDS - start)) s)"
+    grep -h '^abi_fuzz:' "$work/$name.log" | sed 's/^/    /'
   else
     failed=$((failed + 1))
     failures+=("$name")
@@ -45,7 +47,7 @@ need() {
 echo "building and installing the library into $prefix"
 if ! make --no-print-directory install PREFIX="$prefix" PROFILE=debug >"$work/install.log" 2>&1; then
   tail -n 40 "$work/install.log"
-  echo "clients: 0 passed, 5 failed"
+  echo "clients: 0 passed, 7 failed"
   exit 1
 fi
 export PKG_CONFIG_PATH="$prefix/lib/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"
@@ -72,6 +74,29 @@ valgrind_client() {
     grep -q "no leaks are possible" "$work/valgrind.txt"
 }
 
+# The fuzzer of the ABI's promises (examples/c/abi_fuzz.c): a few thousand seeded cases. One
+# OpenMP thread: its tiny runs alternate between the caller's thread and job workers, and
+# on a loaded machine the idle OpenMP teams' spinning made it 10 to 50 times slower.
+fuzz_client() {
+  cc -std=c99 -Wall -Wextra -Wpedantic -Werror examples/c/abi_fuzz.c "${sd_flags[@]}" \
+    -o "$work/c_abi_fuzz" &&
+    OMP_NUM_THREADS=1 "$work/c_abi_fuzz" "$model" 3000
+}
+
+# Its cheap cases under valgrind: validation failures and one real one-step job (libtorch
+# under valgrind is slow), judged as the example is.
+fuzz_valgrind_client() {
+  need valgrind && test -x "$work/c_abi_fuzz" || return 1
+  OMP_NUM_THREADS=1 valgrind --leak-check=full --errors-for-leak-kinds=definite \
+    --show-leak-kinds=definite --error-exitcode=99 --log-file="$work/fuzz-valgrind.txt" \
+    "$work/c_abi_fuzz" "$model" 300 --light
+  local rc=$?
+  grep -E "definitely lost|ERROR SUMMARY" "$work/fuzz-valgrind.txt"
+  [ $rc -eq 0 ] || return 1
+  grep -q "definitely lost: 0 bytes" "$work/fuzz-valgrind.txt" ||
+    grep -q "no leaks are possible" "$work/fuzz-valgrind.txt"
+}
+
 cpp_client() {
   c++ -std=c++17 -Wall -Wextra -Wpedantic -Werror examples/cpp/txt2img.cpp "${sd_flags[@]}" \
     -pthread -o "$work/cpp_txt2img" &&
@@ -94,6 +119,8 @@ python_client() {
 
 run c c_client
 run c-valgrind valgrind_client
+run c-fuzz fuzz_client
+run c-fuzz-valgrind fuzz_valgrind_client
 run cpp cpp_client
 run csharp csharp_client
 run python python_client
