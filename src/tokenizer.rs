@@ -376,7 +376,7 @@ impl Inner {
             while !word.is_char_boundary(cut) {
                 cut += 1;
             }
-            let ids = self.bpe.tokenize(word[..cut].as_bytes());
+            let ids = self.bpe.tokenize(&word.as_bytes()[..cut]);
             if ids.len() >= wanted {
                 out.extend_from_slice(&ids);
                 return;

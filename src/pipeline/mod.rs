@@ -374,7 +374,7 @@ impl StableDiffusion {
         if mask.is_some() {
             shapes.push(single.clone());
         }
-        shapes.extend(std::iter::repeat_n(shape.clone(), scheduler.noise_draws()));
+        shapes.extend(std::iter::repeat(shape.clone()).take(scheduler.noise_draws()));
         stop()?;
         let mut noise_source = PredrawnNoise::draw(params.seed, &shapes, self.kind, self.device)?;
 
