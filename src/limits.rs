@@ -77,6 +77,37 @@ pub fn check_each_positive(what: &str, values: &[i64], max: i64) -> crate::Resul
     Ok(())
 }
 
+/// The sizes every UNet and VAE config has: the widths of its levels, its input and output
+/// channels and its group-norm groups, for the config of `model` ("UNet", "VAE").
+pub fn check_level_sizes(
+    model: &str,
+    block_out_channels: &[i64],
+    in_channels: i64,
+    out_channels: i64,
+    norm_num_groups: i64,
+) -> crate::Result<()> {
+    let field = |name: &str| format!("{model} config {name}");
+    if block_out_channels.len() > MAX_CONFIG_BLOCKS {
+        return Err(crate::Error::bad_model(format!(
+            "{} has {} entries: at most {MAX_CONFIG_BLOCKS} levels",
+            field("block_out_channels"),
+            block_out_channels.len()
+        )));
+    }
+    check_each_positive(
+        &field("block_out_channels"),
+        block_out_channels,
+        MAX_CONFIG_CHANNELS,
+    )?;
+    check_positive(&field("in_channels"), in_channels, MAX_CONFIG_CHANNELS)?;
+    check_positive(&field("out_channels"), out_channels, MAX_CONFIG_CHANNELS)?;
+    check_positive(
+        &field("norm_num_groups"),
+        norm_num_groups,
+        MAX_CONFIG_CHANNELS,
+    )
+}
+
 /// Checks a float config value is finite (and, with `nonzero`, not zero).
 pub fn check_finite(what: &str, value: f64, nonzero: bool) -> crate::Result<()> {
     if !value.is_finite() || (nonzero && value == 0.0) {

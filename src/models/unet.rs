@@ -5,7 +5,7 @@ use super::blocks::{
 };
 use super::config::{read_json, PerBlock};
 use crate::limits::{
-    check_each_positive, check_finite, check_positive, MAX_CONFIG_BLOCKS, MAX_CONFIG_CHANNELS,
+    check_each_positive, check_finite, check_level_sizes, check_positive, MAX_CONFIG_CHANNELS,
     MAX_CONFIG_LAYERS, MAX_CONFIG_POSITIONS,
 };
 use crate::{Error, Result};
@@ -185,21 +185,12 @@ impl UNetConfig {
     /// Every size of the config in a range a real UNet uses, before anything is built from it.
     fn check_ranges(&self) -> Result<()> {
         let field = |name: &str| format!("UNet config {name}");
-        check_each_positive(
-            &field("block_out_channels"),
+        check_level_sizes(
+            "UNet",
             &self.block_out_channels,
-            MAX_CONFIG_CHANNELS,
-        )?;
-        check_positive(&field("in_channels"), self.in_channels, MAX_CONFIG_CHANNELS)?;
-        check_positive(
-            &field("out_channels"),
+            self.in_channels,
             self.out_channels,
-            MAX_CONFIG_CHANNELS,
-        )?;
-        check_positive(
-            &field("norm_num_groups"),
             self.norm_num_groups,
-            MAX_CONFIG_CHANNELS,
         )?;
         if let Some(s) = self.sample_size {
             check_positive(&field("sample_size"), s, MAX_CONFIG_POSITIONS)?;
@@ -241,11 +232,6 @@ impl UNetConfig {
 
     pub fn validate(&self) -> Result<()> {
         let n = self.block_out_channels.len();
-        if n > MAX_CONFIG_BLOCKS {
-            return Err(Error::bad_model(format!(
-                "UNet config has {n} block_out_channels: at most {MAX_CONFIG_BLOCKS} levels"
-            )));
-        }
         if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
             return Err(Error::bad_model(format!(
                 "UNet config: {} block_out_channels, {} down_block_types, {} up_block_types must agree",

@@ -4,8 +4,7 @@ use super::blocks::{
 };
 use super::config::read_json;
 use crate::limits::{
-    check_each_positive, check_finite, check_positive, MAX_CONFIG_BLOCKS, MAX_CONFIG_CHANNELS,
-    MAX_CONFIG_LAYERS,
+    check_finite, check_level_sizes, check_positive, MAX_CONFIG_CHANNELS, MAX_CONFIG_LAYERS,
 };
 use crate::rng::NoiseSource;
 use crate::{Error, Result};
@@ -86,22 +85,12 @@ impl VaeConfig {
     pub fn validate(&self) -> Result<()> {
         let n = self.block_out_channels.len();
         let field = |name: &str| format!("VAE config {name}");
-        if n > MAX_CONFIG_BLOCKS {
-            return Err(Error::bad_model(format!(
-                "{} has {n} entries: at most {MAX_CONFIG_BLOCKS} levels",
-                field("block_out_channels")
-            )));
-        }
-        check_each_positive(
-            &field("block_out_channels"),
+        check_level_sizes(
+            "VAE",
             &self.block_out_channels,
-            MAX_CONFIG_CHANNELS,
-        )?;
-        check_positive(&field("in_channels"), self.in_channels, MAX_CONFIG_CHANNELS)?;
-        check_positive(
-            &field("out_channels"),
+            self.in_channels,
             self.out_channels,
-            MAX_CONFIG_CHANNELS,
+            self.norm_num_groups,
         )?;
         check_positive(
             &field("latent_channels"),
@@ -112,11 +101,6 @@ impl VaeConfig {
             &field("layers_per_block"),
             self.layers_per_block,
             MAX_CONFIG_LAYERS,
-        )?;
-        check_positive(
-            &field("norm_num_groups"),
-            self.norm_num_groups,
-            MAX_CONFIG_CHANNELS,
         )?;
         check_finite(&field("scaling_factor"), self.scaling_factor, true)?;
         if let Some(shift) = self.shift_factor {
