@@ -24,6 +24,8 @@
 //! tokenizer folder (`tokenizer_config.json`, `special_tokens_map.json`, `added_tokens.json`,
 //! the `added_tokens` of `tokenizer.json`); see `resolve_added_tokens` below.
 
+// Tokenizer files are read through the size-capped readers of model folders.
+use crate::models::config::{read_json, read_text};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::io::Read;
@@ -171,7 +173,7 @@ impl ClipTokenizer {
         let optional = |name: &str| -> Result<Option<(PathBuf, Value)>> {
             let path = dir.join(name);
             if path.is_file() {
-                let value = read_json(&path)?;
+                let value: Value = read_json(&path)?;
                 if !value.is_object() {
                     return Err(Error::bad_model(format!(
                         "{}: expected a JSON object",
@@ -739,18 +741,6 @@ fn embedded_config(pad: &str) -> (Value, Value) {
 
 // ------------------------------------------------------------------------------------------
 // reading files
-
-fn read_text(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
-}
-
-fn read_json(path: &Path) -> Result<Value> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_slice(&bytes).map_err(|source| Error::Json {
-        path: path.to_path_buf(),
-        source,
-    })
-}
 
 fn json_id(v: &Value, what: &str, path: &Path) -> Result<u32> {
     v.as_u64()
