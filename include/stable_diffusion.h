@@ -228,6 +228,19 @@ typedef struct sd_load_options {
    * the list of known ones. NULL or "" (default): the one in the model's `scheduler/` config.
    */
   const char *scheduler;
+  /**
+   * Single-file checkpoints: a diffusers folder whose `unet/`, `vae/` and `text_encoder/`
+   * configs, `tokenizer/` and `scheduler/` replace the ones detected from the file (as the
+   * CLI's `--config` and diffusers' `from_single_file(config=...)`). UTF-8, borrowed for the
+   * call; NULL or "" (default): detect them.
+   */
+  const char *config_dir;
+  /**
+   * Single-file checkpoints holding both UNet copies: non-zero renders the EMA copy
+   * (`model_ema.*`); 0 (default) the non-EMA weights, as diffusers, A1111 and ComfyUI do.
+   * A file with only the EMA copy uses it either way.
+   */
+  int32_t use_ema;
 } sd_load_options;
 
 /**
@@ -488,7 +501,8 @@ sd_status sd_generate_params_init(struct sd_generate_params *params, size_t stru
 
 /**
  * Loads a Stable Diffusion 1.x / 2.x model from a diffusers folder (`model_index.json`,
- * `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`; fp32 or fp16 safetensors) and
+ * `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`; fp32 or fp16 safetensors), a
+ * single original-layout `.safetensors` or `.ckpt` file, or a TorchScript export folder, and
  * stores a new pipeline in `*out_pipeline` (NULL on failure). `options` may be NULL for the
  * defaults (see `sd_load_options_init`). `model_path` is UTF-8, borrowed for the call.
  *

@@ -1,6 +1,7 @@
 //! The C ABI called as a C program would: every entry point with bad arguments (status code and
 //! message), the results of each mode, the step callback (preview, latents, cancel), the log
 //! callback and `struct_size` versioning.
+mod common;
 mod ffi_util;
 
 use ffi_util::*;
@@ -819,4 +820,68 @@ fn generate_params_from_a_newer_header() {
     assert_eq!(status, SD_ERR_UNSUPPORTED);
     assert!(message.contains("does not know"), "{message}");
     unsafe { sd_pipeline_free(p) };
+}
+
+/// `use_ema` in the load options: a single file holding both UNet copies renders the non-EMA
+/// one by default (as diffusers, A1111 and ComfyUI), the EMA one when asked; a caller whose
+/// struct ends before the field gets the default whatever lies past its struct.
+#[test]
+fn load_options_choose_the_ema_unet() {
+    let dir = std::env::temp_dir().join(format!("sd-ffi-ema-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let base = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/single/tiny-sd1.safetensors");
+    let mut tensors = common::parse_safetensors(&std::fs::read(&base).unwrap());
+    let ema: Vec<common::StTensor> = tensors
+        .iter()
+        .filter_map(|(name, dtype, shape, bytes)| {
+            let rest = name.strip_prefix("model.diffusion_model.")?;
+            let key = format!("model_ema.diffusion_model{}", rest.replace('.', ""));
+            Some((key, dtype.clone(), shape.clone(), vec![0u8; bytes.len()]))
+        })
+        .collect();
+    tensors.extend(ema);
+    let both = dir.join("both.safetensors");
+    std::fs::write(&both, common::write_safetensors(&tensors)).unwrap();
+
+    let render = |path: &std::path::Path, use_ema: i32, struct_size: usize| -> Vec<u8> {
+        let mut o = std::mem::MaybeUninit::<sd_load_options>::zeroed();
+        let size = size_of::<sd_load_options>();
+        assert_eq!(
+            unsafe { sd_load_options_init(o.as_mut_ptr(), size) },
+            sd_status::SD_OK
+        );
+        let mut o = unsafe { o.assume_init() };
+        o.use_ema = use_ema;
+        o.struct_size = struct_size;
+        // The tiny model's own vocabulary and configs, as a user of a fine-tune would pass them.
+        let config = fixture("tiny-sd1");
+        o.config_dir = config.as_ptr();
+        let path = CString::new(path.to_str().unwrap()).unwrap();
+        let mut pipe = null_mut();
+        let status = unsafe { sd_pipeline_load(path.as_ptr(), &o, &mut pipe) };
+        assert_eq!(status, sd_status::SD_OK, "{}", last_error());
+        let out = generate(pipe, &params(PROMPT, 2, 3)).unwrap();
+        unsafe { sd_pipeline_free(pipe) };
+        out[0].0.clone()
+    };
+    let full = size_of::<sd_load_options>();
+    let before_the_field = std::mem::offset_of!(sd_load_options, use_ema);
+    let reference = render(&base, 0, full);
+    assert_eq!(
+        render(&both, 0, full),
+        reference,
+        "default must be the non-EMA UNet"
+    );
+    assert_ne!(
+        render(&both, 1, full),
+        reference,
+        "use_ema must take the EMA copy"
+    );
+    assert_eq!(
+        render(&both, 1, before_the_field),
+        reference,
+        "an older caller's struct must get the default"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -11,10 +11,11 @@ use super::types::{
     SD_DTYPE_BF16, SD_DTYPE_FP16, SD_DTYPE_FP32,
 };
 use crate::pipeline::{Control, LoadOptions, LogLevel, StableDiffusion, StepInfo, Validator};
+use crate::weights::single_file::ModelOverrides;
 use parking_lot::{Mutex, MutexGuard};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CString};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind};
@@ -270,7 +271,12 @@ unsafe fn load(
             format!("model folder {path} not found"),
         ));
     }
-    let mut model = StableDiffusion::load(Path::new(path), &load_options)?;
+    let overrides = ModelOverrides {
+        use_ema: opts.use_ema != 0,
+        config_dir: optional_str(opts.config_dir, "options->config_dir")?.map(PathBuf::from),
+        ..Default::default()
+    };
+    let mut model = StableDiffusion::load_with(Path::new(path), &load_options, &overrides)?;
     if let Some(name) = &scheduler {
         model.scheduler(Some(name))?; // an unknown name fails here, not at the first call
     }
@@ -293,7 +299,8 @@ unsafe fn load(
 }
 
 /// Loads a Stable Diffusion 1.x / 2.x model from a diffusers folder (`model_index.json`,
-/// `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`; fp32 or fp16 safetensors) and
+/// `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`; fp32 or fp16 safetensors), a
+/// single original-layout `.safetensors` or `.ckpt` file, or a TorchScript export folder, and
 /// stores a new pipeline in `*out_pipeline` (NULL on failure). `options` may be NULL for the
 /// defaults (see `sd_load_options_init`). `model_path` is UTF-8, borrowed for the call.
 ///

@@ -81,6 +81,15 @@ pub struct sd_load_options {
     /// ...), a diffusers class name or an A1111 sampler name; unknown names are refused with
     /// the list of known ones. NULL or "" (default): the one in the model's `scheduler/` config.
     pub scheduler: *const c_char,
+    /// Single-file checkpoints: a diffusers folder whose `unet/`, `vae/` and `text_encoder/`
+    /// configs, `tokenizer/` and `scheduler/` replace the ones detected from the file (as the
+    /// CLI's `--config` and diffusers' `from_single_file(config=...)`). UTF-8, borrowed for the
+    /// call; NULL or "" (default): detect them.
+    pub config_dir: *const c_char,
+    /// Single-file checkpoints holding both UNet copies: non-zero renders the EMA copy
+    /// (`model_ema.*`); 0 (default) the non-EMA weights, as diffusers, A1111 and ComfyUI do.
+    /// A file with only the EMA copy uses it either way.
+    pub use_ema: i32,
 }
 
 /// What to generate. Fill it with `sd_generate_params_init`, then set at least `prompt`.
@@ -281,6 +290,8 @@ unsafe impl Versioned for sd_load_options {
             device: std::ptr::null(),
             dtype: SD_DTYPE_FP32,
             scheduler: std::ptr::null(),
+            config_dir: std::ptr::null(),
+            use_ema: 0,
         }
     }
 }

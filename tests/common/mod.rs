@@ -151,3 +151,81 @@ pub fn contains_all(msg: &str, parts: &[&str]) {
         assert!(msg.contains(p), "{msg:?} should mention {p:?}");
     }
 }
+
+/// SplitMix64: small and seedable, for the seeded fuzz and property loops of the tests.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+}
+
+/// One tensor of a safetensors file: name, dtype, shape, bytes.
+pub type StTensor = (String, String, Vec<u64>, Vec<u8>);
+
+pub fn parse_safetensors(data: &[u8]) -> Vec<StTensor> {
+    let n = u64::from_le_bytes(data[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&data[8..8 + n]).unwrap();
+    let mut out = Vec::new();
+    for (name, info) in header.as_object().unwrap() {
+        if name == "__metadata__" {
+            continue;
+        }
+        let offsets: Vec<usize> = info["data_offsets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect();
+        let shape = info["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        let bytes = data[8 + n + offsets[0]..8 + n + offsets[1]].to_vec();
+        let dtype = info["dtype"].as_str().unwrap().to_string();
+        out.push((name.clone(), dtype, shape, bytes));
+    }
+    out
+}
+
+/// A well-formed safetensors file (offsets contiguous, sizes consistent) of `tensors`.
+pub fn write_safetensors(tensors: &[StTensor]) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, dtype, shape, bytes) in tensors {
+        let end = offset + bytes.len();
+        let info =
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, end]});
+        header.insert(name.clone(), info);
+        offset = end;
+    }
+    let text = serde_json::to_vec(&header).unwrap();
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&text);
+    for (_, _, _, bytes) in tensors {
+        out.extend_from_slice(bytes);
+    }
+    out
+}
+
+pub fn dtype_size(dtype: &str) -> usize {
+    match dtype {
+        "F64" | "I64" | "U64" => 8,
+        "F32" | "I32" | "U32" => 4,
+        "F16" | "BF16" | "I16" | "U16" => 2,
+        _ => 1,
+    }
+}
