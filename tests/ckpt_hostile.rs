@@ -7,7 +7,7 @@
 //! The tests of this file run one at a time (a lock), so that each measures its own peak RSS.
 mod common;
 
-use common::fixtures;
+use common::{fixtures, Rng};
 use stable_diffusion::limits::{MAX_PICKLE_MEMO, MAX_PICKLE_STACK};
 use stable_diffusion::pipeline::{LoadOptions, StableDiffusion};
 use stable_diffusion::weights::pickle::ALLOC_PER_BYTE;
@@ -96,22 +96,6 @@ fn refused_within(path: &Path, parts: &[&str], time: Duration, rss_kb: u64) -> S
 // ------------------------------------------------------------------------------------------
 // Writing checkpoints
 // ------------------------------------------------------------------------------------------
-
-/// SplitMix64.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
 
 /// A pickle writer for the few opcodes `torch.save` uses, numbering memo entries as it goes.
 struct Pickle {

@@ -3,6 +3,8 @@
 //! never a panic or an allocation, and the measured size equals the model actually built.
 mod common;
 
+use common::Rng;
+
 use stable_diffusion::limits::MAX_COMPONENT_PARAMETERS;
 use stable_diffusion::models::blocks::count_parameters;
 use stable_diffusion::models::config::from_json_value;
@@ -12,24 +14,6 @@ use stable_diffusion::models::{
 use stable_diffusion::pipeline::{LoadOptions, StableDiffusion};
 use tch::nn::VarStore;
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len() as u64) as usize]
-    }
-}
-
 fn built_parameters(build: impl FnOnce(tch::nn::Path)) -> u64 {
     let vs = VarStore::new(tch::Device::Cpu);
     build(vs.root());
@@ -38,7 +22,7 @@ fn built_parameters(build: impl FnOnce(tch::nn::Path)) -> u64 {
 
 /// A random small but valid UNet config: levels, widths, heads, depths, projections vary.
 fn random_unet(rng: &mut Rng) -> serde_json::Value {
-    let levels = 1 + rng.below(3) as usize;
+    let levels = 1 + rng.below(3);
     let base = 8 * (1 + rng.below(3) as i64);
     let channels: Vec<i64> = (0..levels).map(|i| base * (1 + i as i64)).collect();
     let attention: Vec<bool> = (0..levels).map(|_| rng.below(2) == 0).collect();
@@ -61,12 +45,12 @@ fn random_unet(rng: &mut Rng) -> serde_json::Value {
         "block_out_channels": channels,
         "down_block_types": down,
         "up_block_types": up,
-        "layers_per_block": 1 + rng.below(2),
-        "transformer_layers_per_block": 1 + rng.below(2),
-        "attention_head_dim": rng.pick(&[1, 2, 8]),
-        "cross_attention_dim": rng.pick(&[16, 24, 32]),
+        "layers_per_block": 1 + (rng.below(2) as u64),
+        "transformer_layers_per_block": 1 + (rng.below(2) as u64),
+        "attention_head_dim": *rng.pick(&[1, 2, 8]),
+        "cross_attention_dim": *rng.pick(&[16, 24, 32]),
         "norm_num_groups": 8,
-        "in_channels": rng.pick(&[4, 9]),
+        "in_channels": *rng.pick(&[4, 9]),
         "out_channels": 4,
         "use_linear_projection": rng.below(2) == 0,
         "sample_size": 8,
@@ -74,14 +58,14 @@ fn random_unet(rng: &mut Rng) -> serde_json::Value {
 }
 
 fn random_vae(rng: &mut Rng) -> serde_json::Value {
-    let levels = 1 + rng.below(3) as usize;
+    let levels = 1 + rng.below(3);
     let channels: Vec<i64> = (0..levels).map(|i| 8 * (1 + i as i64)).collect();
     serde_json::json!({
         "block_out_channels": channels,
         "down_block_types": vec!["DownEncoderBlock2D"; levels],
         "up_block_types": vec!["UpDecoderBlock2D"; levels],
-        "layers_per_block": 1 + rng.below(2),
-        "latent_channels": rng.pick(&[4, 16]),
+        "layers_per_block": 1 + (rng.below(2) as u64),
+        "latent_channels": *rng.pick(&[4, 16]),
         "norm_num_groups": 8,
         "use_quant_conv": rng.below(2) == 0,
         "use_post_quant_conv": rng.below(2) == 0,
@@ -90,15 +74,15 @@ fn random_vae(rng: &mut Rng) -> serde_json::Value {
 }
 
 fn random_text(rng: &mut Rng) -> serde_json::Value {
-    let heads = rng.pick(&[1, 2, 4]);
+    let heads = *rng.pick(&[1, 2, 4]);
     serde_json::json!({
-        "vocab_size": 100 + rng.below(1000),
+        "vocab_size": 100 + (rng.below(1000) as u64),
         "hidden_size": heads * 8,
-        "intermediate_size": 16 + rng.below(64),
-        "num_hidden_layers": 1 + rng.below(3),
+        "intermediate_size": 16 + (rng.below(64) as u64),
+        "num_hidden_layers": 1 + (rng.below(3) as u64),
         "num_attention_heads": heads,
         "max_position_embeddings": 77,
-        "hidden_act": rng.pick(&["quick_gelu", "gelu"]),
+        "hidden_act": *rng.pick(&["quick_gelu", "gelu"]),
     })
 }
 
@@ -179,8 +163,8 @@ fn poison(rng: &mut Rng, v: &mut serde_json::Value) -> String {
         })
         .map(|(k, _)| k.clone())
         .collect();
-    let key = keys[rng.below(keys.len() as u64) as usize].clone();
-    let value = rng.pick(&HOSTILE);
+    let key = keys[rng.below(keys.len())].clone();
+    let value = *rng.pick(&HOSTILE);
     let as_json = if value.fract() == 0.0 && value.abs() < 9.3e18 {
         serde_json::json!(value as i64)
     } else {
@@ -189,7 +173,7 @@ fn poison(rng: &mut Rng, v: &mut serde_json::Value) -> String {
     let slot = obj.get_mut(&key).unwrap();
     match slot {
         serde_json::Value::Array(a) if !a.is_empty() => {
-            let i = rng.below(a.len() as u64) as usize;
+            let i = rng.below(a.len());
             a[i] = as_json.clone();
         }
         other => *other = as_json.clone(),

@@ -8,6 +8,8 @@
 //! below); `SD_FUZZ_SEED` changes the seed.
 mod common;
 
+use common::{dtype_size, parse_safetensors, write_safetensors, Rng, StTensor};
+
 use stable_diffusion::pipeline::{LoadOptions, StableDiffusion};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -21,25 +23,6 @@ const DEFAULT_CASES: usize = 400;
 const TIME_BOUND: Duration = Duration::from_secs(20);
 /// Peak RSS growth allowed for one load: the fixtures' models are under 30 MB in fp32.
 const RSS_BOUND_KB: u64 = 384 << 10;
-
-/// SplitMix64: small, seedable, good enough to pick mutations.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
-}
 
 /// Integers that break careless size arithmetic.
 const HOSTILE_INTS: [i64; 16] = [
@@ -75,8 +58,8 @@ fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
-#[derive(Default)]
 struct Tally {
+    started: Instant,
     cases: usize,
     loaded: usize,
     errors: usize,
@@ -85,12 +68,27 @@ struct Tally {
     messages: BTreeMap<String, usize>,
 }
 
+impl Default for Tally {
+    fn default() -> Self {
+        Self {
+            started: Instant::now(),
+            cases: 0,
+            loaded: 0,
+            errors: 0,
+            slowest: Duration::ZERO,
+            max_rss_growth_kb: 0,
+            messages: BTreeMap::new(),
+        }
+    }
+}
+
 impl Tally {
     fn print(&self, family: &str) {
         println!(
-            "fuzz {family}: {} cases, {} loaded, {} refused; slowest {:.2} s, largest peak RSS \
-             growth {} MiB",
+            "fuzz {family}: {} cases in {:.0} s, {} loaded, {} refused; slowest {:.2} s, \
+             largest peak RSS growth {} MiB",
             self.cases,
+            self.started.elapsed().as_secs_f64(),
             self.loaded,
             self.errors,
             self.slowest.as_secs_f64(),
@@ -396,65 +394,6 @@ fn mutate_safetensors_header(rng: &mut Rng, original: &[u8]) -> (Vec<u8>, String
     out.extend_from_slice(&text);
     out.extend_from_slice(&original[8 + n..]);
     (out, format!("header {path} = {shown}"))
-}
-
-/// One tensor of a safetensors file: name, dtype, shape, bytes.
-type StTensor = (String, String, Vec<u64>, Vec<u8>);
-
-fn parse_safetensors(data: &[u8]) -> Vec<StTensor> {
-    let n = u64::from_le_bytes(data[..8].try_into().unwrap()) as usize;
-    let header: serde_json::Value = serde_json::from_slice(&data[8..8 + n]).unwrap();
-    let mut out = Vec::new();
-    for (name, info) in header.as_object().unwrap() {
-        if name == "__metadata__" {
-            continue;
-        }
-        let offsets: Vec<usize> = info["data_offsets"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as usize)
-            .collect();
-        let shape = info["shape"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap())
-            .collect();
-        let bytes = data[8 + n + offsets[0]..8 + n + offsets[1]].to_vec();
-        let dtype = info["dtype"].as_str().unwrap().to_string();
-        out.push((name.clone(), dtype, shape, bytes));
-    }
-    out
-}
-
-/// A well-formed safetensors file (offsets contiguous, sizes consistent) of `tensors`.
-fn write_safetensors(tensors: &[StTensor]) -> Vec<u8> {
-    let mut header = serde_json::Map::new();
-    let mut offset = 0usize;
-    for (name, dtype, shape, bytes) in tensors {
-        let end = offset + bytes.len();
-        let info =
-            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, end]});
-        header.insert(name.clone(), info);
-        offset = end;
-    }
-    let text = serde_json::to_vec(&header).unwrap();
-    let mut out = (text.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(&text);
-    for (_, _, _, bytes) in tensors {
-        out.extend_from_slice(bytes);
-    }
-    out
-}
-
-fn dtype_size(dtype: &str) -> usize {
-    match dtype {
-        "F64" | "I64" | "U64" => 8,
-        "F32" | "I32" | "U32" => 4,
-        "F16" | "BF16" | "I16" | "U16" => 2,
-        _ => 1,
-    }
 }
 
 /// A valid safetensors file whose tensors say something hostile: a shape with a zero and a huge

@@ -1,27 +1,11 @@
 //! PNG writing under hostile and unlucky text and file-system conditions: whatever the text
 //! entries hold, the image is written and decodes to the same pixels, every entry not reported
 //! reads back exactly, and a failed write leaves neither a truncated PNG nor a temporary file.
+mod common;
+
+use common::Rng;
 use stable_diffusion::image_io::{self, Image, TextWarning, MAX_PNG_TEXT_BYTES};
 use std::path::{Path, PathBuf};
-
-/// SplitMix64: a seeded, dependency-free source for the random cases.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
-        items[self.below(items.len())]
-    }
-}
 
 /// A fresh, empty directory for one test.
 fn scratch(name: &str) -> PathBuf {
@@ -152,10 +136,10 @@ const PIECES: &[&str] = &[
 fn random_value(rng: &mut Rng) -> String {
     let mut v = String::new();
     for _ in 0..rng.below(13) {
-        v.push_str(rng.pick(PIECES));
+        v.push_str(*rng.pick(PIECES));
     }
     if rng.below(25) == 0 {
-        let piece = rng.pick(PIECES);
+        let piece = *rng.pick(PIECES);
         v.push_str(&piece.repeat(1 + rng.below(20_000)));
     }
     v
@@ -163,7 +147,7 @@ fn random_value(rng: &mut Rng) -> String {
 
 fn random_key(rng: &mut Rng) -> String {
     match rng.below(6) {
-        0 => rng.pick(BAD_KEYS).to_string(),
+        0 => (*rng.pick(BAD_KEYS)).to_string(),
         1 => "k".repeat(75 + rng.below(10)),
         2 => {
             // A random keyword from printable Latin-1 and the odd non-Latin-1 character.
@@ -172,7 +156,7 @@ fn random_key(rng: &mut Rng) -> String {
                 .map(|_| alphabet[rng.below(alphabet.len())])
                 .collect()
         }
-        _ => rng.pick(GOOD_KEYS).to_string(),
+        _ => (*rng.pick(GOOD_KEYS)).to_string(),
     }
 }
 
