@@ -458,7 +458,7 @@ fn seeded_hostile_archives() {
         i64::MAX,
         i64::MIN,
     ];
-    let mut rng = Rng(0x0155_0010);
+    let mut rng = Rng::new(0x0155_0010);
     let cases = 400;
     let (mut ok, mut refused) = (0, 0);
     let mut worst_rss = 0;
@@ -498,7 +498,7 @@ fn seeded_hostile_archives() {
             1 => {
                 for _ in 0..1 + rng.below(4) {
                     let at = rng.below(pickle.len());
-                    pickle[at] = rng.next() as u8;
+                    pickle[at] = rng.next_u64() as u8;
                 }
             }
             _ => {}
@@ -516,7 +516,7 @@ fn seeded_hostile_archives() {
                 .collect();
             let rec = records[rng.below(records.len())];
             let field = [16, 20, 24][rng.below(3)];
-            let v = [0u32, 1, 100, u32::MAX, rng.next() as u32][rng.below(5)];
+            let v = [0u32, 1, 100, u32::MAX, rng.next_u64() as u32][rng.below(5)];
             if rec + field + 4 <= zip.len() {
                 zip[rec + field..rec + field + 4].copy_from_slice(&v.to_le_bytes());
             }

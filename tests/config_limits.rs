@@ -3,7 +3,7 @@
 //! never a panic or an allocation, and the measured size equals the model actually built.
 mod common;
 
-use common::Rng;
+use common::{Pick, Rng};
 
 use stable_diffusion::limits::MAX_COMPONENT_PARAMETERS;
 use stable_diffusion::models::blocks::count_parameters;
@@ -88,7 +88,7 @@ fn random_text(rng: &mut Rng) -> serde_json::Value {
 
 #[test]
 fn counted_parameters_equal_the_built_model() {
-    let mut rng = Rng(7);
+    let mut rng = Rng::new(7);
     for case in 0..60 {
         let unet: UNetConfig = serde_json::from_value(random_unet(&mut rng)).unwrap();
         let counted = count_parameters(|vs| UNet2DConditionModel::new(vs, &unet)).unwrap();
@@ -185,7 +185,7 @@ fn poison(rng: &mut Rng, v: &mut serde_json::Value) -> String {
 /// counted without allocating; a counted one within the limit builds.
 #[test]
 fn hostile_config_values_are_refused_before_building() {
-    let mut rng = Rng(11);
+    let mut rng = Rng::new(11);
     let (mut refused, mut counted) = (0, 0);
     for case in 0..600 {
         let which = case % 3;

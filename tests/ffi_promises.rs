@@ -9,6 +9,8 @@
 //!    words) no longer hold `sd_job_cancel`, `sd_job_free` and `sd_pipeline_free` for a
 //!    minute, prompts over the byte limit are refused at once, and a cancel between phases
 //!    (during the prompt's encoding) stops the run before its first step.
+mod common;
+use common::Rng;
 mod ffi_util;
 
 use ffi_util::*;
@@ -338,22 +340,6 @@ fn every_out_pointer_is_cleared_when_its_call_fails() {
 // ------------------------------------------------------------------------------------------
 // 2. submit-time validation
 
-/// A small seeded generator (xorshift64*): the same cases on every run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 /// Everything the cases point into; it outlives every call.
 struct Inputs {
     images: Vec<sd_image>,
@@ -533,7 +519,7 @@ unsafe fn outcome(job: *mut sd_job) -> (sd_status, String) {
 fn submit_refuses_at_once_what_generate_refuses_with_the_same_status_and_message() {
     let p = load();
     let inputs = inputs();
-    let mut rng = Rng(0x0ab1_fa22_5eed_0010);
+    let mut rng = Rng::new(0x0ab1_fa22_5eed_0010);
     let (mut refused, mut accepted, mut slowest) = (0, 0, Duration::ZERO);
     // Valid cases stop at their first step (both calls alike): the point is the checks.
     let mut stop = StepHook::new(|_| SD_STEP_CANCEL);
@@ -685,7 +671,7 @@ fn submit_refuses_what_the_model_cannot_take_while_another_call_holds_it() {
 // 3. cancellation latency
 
 fn seeded_word(bytes: usize) -> String {
-    let mut rng = Rng(42);
+    let mut rng = Rng::new(42);
     (0..bytes)
         .map(|_| (b'a' + rng.below(26) as u8) as char)
         .collect()

@@ -8,7 +8,7 @@
 //! below); `SD_FUZZ_SEED` changes the seed.
 mod common;
 
-use common::{dtype_size, parse_safetensors, write_safetensors, Rng, StTensor};
+use common::{dtype_size, parse_safetensors, write_safetensors, Pick, Rng, StTensor};
 
 use stable_diffusion::pipeline::{LoadOptions, StableDiffusion};
 use std::collections::BTreeMap;
@@ -836,7 +836,7 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 #[test]
 fn fuzz_loaders() {
     let n = cases();
-    let mut rng = Rng(seed());
+    let mut rng = Rng::new(seed());
     let single = common::fixtures().join("single");
     let mut failures = Vec::new();
     let start = Instant::now();

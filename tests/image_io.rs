@@ -3,7 +3,7 @@
 //! reads back exactly, and a failed write leaves neither a truncated PNG nor a temporary file.
 mod common;
 
-use common::Rng;
+use common::{Pick, Rng};
 use stable_diffusion::image_io::{self, Image, TextWarning, MAX_PNG_TEXT_BYTES};
 use std::path::{Path, PathBuf};
 
@@ -163,12 +163,12 @@ fn random_key(rng: &mut Rng) -> String {
 #[test]
 fn random_text_entries_never_cost_the_image_and_read_back() {
     let dir = scratch("random");
-    let mut rng = Rng(0x5EED_1234_ABCD_0001);
+    let mut rng = Rng::new(0x5EED_1234_ABCD_0001);
     let (mut entries_total, mut skipped, mut cleaned) = (0, 0, 0);
     let cases = 400;
     for case in 0..cases {
         let (w, h) = (1 + rng.below(9) as u32, 1 + rng.below(9) as u32);
-        let rgb: Vec<u8> = (0..w * h * 3).map(|_| rng.next() as u8).collect();
+        let rgb: Vec<u8> = (0..w * h * 3).map(|_| rng.next_u64() as u8).collect();
         let owned: Vec<(String, String)> = (0..rng.below(5))
             .map(|_| (random_key(&mut rng), random_value(&mut rng)))
             .collect();

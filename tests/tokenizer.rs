@@ -6,6 +6,9 @@
 //! vocabulary, a vocab.json + merges.txt that this test derives from the committed merges file
 //! on its own (so `ClipTokenizer::standard()` and `ClipTokenizer::from_dir` are both checked).
 
+mod common;
+
+use common::Rng;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -548,26 +551,11 @@ impl Reference {
     }
 }
 
-/// A small seeded generator (xorshift64*), so that the cases are the same on every run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn word(&mut self, alphabet: &[char], len: usize) -> String {
-        (0..len)
-            .map(|_| alphabet[self.below(alphabet.len())])
-            .collect()
-    }
+/// A word of `len` letters drawn from `alphabet`.
+fn random_word(rng: &mut Rng, alphabet: &[char], len: usize) -> String {
+    (0..len)
+        .map(|_| alphabet[rng.below(alphabet.len())])
+        .collect()
 }
 
 #[test]
@@ -580,7 +568,7 @@ fn bpe_merges_equal_the_naive_definition_on_seeded_words() {
     let repeated = ['e'];
     // Letters of several UTF-8 lengths (all lower case and NFC-stable).
     let wide = ['é', 'ß', 'ж', 'λ', 'の', '猫', 'ü', 'ø', 'ñ', 'k'];
-    let mut rng = Rng(0x5eed_cafe_f00d_0001);
+    let mut rng = Rng::new(0x5eed_cafe_f00d_0001);
     let mut cases = 0;
     for (alphabet, max_len) in [
         (&latin[..], 60),
@@ -590,7 +578,7 @@ fn bpe_merges_equal_the_naive_definition_on_seeded_words() {
     ] {
         for _ in 0..60 {
             let len = 1 + rng.below(max_len);
-            let word = rng.word(alphabet, len);
+            let word = random_word(&mut rng, alphabet, len);
             let ids = tok.encode(&word);
             let body = &ids[1..ids.len() - 1];
             assert_eq!(body, &reference.word(&word)[..], "word {word:?}");
@@ -604,8 +592,8 @@ fn bpe_merges_equal_the_naive_definition_on_seeded_words() {
 fn a_100_kb_word_is_tokenised_in_well_under_a_second() {
     let tok = ClipTokenizer::standard().unwrap();
     let latin: Vec<char> = ('a'..='z').collect();
-    let mut rng = Rng(7);
-    for word in [rng.word(&latin, 100_000), "a".repeat(100_000)] {
+    let mut rng = Rng::new(7);
+    for word in [random_word(&mut rng, &latin, 100_000), "a".repeat(100_000)] {
         let start = std::time::Instant::now();
         let (padded, truncated) = tok.encode_padded_checked(&word);
         let bounded = start.elapsed();
@@ -636,7 +624,7 @@ fn a_100_kb_word_is_tokenised_in_well_under_a_second() {
 #[test]
 fn long_prompts_stop_early_with_the_same_ids() {
     let tok = ClipTokenizer::standard().unwrap();
-    let mut rng = Rng(11);
+    let mut rng = Rng::new(11);
     let latin: Vec<char> = ('a'..='z').collect();
     // Around the limit: every prompt that fits gets exactly encode's ids; longer ones its
     // first 76, and the truncation is reported.
@@ -644,7 +632,7 @@ fn long_prompts_stop_early_with_the_same_ids() {
         let text: Vec<String> = (0..words)
             .map(|_| {
                 let len = 1 + rng.below(9);
-                rng.word(&latin, len)
+                random_word(&mut rng, &latin, len)
             })
             .collect();
         let text = text.join(" ");

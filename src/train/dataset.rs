@@ -156,9 +156,9 @@ impl Rng {
         (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
     }
 
-    /// Uniform integer in [0, n).
+    /// Uniform integer in [0, n) (0 when n is 0).
     pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
+        (self.next_u64() % n.max(1) as u64) as usize
     }
 
     pub fn range(&mut self, lo: f32, hi: f32) -> f32 {

@@ -780,7 +780,7 @@ mod tests {
     /// tensor is refused by name or indexed within its storage, and materialises correctly.
     #[test]
     fn random_views_stay_inside_their_storage() {
-        let mut rng = Rng(0x7e45_0125);
+        let mut rng = Rng::new(0x7e45_0125);
         let ints = [
             0i64,
             1,
@@ -1059,7 +1059,7 @@ mod tests {
             );
         }
         let path = tmp("flips.ckpt");
-        let mut rng = Rng(0xf11b_a7c4);
+        let mut rng = Rng::new(0xf11b_a7c4);
         let cases = 10_000;
         let (mut opened, mut read, mut refused) = (0, 0, 0);
         for case in 0..cases {
@@ -1067,7 +1067,7 @@ mod tests {
             for _ in 0..1 + rng.below(3) {
                 let at = rng.below(z.len());
                 z[at] = match rng.below(3) {
-                    0 => rng.next() as u8,
+                    0 => rng.next_u64() as u8,
                     1 => z[at] ^ (1 << rng.below(8)),
                     _ => [0, 0xff, 0x7f, 0x80][rng.below(4)],
                 };
@@ -1140,7 +1140,7 @@ mod tests {
         };
         // In a scrambled order, then in key order.
         let mut order: Vec<usize> = (0..n).collect();
-        let mut rng = Rng(7);
+        let mut rng = Rng::new(7);
         for i in (1..n).rev() {
             order.swap(i, rng.below(i + 1));
         }

@@ -1253,21 +1253,8 @@ pub(crate) mod tests {
         b.finish()
     }
 
-    /// SplitMix64: small, seedable, enough to pick mutations.
-    pub(crate) struct Rng(pub u64);
-
-    impl Rng {
-        pub fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-        pub fn below(&mut self, n: usize) -> usize {
-            (self.next() % n.max(1) as u64) as usize
-        }
-    }
+    /// The crate's SplitMix64 (the data set's): seeded, the same cases on every run.
+    pub(crate) use crate::train::dataset::Rng;
 
     fn refused(data: &[u8]) -> String {
         match unpickle(data, "test.ckpt") {
@@ -1558,7 +1545,7 @@ pub(crate) mod tests {
     #[test]
     fn random_byte_flips() {
         let p = state_dict(6);
-        let mut rng = Rng(0x5eed_f11b);
+        let mut rng = Rng::new(0x5eed_f11b);
         let (mut ok, mut err) = (0, 0);
         let cases = 20_000;
         for case in 0..cases {
@@ -1566,7 +1553,7 @@ pub(crate) mod tests {
             for _ in 0..1 + rng.below(4) {
                 let at = rng.below(q.len());
                 q[at] = match rng.below(3) {
-                    0 => rng.next() as u8,
+                    0 => rng.next_u64() as u8,
                     1 => q[at] ^ (1 << rng.below(8)),
                     _ => [0x00, 0x7f, 0x80, 0xff][rng.below(4)],
                 };
@@ -1585,7 +1572,7 @@ pub(crate) mod tests {
     /// self-references, growing nests, rebuilt tensors with hostile shapes).
     #[test]
     fn random_valid_programs() {
-        let mut rng = Rng(0x00c0_ffee);
+        let mut rng = Rng::new(0x00c0_ffee);
         let cases = 3000;
         let (mut ok, mut err, mut by_limit) = (0, 0, 0);
         let ints = [
@@ -1677,7 +1664,7 @@ pub(crate) mod tests {
     /// opcodes (the shape of every amplification attack).
     #[test]
     fn random_hostile_programs() {
-        let mut rng = Rng(0xb0b_5eed);
+        let mut rng = Rng::new(0xb0b_5eed);
         let cases = 4000;
         let mut refused_by_limit = 0;
         let (mut ok, mut err) = (0, 0);
@@ -1689,15 +1676,15 @@ pub(crate) mod tests {
                 let start = p.len();
                 match rng.below(24) {
                     0 => p.push([b'N', 0x88, 0x89, b')', b']', b'}', b'(', 0x8f][rng.below(8)]),
-                    1 => p.extend([b'K', rng.next() as u8]),
+                    1 => p.extend([b'K', rng.next_u64() as u8]),
                     2 => {
                         p.push(b'J');
-                        p.extend((rng.next() as u32).to_le_bytes());
+                        p.extend((rng.next_u64() as u32).to_le_bytes());
                     }
                     3 => {
                         let n = [0, 1, 8, 9, 300][rng.below(5)];
                         p.extend([0x8a, n as u8]);
-                        p.extend((0..n).map(|_| rng.next() as u8));
+                        p.extend((0..n).map(|_| rng.next_u64() as u8));
                     }
                     4 => {
                         let n = [0, 3, 1000, 70_000][rng.below(4)];
@@ -1759,7 +1746,7 @@ pub(crate) mod tests {
                         p.push(0x95);
                         p.extend(huge[rng.below(huge.len())].to_le_bytes());
                     }
-                    19 => p.push(rng.next() as u8),
+                    19 => p.push(rng.next_u64() as u8),
                     _ => {
                         // Repeat the last few bytes many times.
                         let k = 1 + rng.below(12);

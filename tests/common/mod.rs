@@ -152,21 +152,16 @@ pub fn contains_all(msg: &str, parts: &[&str]) {
     }
 }
 
-/// SplitMix64: small and seedable, for the seeded fuzz and property loops of the tests.
-pub struct Rng(pub u64);
+/// The crate's seeded SplitMix64 (the training data set's), for the tests' seeded loops.
+pub use stable_diffusion::train::dataset::Rng;
 
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+/// A random element of a slice, for the seeded loops.
+pub trait Pick {
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T;
+}
+
+impl Pick for Rng {
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
         &items[self.below(items.len())]
     }
 }
