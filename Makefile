@@ -24,8 +24,10 @@ demo: build
 	cargo run --quiet --bin sd -- txt2img --model "$(MODEL)" --prompt "$(PROMPT)" --steps 20 --guidance 5 --seed 42 --out "$(OUT)"
 
 # cargo test, then the C ABI's clients (run even when cargo test failed; either fails the target).
+# The loaders' fuzz test runs on its own with its output shown: it prints how many cases ran.
 test: setup test-tools
-	@status=0; cargo test --no-fail-fast || status=1; \
+	@status=0; cargo test --no-fail-fast -- --skip fuzz_loaders || status=1; \
+	cargo test --test fuzz_loaders -- --nocapture || status=1; \
 	bash scripts/test-clients.sh || status=1; exit $$status
 
 # Mono (C# client) and valgrind, from Debian's packages when missing.

@@ -24,6 +24,9 @@ const TIME_BOUND: Duration = Duration::from_secs(20);
 /// Peak RSS growth allowed for one load: the fixtures' models are under 30 MB in fp32.
 const RSS_BOUND_KB: u64 = 384 << 10;
 
+/// Loads done by all the families, for the summary line.
+static CASES_RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// Integers that break careless size arithmetic.
 const HOSTILE_INTS: [i64; 16] = [
     0,
@@ -117,6 +120,7 @@ fn check_load(
     let elapsed = start.elapsed();
     let peak = status_kb("VmHWM:");
     tally.cases += 1;
+    CASES_RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tally.slowest = tally.slowest.max(elapsed);
     let growth = peak.saturating_sub(before);
     if can_measure {
@@ -869,7 +873,8 @@ fn fuzz_loaders() {
     fuzz_folder_configs(&mut rng, &folder, n, &mut failures);
 
     println!(
-        "fuzz: {} failures, {:.0} s in all",
+        "fuzz: {} cases, {} failures, {:.0} s in all",
+        CASES_RUN.load(std::sync::atomic::Ordering::Relaxed),
         failures.len(),
         start.elapsed().as_secs_f64()
     );
