@@ -4,16 +4,19 @@
 //! gives exactly what `torch.randn(..., generator=torch.Generator("cpu").manual_seed(seed))`
 //! gives. Because the generator is process-wide, every seeded run draws *all* the noise it will
 //! need at once under [`GLOBAL_RNG`], so that pipelines on other threads never interleave draws.
-//! The lock covers the library's own draws only: code in the same process that draws from
+//! The lock covers the library's own draws only (seeded noise, and the random initial values of
+//! a model built through `models::blocks::variable`): code in the same process that draws from
 //! libtorch's global generator on another thread without taking [`GLOBAL_RNG`] can change a
 //! seeded run's noise (the tests take it for their random inputs).
 use crate::{Error, Result};
-use parking_lot::Mutex;
+use parking_lot::ReentrantMutex;
 use std::collections::VecDeque;
 use tch::{Device, Kind, Tensor};
 
-/// Serialises every use of libtorch's global CPU generator.
-pub static GLOBAL_RNG: Mutex<()> = Mutex::new(());
+/// Serialises every use of libtorch's global CPU generator. Reentrant, so that a caller that
+/// seeds the generator and then builds a randomly initialised model (training) can hold it
+/// while each variable's initialisation takes it again.
+pub static GLOBAL_RNG: ReentrantMutex<()> = ReentrantMutex::new(());
 
 /// Where schedulers (and the pipeline) take their Gaussian noise from.
 pub trait NoiseSource {

@@ -59,6 +59,50 @@ fn txt2img_matches_diffusers() {
     }
 }
 
+/// libtorch's generator is process-wide: a model built with random initial values on another
+/// thread (training, a test, a user's own code through the library) must not land inside a
+/// seeded run's draws. The seeded image stays diffusers' while UNets are built meanwhile.
+#[test]
+fn seeded_runs_ignore_models_built_on_other_threads() {
+    use stable_diffusion::models::{UNet2DConditionModel, UNetConfig};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let model = "tiny-sd1";
+    let sd = load(model);
+    let refs = Refs::open(model);
+    let case = &cases(model)["cases"][0];
+    let name = case["name"].as_str().unwrap();
+    let params = params_of(case);
+    let cfg = UNetConfig::from_file(&fixtures().join(model).join("unet/config.json")).unwrap();
+    let stop = AtomicBool::new(false);
+    let built = AtomicUsize::new(0);
+    let images = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            // One OpenMP thread here (a per-thread setting): two threads' parallel regions
+            // fighting over the cores would make the seeded runs many times slower.
+            tch::set_num_threads(1);
+            while !stop.load(Ordering::Relaxed) {
+                let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+                UNet2DConditionModel::new(vs.root(), &cfg).unwrap();
+                built.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        // Rendered first, compared after the builder has stopped: a failed comparison inside
+        // the scope would leave the builder running and the scope waiting for it.
+        let images: Vec<_> = (0..8).map(|_| sd.txt2img(&params, None)).collect();
+        stop.store(true, Ordering::Relaxed);
+        images
+    });
+    for (round, image) in images.into_iter().enumerate() {
+        assert_close(
+            &format!("{model}/{name}, round {round}, with models built meanwhile"),
+            &image.unwrap().pixels,
+            &refs.get(&format!("pipe_{name}")),
+            1e-3,
+        );
+    }
+    assert!(built.load(Ordering::Relaxed) > 0, "no model was built meanwhile");
+}
+
 #[test]
 fn same_seed_same_image_other_seed_other_image() {
     let sd = load("tiny-sd1");

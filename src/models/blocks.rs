@@ -56,7 +56,12 @@ pub fn variable(vs: &nn::Path, name: &str, dims: &[i64], init: Init) -> Tensor {
     });
     if counted {
         Tensor::empty([0], (tch::Kind::Float, tch::Device::Cpu))
+    } else if let Init::Const(_) = init {
+        vs.var(name, dims, init)
     } else {
+        // A random initialisation draws from libtorch's global generator: under the library's
+        // lock, so that building a model never lands inside another thread's seeded draws.
+        let _guard = crate::rng::GLOBAL_RNG.lock();
         vs.var(name, dims, init)
     }
 }
