@@ -100,7 +100,10 @@ fn seeded_runs_ignore_models_built_on_other_threads() {
             1e-3,
         );
     }
-    assert!(built.load(Ordering::Relaxed) > 0, "no model was built meanwhile");
+    assert!(
+        built.load(Ordering::Relaxed) > 0,
+        "no model was built meanwhile"
+    );
 }
 
 #[test]
