@@ -34,6 +34,9 @@ pub trait TensorSource {
     /// Called once `key` has been copied into the model: a memory-mapped source may drop the
     /// pages it read, so that a loaded model does not also keep the file resident.
     fn done(&self, _key: &str) {}
+    /// Called once every variable is filled: a memory-mapped source drops what is still
+    /// resident (pages mapped around later reads, headers).
+    fn finished(&self) {}
 }
 
 /// Fills every variable of `vs` from `source`, converting the dtype (and device), one tensor at
@@ -72,6 +75,7 @@ pub fn load_into_from(
         drop(src);
         source.done(key);
     }
+    source.finished();
     Ok(())
 }
 
@@ -189,6 +193,16 @@ impl TensorSource for WeightSet {
             Some(f) => f.path().display().to_string(),
             None => self.describe(),
         }
+    }
+
+    fn done(&self, key: &str) {
+        if let Some(f) = self.file_with(key) {
+            f.release(key);
+        }
+    }
+
+    fn finished(&self) {
+        self.files.iter().for_each(SafetensorsFile::release_all);
     }
 }
 

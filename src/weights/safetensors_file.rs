@@ -1,6 +1,6 @@
 use crate::limits::{element_count, MAX_TENSOR_DIMS, MAX_TENSOR_ELEMENTS};
 use crate::{Error, Result};
-use memmap2::Mmap;
+use memmap2::{Mmap, UncheckedAdvice};
 use safetensors::tensor::{Dtype, Metadata};
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
@@ -87,6 +87,20 @@ impl SafetensorsFile {
         self.data_start
     }
 
+    /// Drops the resident pages of `name`'s bytes once it has been copied into a model.
+    pub fn release(&self, name: &str) {
+        if let Some(info) = self.tensors.get(name) {
+            // `tensor` copies out of the map before returning: no slice of it is alive.
+            drop_mapped_pages(&self.mmap, info.start, info.end - info.start);
+        }
+    }
+
+    /// Drops every resident page of the file: reading a small tensor maps the whole page-cache
+    /// folio around it, which can cover tensors already released.
+    pub fn release_all(&self) {
+        drop_mapped_pages(&self.mmap, 0, self.mmap.len());
+    }
+
     /// The tensor `name` on the CPU, in its stored dtype.
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
         let info = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
@@ -103,6 +117,17 @@ impl SafetensorsFile {
         let bytes = &self.mmap[info.start..info.end];
         Ok(Tensor::f_from_data_size(bytes, &info.shape, kind)?)
     }
+}
+
+/// Drops the resident pages of `mmap[start..start + len]` from this process (they read back
+/// from the file on the next access), so that a loaded model does not also keep the file's
+/// pages in its RSS: without it a model loaded from a memory-mapped file peaks at about twice
+/// its size. The caller guarantees that no slice of that range is alive.
+pub(crate) fn drop_mapped_pages(mmap: &Mmap, start: usize, len: usize) {
+    // SAFETY: the map is read-only and the caller holds no slice of the range; memmap2 widens
+    // it to whole pages, and a page shared with a neighbouring tensor is simply read again from
+    // the file if that tensor is read later.
+    let _ = unsafe { mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, start, len) };
 }
 
 /// A tensor's shape as stored in a safetensors header, within [`MAX_TENSOR_DIMS`] dimensions

@@ -14,12 +14,12 @@
 //! the pages of each are released once it is copied, so loading never holds a second copy of
 //! the model.
 use super::ckpt;
-use super::safetensors_file::{checked_shape, kind_of};
+use super::safetensors_file::{checked_shape, drop_mapped_pages, kind_of};
 use super::TensorSource;
 use crate::models::{ClipTextConfig, UNetConfig, VaeConfig};
 use crate::schedulers::{PredictionType, SchedulerConfig};
 use crate::{Error, Result};
-use memmap2::{Mmap, UncheckedAdvice};
+use memmap2::Mmap;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
@@ -290,6 +290,12 @@ impl Checkpoint {
         }
     }
 
+    /// Drops every resident page of the file's map (the other components read theirs back).
+    pub fn release_all_pages(&self) {
+        // Every reader copies out of the map before returning: no slice of it is alive.
+        drop_mapped_pages(&self.mmap, 0, self.mmap.len());
+    }
+
     /// Drops the resident pages of `key`'s bytes (they are read again from the file if needed),
     /// so that a loaded model does not also keep the file's pages in its RSS; for a tensor of a
     /// compressed storage that other tensors share, counts it as done, and lets the storage go
@@ -307,15 +313,8 @@ impl Checkpoint {
             ..
         }) = self.tensors.get(key)
         {
-            if *len >= 1 << 16 {
-                // SAFETY: the map is read-only and private and no slice of it is alive here:
-                // every reader copies out of it (`tensor` above) before returning. Dropped pages
-                // of a file mapping read back from the file on the next access.
-                let _ = unsafe {
-                    self.mmap
-                        .unchecked_advise_range(UncheckedAdvice::DontNeed, *start, *len)
-                };
-            }
+            // Every reader copies out of the map (`tensor` above) before returning.
+            drop_mapped_pages(&self.mmap, *start, *len);
         }
     }
 }
@@ -1394,6 +1393,10 @@ impl TensorSource for ComponentSource<'_> {
                 self.ckpt.release(&m.key);
             }
         }
+    }
+
+    fn finished(&self) {
+        self.ckpt.release_all_pages();
     }
 }
 
