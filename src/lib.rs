@@ -7,6 +7,7 @@ pub mod limits;
 pub mod models;
 pub mod pipeline;
 pub mod rng;
+pub mod runtime;
 pub mod schedulers;
 pub mod tokenizer;
 pub mod train;

@@ -164,6 +164,7 @@ impl StableDiffusion {
                 options.kind
             )));
         }
+        crate::runtime::tune_allocator();
         let _skip_init = crate::models::blocks::skip_random_init();
         let mut sd = match detect_format(path)? {
             ModelFormat::DiffusersFolder if torchscript::is_export_folder(path) => {
