@@ -6,7 +6,7 @@ PROMPT ?= a red circle on a white background
 MODEL ?= models/tiny
 OUT ?= out/demo.png
 
-.PHONY: setup build demo test fixtures clean-deps test-tools clients header install
+.PHONY: setup build demo test fixtures clean-deps test-tools clients header install bench
 
 # `make install`: where, and which cargo profile's library (release, or debug for the tests).
 PREFIX ?= /usr/local
@@ -29,6 +29,11 @@ test: setup test-tools
 	@status=0; cargo test --no-fail-fast -- --skip fuzz_loaders || status=1; \
 	cargo test --test fuzz_loaders -- --nocapture || status=1; \
 	bash scripts/test-clients.sh || status=1; exit $$status
+
+# Ours against diffusers on the product path, cold processes, alternating rounds (examples/bench.rs).
+# Needs the venv of tools/make_fixtures.sh; e.g. BENCH_ARGS="--sizes 256 --steps 8".
+bench: setup
+	cargo run --release --example bench -- $(BENCH_ARGS)
 
 # Mono (C# client) and valgrind, from Debian's packages when missing.
 test-tools:

@@ -1,0 +1,157 @@
+"""diffusers' side of `make bench` (examples/bench.rs runs it; not needed to build or run us).
+
+    python tools/bench/diffusers_bench.py make-folder DIR
+        Writes an SD 1.5-size diffusers folder with seeded random weights (float32 safetensors,
+        about 4.3 GB) and the full CLIP vocabulary built from assets/, unless DIR/.complete exists.
+
+    python tools/bench/diffusers_bench.py run DIR SIZE STEPS GUIDANCE THREADS SEED IMAGE_OUT
+        One cold measurement, in this fresh process: load, txt2img (Euler, CFG), per-step times,
+        warm text encode; prints one JSON line and writes the image as raw RGB8 to IMAGE_OUT.
+
+Everything runs on the CPU in float32 with THREADS intra-op threads. The figures mean the same
+as ours (see examples/bench.rs): `load_s` from the call to `from_pretrained` to a ready
+pipeline, `first_step_s` from the call to the end of the first step, `step_s` the median time
+between two step callbacks, `decode_s` from the last step to the image, `total_s` the whole
+txt2img call, `peak_rss_mib` the process's peak resident set.
+"""
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PROMPT = "a red fox in the snow, detailed fur, soft morning light"
+NEGATIVE = "blurry, low quality"
+
+SD15_UNET = dict(
+    act_fn="silu", attention_head_dim=8, block_out_channels=(320, 640, 1280, 1280),
+    center_input_sample=False, cross_attention_dim=768,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                      "DownBlock2D"),
+    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2,
+    mid_block_scale_factor=1, norm_eps=1e-5, norm_num_groups=32, out_channels=4, sample_size=64,
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+)
+SD15_VAE = dict(
+    act_fn="silu", block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+    sample_size=512, scaling_factor=0.18215,
+)
+SD15_TEXT = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+    num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+    projection_dim=768, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+)
+SD15_SCHEDULER = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
+)
+
+
+def make_folder(folder: Path) -> None:
+    if (folder / ".complete").exists():
+        print(f"{folder}: already written")
+        return
+    import torch
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    sys.path.insert(0, str(REPO / "tools" / "fixtures"))
+    from models import EOS, truncated_clip_vocab, write_vocab_and_merges
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = truncated_clip_vocab(49152 - 256 - 2)
+    tok_dir = folder / "tokenizer"
+    write_vocab_and_merges(tok_dir, vocab, merges)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir, pad_token=EOS, model_max_length=77)
+    assert len(tokenizer) == 49408, len(tokenizer)
+    torch.manual_seed(0)
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(**SD15_VAE),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**SD15_TEXT)),
+        tokenizer=tokenizer,
+        unet=UNet2DConditionModel(**SD15_UNET),
+        scheduler=EulerDiscreteScheduler(**SD15_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    (folder / ".complete").write_text("written by tools/bench/diffusers_bench.py\n")
+    print(f"{folder}: written")
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run(folder: Path, size: int, steps: int, guidance: float, threads: int, seed: int,
+        image_out: Path) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    from diffusers import StableDiffusionPipeline
+
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        pipe = StableDiffusionPipeline.from_pretrained(
+            folder, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False
+        )
+        pipe.set_progress_bar_config(disable=True)
+        load_s = time.perf_counter() - t0
+
+        marks = []
+
+        def on_step(_pipe, _i, _t, kwargs):
+            marks.append(time.perf_counter())
+            return kwargs
+
+        t0 = time.perf_counter()
+        out = pipe(
+            PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=guidance,
+            height=size, width=size, generator=torch.Generator("cpu").manual_seed(seed),
+            output_type="np", callback_on_step_end=on_step,
+        )
+        end = time.perf_counter()
+        image = out.images[0]
+        rgb = (image * 255).round().clip(0, 255).astype("uint8")
+        image_out.write_bytes(rgb.tobytes())
+
+        encode = []
+        for _ in range(3):
+            t = time.perf_counter()
+            pipe.encode_prompt(PROMPT, "cpu", 1, True, NEGATIVE)
+            encode.append(time.perf_counter() - t)
+
+    gaps = [b - a for a, b in zip(marks, marks[1:])]
+    print(json.dumps({
+        "load_s": load_s,
+        "first_step_s": marks[0] - t0,
+        "step_s": statistics.median(gaps) if gaps else marks[0] - t0,
+        "decode_s": end - marks[-1],
+        "total_s": end - t0,
+        "encode_s": statistics.median(encode),
+        "peak_rss_mib": peak_rss_mib(),
+        "threads": torch.get_num_threads(),
+        "version": __import__("diffusers").__version__,
+    }))
+
+
+def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "make-folder":
+        make_folder(Path(sys.argv[2]))
+        return 0
+    if len(sys.argv) == 9 and sys.argv[1] == "run":
+        a = sys.argv[2:]
+        run(Path(a[0]), int(a[1]), int(a[2]), float(a[3]), int(a[4]), int(a[5]), Path(a[6]))
+        return 0
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
