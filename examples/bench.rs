@@ -1,7 +1,8 @@
 //! Ours against diffusers on the real product path: `make bench`.
 //!
 //!     cargo run --release --example bench -- [--sizes 256,512] [--steps 20] [--rounds 2]
-//!         [--threads N] [--guidance 7] [--seed 42] [--dir DIR] [--python PY] [--ours-only]
+//!         [--threads N] [--guidance 7] [--seed 42] [--dtype fp32|bf16] [--dir DIR] [--python PY]
+//!         [--ours-only]
 //!
 //! Both sides load the same SD 1.5-size diffusers folder of seeded random weights (float32,
 //! written once by `tools/bench/diffusers_bench.py` into DIR, by default
@@ -13,7 +14,9 @@
 //! step, one step (UNet on the CFG batch of 2 plus the scheduler: median gap between step
 //! callbacks), decode (last step to image), the txt2img call, the cold process (spawn to exit,
 //! imports and library loading included) and the process's peak RSS. The images of the two
-//! sides are compared (max difference in 8-bit levels).
+//! sides are compared (max difference in 8-bit levels). `--dtype bf16` measures the CPU fast
+//! mode: ours holds and runs the weights in bfloat16, diffusers runs its float32 pipeline under
+//! `torch.autocast("cpu", dtype=torch.bfloat16)`; the images then differ by rounding.
 //!
 //! On two cores any other busy process makes every figure meaningless, so before each run the
 //! bench samples /proc/stat for 2 s and waits (up to a minute) for other processes to be idle;
@@ -37,6 +40,7 @@ struct Options {
     threads: usize,
     guidance: f64,
     seed: u64,
+    dtype: String,
     dir: PathBuf,
     python: PathBuf,
     ours_only: bool,
@@ -56,6 +60,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
         threads: physical_cores(),
         guidance: 7.0,
         seed: 42,
+        dtype: "fp32".into(),
         dir: std::env::var_os("SD_BENCH_DIR").map_or_else(
             || home.join(".cache/stable-diffusion-bench/sd15-random"),
             PathBuf::from,
@@ -85,6 +90,8 @@ fn parse_options(args: &[String]) -> Result<Options> {
             "--threads" => o.threads = value.parse().map_err(|e| bad(&e))?,
             "--guidance" => o.guidance = value.parse().map_err(|e| bad(&e))?,
             "--seed" => o.seed = value.parse().map_err(|e| bad(&e))?,
+            "--dtype" if value == "fp32" || value == "bf16" => o.dtype = value.clone(),
+            "--dtype" => return Err(invalid(format!("--dtype {value}: fp32 or bf16"))),
             "--dir" => o.dir = PathBuf::from(value),
             "--python" => o.python = PathBuf::from(value),
             _ => return Err(invalid(format!("unknown option {flag}"))),
@@ -160,10 +167,20 @@ fn child(args: &[String]) -> Result<()> {
     };
     let (size, steps, guidance) = (parse(1)? as i64, parse(2)? as usize, parse(3)?);
     let (threads, seed, image_out) = (parse(4)? as i32, parse(5)? as u64, PathBuf::from(arg(6)));
+    let kind = match arg(7).as_str() {
+        "bf16" => tch::Kind::BFloat16,
+        _ => tch::Kind::Float,
+    };
     tch::set_num_threads(threads);
 
     let t0 = Instant::now();
-    let sd = StableDiffusion::load(&dir, &LoadOptions::default())?;
+    let sd = StableDiffusion::load(
+        &dir,
+        &LoadOptions {
+            kind,
+            ..Default::default()
+        },
+    )?;
     let load_s = t0.elapsed().as_secs_f64();
 
     let params = GenerateParams {
@@ -371,9 +388,10 @@ fn main() -> Result<()> {
         })
         .unwrap_or_else(|| "unknown CPU".into());
     println!(
-        "bench: {}; {} threads each; {} steps, Euler, guidance {}, seed {}; {} round(s); \
-         weights {:.2} GiB (fp32); load average at start {}",
+        "bench: {}; {} threads each; {}; {} steps, Euler, guidance {}, seed {}; {} round(s); \
+         weights {:.2} GiB (fp32 files); load average at start {}",
         cpu,
+        o.dtype,
         o.threads,
         o.steps,
         o.guidance,
@@ -403,6 +421,7 @@ fn main() -> Result<()> {
                     o.threads.to_string(),
                     o.seed.to_string(),
                     image.display().to_string(),
+                    o.dtype.clone(),
                 ];
                 let mut cmd = if sides[i] == "ours" {
                     let mut c = Command::new(&exe);

@@ -1,7 +1,7 @@
-//! One denoising step of an SD 1.5-size UNet (random weights) on the CPU: the figure to compare
-//! with `tools/bench/diffusers_unet_step.py` (diffusers) on the same machine. An example rather
-//! than a `cargo bench` target so that it reuses the dev build of libtorch's bindings (the work
-//! is libtorch's either way).
+//! One denoising step of an SD 1.5-size UNet (random weights) on the CPU, for profiling the
+//! UNet alone (`tools/bench/diffusers_unet_step.py` is diffusers' counterpart). The UNet is built
+//! in memory, which hides load and memory costs: comparisons with diffusers come from
+//! `make bench` (examples/bench.rs) only.
 //!
 //!     cargo run --example bench_unet_step            # 512x512, CFG batch 2, 3 timed steps
 //!     SD_BENCH_SIZE=256 SD_BENCH_STEPS=5 cargo run --example bench_unet_step

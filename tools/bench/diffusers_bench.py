@@ -4,15 +4,16 @@
         Writes an SD 1.5-size diffusers folder with seeded random weights (float32 safetensors,
         about 4.3 GB) and the full CLIP vocabulary built from assets/, unless DIR/.complete exists.
 
-    python tools/bench/diffusers_bench.py run DIR SIZE STEPS GUIDANCE THREADS SEED IMAGE_OUT
+    python tools/bench/diffusers_bench.py run DIR SIZE STEPS GUIDANCE THREADS SEED IMAGE_OUT [DTYPE]
         One cold measurement, in this fresh process: load, txt2img (Euler, CFG), per-step times,
         warm text encode; prints one JSON line and writes the image as raw RGB8 to IMAGE_OUT.
+        DTYPE fp32, or bf16: the float32 pipeline under torch.autocast("cpu", torch.bfloat16).
 
-Everything runs on the CPU in float32 with THREADS intra-op threads. The figures mean the same
-as ours (see examples/bench.rs): `load_s` from the call to `from_pretrained` to a ready
-pipeline, `first_step_s` from the call to the end of the first step, `step_s` the median time
-between two step callbacks, `decode_s` from the last step to the image, `total_s` the whole
-txt2img call, `peak_rss_mib` the process's peak resident set.
+Everything runs on the CPU (float32, or bf16 autocast) with THREADS intra-op threads. The
+figures mean the same as ours (see examples/bench.rs): `load_s` from the call to
+`from_pretrained` to a ready pipeline, `first_step_s` from the call to the end of the first
+step, `step_s` the median time between two step callbacks, `decode_s` from the last step to the
+image, `total_s` the whole txt2img call, `peak_rss_mib` the process's peak resident set.
 """
 import json
 import resource
@@ -90,13 +91,17 @@ def peak_rss_mib() -> float:
 
 
 def run(folder: Path, size: int, steps: int, guidance: float, threads: int, seed: int,
-        image_out: Path) -> None:
+        image_out: Path, dtype: str) -> None:
+    import contextlib
+
     import torch
 
     torch.set_num_threads(threads)
     from diffusers import StableDiffusionPipeline
 
-    with torch.no_grad():
+    fast = (torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16"
+            else contextlib.nullcontext())
+    with torch.no_grad(), fast:
         t0 = time.perf_counter()
         pipe = StableDiffusionPipeline.from_pretrained(
             folder, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False
@@ -117,7 +122,7 @@ def run(folder: Path, size: int, steps: int, guidance: float, threads: int, seed
             output_type="np", callback_on_step_end=on_step,
         )
         end = time.perf_counter()
-        image = out.images[0]
+        image = out.images[0].astype("float32")
         rgb = (image * 255).round().clip(0, 255).astype("uint8")
         image_out.write_bytes(rgb.tobytes())
 
@@ -145,9 +150,9 @@ def main() -> int:
     if len(sys.argv) == 3 and sys.argv[1] == "make-folder":
         make_folder(Path(sys.argv[2]))
         return 0
-    if len(sys.argv) == 9 and sys.argv[1] == "run":
-        a = sys.argv[2:]
-        run(Path(a[0]), int(a[1]), int(a[2]), float(a[3]), int(a[4]), int(a[5]), Path(a[6]))
+    if len(sys.argv) in (9, 10) and sys.argv[1] == "run":
+        a = sys.argv[2:] + ["fp32"]
+        run(Path(a[0]), int(a[1]), int(a[2]), float(a[3]), int(a[4]), int(a[5]), Path(a[6]), a[7])
         return 0
     print(__doc__, file=sys.stderr)
     return 2
