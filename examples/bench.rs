@@ -46,10 +46,6 @@ struct Options {
     ours_only: bool,
 }
 
-fn invalid(msg: String) -> Error {
-    Error::invalid(msg)
-}
-
 fn parse_options(args: &[String]) -> Result<Options> {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let home = std::env::var_os("HOME").map_or_else(std::env::temp_dir, PathBuf::from);
@@ -76,8 +72,8 @@ fn parse_options(args: &[String]) -> Result<Options> {
         }
         let value = it
             .next()
-            .ok_or_else(|| invalid(format!("{flag} needs a value")))?;
-        let bad = |e: &dyn std::fmt::Display| invalid(format!("{flag} {value}: {e}"));
+            .ok_or_else(|| Error::invalid(format!("{flag} needs a value")))?;
+        let bad = |e: &dyn std::fmt::Display| Error::invalid(format!("{flag} {value}: {e}"));
         match flag.as_str() {
             "--sizes" => {
                 o.sizes = value
@@ -91,19 +87,19 @@ fn parse_options(args: &[String]) -> Result<Options> {
             "--guidance" => o.guidance = value.parse().map_err(|e| bad(&e))?,
             "--seed" => o.seed = value.parse().map_err(|e| bad(&e))?,
             "--dtype" if value == "fp32" || value == "bf16" => o.dtype = value.clone(),
-            "--dtype" => return Err(invalid(format!("--dtype {value}: fp32 or bf16"))),
+            "--dtype" => return Err(Error::invalid(format!("--dtype {value}: fp32 or bf16"))),
             "--dir" => o.dir = PathBuf::from(value),
             "--python" => o.python = PathBuf::from(value),
-            _ => return Err(invalid(format!("unknown option {flag}"))),
+            _ => return Err(Error::invalid(format!("unknown option {flag}"))),
         }
     }
     if o.steps < 2 || o.rounds == 0 || o.threads == 0 || o.sizes.is_empty() {
-        return Err(invalid(
-            "--steps must be at least 2, --rounds, --threads and --sizes not empty".into(),
+        return Err(Error::invalid(
+            "--steps must be at least 2, --rounds, --threads and --sizes not empty",
         ));
     }
     if let Some(s) = o.sizes.iter().find(|&&s| s < 64 || s % 8 != 0) {
-        return Err(invalid(format!(
+        return Err(Error::invalid(format!(
             "--sizes: {s} is not a multiple of 8 of at least 64"
         )));
     }
@@ -163,7 +159,7 @@ fn child(args: &[String]) -> Result<()> {
     let parse = |i: usize| -> Result<f64> {
         arg(i)
             .parse::<f64>()
-            .map_err(|e| invalid(format!("child argument {i}: {e}")))
+            .map_err(|e| Error::invalid(format!("child argument {i}: {e}")))
     };
     let (size, steps, guidance) = (parse(1)? as i64, parse(2)? as usize, parse(3)?);
     let (threads, seed, image_out) = (parse(4)? as i32, parse(5)? as u64, PathBuf::from(arg(6)));
@@ -350,7 +346,7 @@ fn main() -> Result<()> {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let script = repo.join("tools/bench/diffusers_bench.py");
     if !o.python.is_file() {
-        return Err(invalid(format!(
+        return Err(Error::invalid(format!(
             "{} not found: run `bash tools/make_fixtures.sh` once (it creates the venv), or pass \
              --python",
             o.python.display()

@@ -202,7 +202,9 @@ impl TensorSource for WeightSet {
     }
 
     fn finished(&self) {
-        self.files.iter().for_each(SafetensorsFile::release_all);
+        self.files
+            .iter()
+            .for_each(SafetensorsFile::release_all_pages);
     }
 }
 

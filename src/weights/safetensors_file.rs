@@ -97,7 +97,7 @@ impl SafetensorsFile {
 
     /// Drops every resident page of the file: reading a small tensor maps the whole page-cache
     /// folio around it, which can cover tensors already released.
-    pub fn release_all(&self) {
+    pub fn release_all_pages(&self) {
         drop_mapped_pages(&self.mmap, 0, self.mmap.len());
     }
 
