@@ -6,7 +6,7 @@ PROMPT ?= a red circle on a white background
 MODEL ?= models/tiny
 OUT ?= out/demo.png
 
-.PHONY: setup build demo test fixtures clean-deps test-tools clients header install bench
+.PHONY: setup build demo test fixtures clean-deps test-tools clients header install bench bench-fast
 
 # `make install`: where, and which cargo profile's library (release, or debug for the tests).
 PREFIX ?= /usr/local
@@ -34,6 +34,17 @@ test: setup test-tools
 # Needs the venv of tools/make_fixtures.sh; e.g. BENCH_ARGS="--sizes 256 --steps 8".
 bench: setup
 	cargo run --release --example bench -- $(BENCH_ARGS)
+
+# Each opt-in fast mode's speed-up and quality cost (examples/bench_fast.rs): on models/tiny with
+# its adherence, then on the SD 1.5-size random folder that `make bench` writes, when it exists.
+BENCH_DIR ?= $(HOME)/.cache/stable-diffusion-bench/sd15-random
+bench-fast: setup
+	cargo run --release --example bench_fast -- --model models/tiny --prompt-set shapes \
+		--prompts 24 --guidance 5 --eval-images 216 $(BENCH_FAST_ARGS)
+	@if [ -f "$(BENCH_DIR)/model_index.json" ]; then \
+		cargo run --release --example bench_fast -- --model "$(BENCH_DIR)" --size 512 \
+			--steps 20 --prompts 2 --modes cache:3,cache:3:2,tome:0.5,cache:3+tome:0.5 $(BENCH_FAST_ARGS); \
+	else echo "no SD 1.5-size folder in $(BENCH_DIR): run make bench once to write it"; fi
 
 # Mono (C# client) and valgrind, from Debian's packages when missing.
 test-tools:

@@ -28,10 +28,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+#[path = "bench_util/mod.rs"]
+mod bench_util;
+use bench_util::{
+    busy_cores, load_average, median, physical_cores, status_mib, wait_for_idle, BUSY_CORES,
+};
+
 const PROMPT: &str = "a red fox in the snow, detailed fur, soft morning light";
 const NEGATIVE: &str = "blurry, low quality";
-/// Other processes may use this much of one core before a run counts as disturbed.
-const BUSY_CORES: f64 = 0.15;
 
 struct Options {
     sizes: Vec<i64>,
@@ -104,52 +108,6 @@ fn parse_options(args: &[String]) -> Result<Options> {
         )));
     }
     Ok(o)
-}
-
-/// Physical cores from /proc/cpuinfo (distinct physical id / core id pairs), else the
-/// available parallelism.
-fn physical_cores() -> usize {
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let mut cores = std::collections::BTreeSet::new();
-    let mut physical = "";
-    for line in info.lines() {
-        let mut kv = line.splitn(2, ':').map(str::trim);
-        match (kv.next(), kv.next()) {
-            (Some("physical id"), Some(v)) => physical = v,
-            (Some("core id"), Some(v)) => {
-                cores.insert(format!("{physical}/{v}"));
-            }
-            _ => {}
-        }
-    }
-    if cores.is_empty() {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    } else {
-        cores.len()
-    }
-}
-
-fn status_mib(field: &str) -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.retain(|x| x.is_finite());
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 /// Our side of one run, in this (fresh) process: the counterpart of diffusers_bench.py's `run`.
@@ -231,59 +189,6 @@ fn child(args: &[String]) -> Result<()> {
     });
     println!("{result}");
     Ok(())
-}
-
-/// Jiffies (busy, total) of all CPUs from /proc/stat.
-fn cpu_jiffies() -> (u64, u64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let fields: Vec<u64> = stat
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    let total: u64 = fields.iter().sum();
-    // idle and iowait are the 4th and 5th fields.
-    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
-    (total - idle, total)
-}
-
-/// How many cores other processes kept busy over `span` (this process sleeps meanwhile).
-fn busy_cores(span: Duration) -> f64 {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-    let (b0, t0) = cpu_jiffies();
-    std::thread::sleep(span);
-    let (b1, t1) = cpu_jiffies();
-    if t1 <= t0 {
-        return 0.0;
-    }
-    (b1 - b0) as f64 / (t1 - t0) as f64 * cpus
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// Waits up to a minute for the machine to be idle; false if it stayed busy.
-fn wait_for_idle() -> bool {
-    let start = Instant::now();
-    loop {
-        let busy = busy_cores(Duration::from_secs(2));
-        if busy <= BUSY_CORES {
-            return true;
-        }
-        if start.elapsed() > Duration::from_secs(60) {
-            eprintln!("  machine still busy ({busy:.2} cores used by other processes): flagged");
-            return false;
-        }
-    }
 }
 
 struct Run {

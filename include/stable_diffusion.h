@@ -402,6 +402,23 @@ typedef struct sd_generate_params {
    * Passed to `on_step` unchanged.
    */
   void *step_user_data;
+  /**
+   * Step caching (DeepCache), an opt-in fast mode: every `cache_interval`-th UNet call is
+   * a full pass and the others reuse its deep features. 0 (default) and 1 = off; 3 is
+   * about twice as fast at some cost in fidelity (see the README).
+   */
+  uint32_t cache_interval;
+  /**
+   * The skip connection the cached features enter at: 0 (default) is the fastest, larger
+   * values recompute more layers and stay closer to the exact image.
+   */
+  uint32_t cache_branch;
+  /**
+   * Token merging (ToMe), an opt-in fast mode: the fraction of the self-attention tokens
+   * merged at the finest resolution with attention (the full latent resolution in SD 1.x /
+   * 2.x), 0..=0.75; 0 (default) = off, 0.5 is the usual setting.
+   */
+  double token_merging;
 } sd_generate_params;
 
 /**

@@ -20,43 +20,6 @@ fn built_parameters(build: impl FnOnce(tch::nn::Path)) -> u64 {
     vs.variables().values().map(|t| t.numel() as u64).sum()
 }
 
-/// A random small but valid UNet config: levels, widths, heads, depths, projections vary.
-fn random_unet(rng: &mut Rng) -> serde_json::Value {
-    let levels = 1 + rng.below(3);
-    let base = 8 * (1 + rng.below(3) as i64);
-    let channels: Vec<i64> = (0..levels).map(|i| base * (1 + i as i64)).collect();
-    let attention: Vec<bool> = (0..levels).map(|_| rng.below(2) == 0).collect();
-    let down: Vec<&str> = attention
-        .iter()
-        .map(|&a| {
-            if a {
-                "CrossAttnDownBlock2D"
-            } else {
-                "DownBlock2D"
-            }
-        })
-        .collect();
-    let up: Vec<&str> = attention
-        .iter()
-        .rev()
-        .map(|&a| if a { "CrossAttnUpBlock2D" } else { "UpBlock2D" })
-        .collect();
-    serde_json::json!({
-        "block_out_channels": channels,
-        "down_block_types": down,
-        "up_block_types": up,
-        "layers_per_block": 1 + (rng.below(2) as u64),
-        "transformer_layers_per_block": 1 + (rng.below(2) as u64),
-        "attention_head_dim": *rng.pick(&[1, 2, 8]),
-        "cross_attention_dim": *rng.pick(&[16, 24, 32]),
-        "norm_num_groups": 8,
-        "in_channels": *rng.pick(&[4, 9]),
-        "out_channels": 4,
-        "use_linear_projection": rng.below(2) == 0,
-        "sample_size": 8,
-    })
-}
-
 fn random_vae(rng: &mut Rng) -> serde_json::Value {
     let levels = 1 + rng.below(3);
     let channels: Vec<i64> = (0..levels).map(|i| 8 * (1 + i as i64)).collect();
@@ -90,7 +53,7 @@ fn random_text(rng: &mut Rng) -> serde_json::Value {
 fn counted_parameters_equal_the_built_model() {
     let mut rng = Rng::new(7);
     for case in 0..60 {
-        let unet: UNetConfig = serde_json::from_value(random_unet(&mut rng)).unwrap();
+        let unet: UNetConfig = serde_json::from_value(common::random_unet(&mut rng)).unwrap();
         let counted = count_parameters(|vs| UNet2DConditionModel::new(vs, &unet)).unwrap();
         let built = built_parameters(|vs| {
             UNet2DConditionModel::new(vs, &unet).unwrap();
@@ -190,7 +153,7 @@ fn hostile_config_values_are_refused_before_building() {
     for case in 0..600 {
         let which = case % 3;
         let mut json = match which {
-            0 => random_unet(&mut rng),
+            0 => common::random_unet(&mut rng),
             1 => random_vae(&mut rng),
             _ => random_text(&mut rng),
         };

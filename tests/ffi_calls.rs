@@ -329,6 +329,27 @@ fn generate_rejects_bad_parameters_with_a_message() {
             SD_ERR_INVALID_ARGUMENT,
             "struct_size is 8",
         ),
+        (
+            "token merging 0.9",
+            Box::new(|g| g.token_merging = 0.9),
+            SD_ERR_INVALID_ARGUMENT,
+            "token merging ratio",
+        ),
+        (
+            "token merging NaN",
+            Box::new(|g| g.token_merging = f64::NAN),
+            SD_ERR_INVALID_ARGUMENT,
+            "token_merging",
+        ),
+        (
+            "cache branch",
+            Box::new(|g| {
+                g.cache_interval = 2;
+                g.cache_branch = 1000
+            }),
+            SD_ERR_INVALID_ARGUMENT,
+            "step cache branch",
+        ),
     ];
     for (what, change, status, needle) in cases {
         let mut g = ok;
@@ -884,4 +905,24 @@ fn load_options_choose_the_ema_unet() {
         "an older caller's struct must get the default"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The fast-mode fields reach the pipeline, and a caller whose struct ends before them gets
+/// the exact computation whatever lies past its struct.
+#[test]
+fn generate_params_carry_the_fast_modes() {
+    let p = load();
+    let exact = generate(p, &params(PROMPT, 4, 5)).unwrap();
+    for change in [
+        Box::new(|g: &mut sd_generate_params| g.cache_interval = 2) as Box<dyn Fn(&mut _)>,
+        Box::new(|g: &mut sd_generate_params| g.token_merging = 0.5),
+    ] {
+        let mut fast = params(PROMPT, 4, 5);
+        change(&mut fast);
+        assert_ne!(generate(p, &fast).unwrap()[0].0, exact[0].0);
+        let mut older = fast;
+        older.struct_size = std::mem::offset_of!(sd_generate_params, cache_interval);
+        assert_eq!(generate(p, &older).unwrap()[0].0, exact[0].0);
+    }
+    unsafe { sd_pipeline_free(p) };
 }

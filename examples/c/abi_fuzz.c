@@ -198,7 +198,13 @@ static const char *mutate(struct big_params *b, struct owned_image *images, int 
   const double bad_strength[] = {NAN, INFINITY, -INFINITY, 1.5, 1.0000001, 2.0, 1e300};
   const double bad_eta[] = {NAN, INFINITY, -INFINITY, -1.0, -1e-9};
   static const size_t bad_sizes[] = {0, 8, 100, 1u << 20, (size_t)-1};
-  switch (below(16)) {
+  static const uint32_t good_interval[] = {0, 1, 2, 3, 1000};
+  static const uint32_t bad_interval[] = {1001, 0xFFFFFFFFu};
+  static const uint32_t good_branch[] = {0, 1, 2};
+  static const uint32_t bad_branch[] = {1000, 0xFFFFFFFFu};
+  static const double good_merging[] = {0.0, 0.25, 0.5, 0.75};
+  const double bad_merging[] = {NAN, INFINITY, -INFINITY, -0.1, 0.76, 1e300};
+  switch (below(18)) {
     case 0:
       g->width = good ? PICK(good_sides) : PICK(bad_sides);
       return "width";
@@ -264,6 +270,20 @@ static const char *mutate(struct big_params *b, struct owned_image *images, int 
       random_image(&images[1], good);
       g->mask = &images[1].image;
       return "mask";
+    case 15:
+      g->token_merging = good ? PICK(good_merging) : PICK(bad_merging);
+      return "token_merging";
+    case 16:
+      if (good) {
+        g->cache_interval = PICK(good_interval);
+        g->cache_branch = PICK(good_branch);
+      } else if (chance(50)) {
+        g->cache_interval = 2;
+        g->cache_branch = PICK(bad_branch);
+      } else {
+        g->cache_interval = PICK(bad_interval);
+      }
+      return "step cache";
     default:
       random_image(&images[0], good || chance(50));
       random_image(&images[1], good || chance(50));

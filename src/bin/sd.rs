@@ -3,7 +3,9 @@
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use stable_diffusion::image_io::{self, Image};
-use stable_diffusion::pipeline::{Control, GenerateParams, LoadOptions, StableDiffusion, StepInfo};
+use stable_diffusion::pipeline::{
+    Control, FastModes, GenerateParams, LoadOptions, StableDiffusion, StepInfo,
+};
 use stable_diffusion::schedulers::PredictionType;
 use stable_diffusion::weights::single_file::ModelOverrides;
 use stable_diffusion::{Error, Result};
@@ -109,6 +111,8 @@ struct EvalArgs {
     sheet: Option<PathBuf>,
     #[arg(long)]
     threads: Option<i32>,
+    #[command(flatten)]
+    fast: FastArgs,
     #[arg(long)]
     quiet: bool,
 }
@@ -162,6 +166,7 @@ fn eval(a: &EvalArgs) -> Result<()> {
         img2img_strength: a.strength,
         sheet: a.sheet.clone(),
         progress: !a.quiet,
+        fast: a.fast.modes(),
     };
     let report = evaluate(&sd, &options)?;
     report.print(&options);
@@ -230,9 +235,38 @@ struct CommonArgs {
     /// Output PNG; with --batch N > 1, files are numbered (out-1.png, out-2.png, ...).
     #[arg(long, short, default_value = "out.png")]
     out: PathBuf,
+    #[command(flatten)]
+    fast: FastArgs,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+}
+
+/// The opt-in fast modes; each trades some fidelity for speed (measured in the README).
+#[derive(Args, Clone, Copy)]
+struct FastArgs {
+    /// Step caching (DeepCache): a full UNet pass every N calls, the others reuse its deep
+    /// features (3 is about twice as fast). 0 or 1 = off.
+    #[arg(long, default_value_t = 0)]
+    step_cache: usize,
+    /// Step caching: the skip connection the cached features enter at (0 = fastest; larger
+    /// recomputes more and stays closer to the exact image).
+    #[arg(long, default_value_t = 0)]
+    step_cache_branch: usize,
+    /// Token merging (ToMe): fraction of self-attention tokens merged at the finest
+    /// resolution with attention, 0..=0.75 (0 = off, 0.5 usual); pays from 512x512 up.
+    #[arg(long, default_value_t = 0.0)]
+    token_merging: f64,
+}
+
+impl FastArgs {
+    fn modes(&self) -> FastModes {
+        FastModes {
+            cache_interval: self.step_cache,
+            cache_branch: self.step_cache_branch,
+            token_merging: self.token_merging,
+        }
+    }
 }
 
 fn parse_device(s: &str) -> Result<Device> {
@@ -292,6 +326,15 @@ fn a1111_parameters(
     if a.batch > 1 {
         s.push_str(&format!(", Batch size: {}", a.batch));
     }
+    if a.fast.token_merging > 0.0 {
+        s.push_str(&format!(", Token merging ratio: {}", a.fast.token_merging));
+    }
+    if a.fast.step_cache > 1 {
+        s.push_str(&format!(
+            ", Step cache: {} (branch {})",
+            a.fast.step_cache, a.fast.step_cache_branch
+        ));
+    }
     s
 }
 
@@ -350,6 +393,7 @@ fn run(a: &CommonArgs, edit: Edit) -> Result<()> {
         scheduler: a.scheduler.clone(),
         clip_skip: a.clip_skip,
         eta: a.eta,
+        fast: a.fast.modes(),
     };
     let scheduler_name = a
         .scheduler

@@ -3,7 +3,7 @@
 use super::status::Fail;
 use super::types::{read_versioned, sd_generate_params, sd_image, sd_step_fn, sd_step_info};
 use crate::image_io::Image;
-use crate::pipeline::{check_prompt, GenerateParams, MAX_BATCH, MAX_SIDE, MAX_STEPS};
+use crate::pipeline::{check_prompt, FastModes, GenerateParams, MAX_BATCH, MAX_SIDE, MAX_STEPS};
 use std::ffi::{c_char, c_void, CStr};
 
 /// The largest side of an input image (it is resized to the output size anyway).
@@ -179,6 +179,11 @@ pub(crate) unsafe fn request(
         mask: optional_image(c.mask, "params->mask")?,
         strength: (strength >= 0.0).then_some(strength),
         paste_back: c.paste_back != 0,
+        fast: FastModes {
+            cache_interval: c.cache_interval as usize,
+            cache_branch: c.cache_branch as usize,
+            token_merging: check_number("token_merging", c.token_merging)?,
+        },
     };
     if params.mask.is_some() && params.init_image.is_none() {
         return Err(Fail::invalid(

@@ -142,6 +142,17 @@ pub struct sd_generate_params {
     pub on_step: sd_step_fn,
     /// Passed to `on_step` unchanged.
     pub step_user_data: *mut c_void,
+    /// Step caching (DeepCache), an opt-in fast mode: every `cache_interval`-th UNet call is
+    /// a full pass and the others reuse its deep features. 0 (default) and 1 = off; 3 is
+    /// about twice as fast at some cost in fidelity (see the README).
+    pub cache_interval: u32,
+    /// The skip connection the cached features enter at: 0 (default) is the fastest, larger
+    /// values recompute more layers and stay closer to the exact image.
+    pub cache_branch: u32,
+    /// Token merging (ToMe), an opt-in fast mode: the fraction of the self-attention tokens
+    /// merged at the finest resolution with attention (the full latent resolution in SD 1.x /
+    /// 2.x), 0..=0.75; 0 (default) = off, 0.5 is the usual setting.
+    pub token_merging: f64,
 }
 
 /// What the step callback sees. Owned by the library, valid during the callback only.
@@ -322,6 +333,9 @@ unsafe impl Versioned for sd_generate_params {
             paste_back: d.paste_back as i32,
             on_step: None,
             step_user_data: std::ptr::null_mut(),
+            cache_interval: d.fast.cache_interval as u32,
+            cache_branch: d.fast.cache_branch as u32,
+            token_merging: d.fast.token_merging,
         }
     }
 }

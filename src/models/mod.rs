@@ -3,11 +3,13 @@ pub mod blocks;
 pub mod clip;
 pub mod clip_vision;
 pub mod config;
+pub mod fast;
 pub mod torchscript;
 pub mod traits;
 pub mod unet;
 pub mod vae;
 
+pub use fast::{DeepCache, FastPass, TokenMerging};
 pub use clip::{ClipTextConfig, ClipTextTransformer};
 pub use traits::{Autoencoder, Denoiser, TextEncoder};
 pub use unet::{UNet2DConditionModel, UNetConfig};

@@ -1,7 +1,8 @@
 //! What the pipeline needs from each network. The native tch modules implement these traits,
 //! and so does the TorchScript backend, so one pipeline drives both.
+use super::fast::FastPass;
 use super::{AutoencoderKL, ClipTextTransformer, DiagonalGaussian, UNet2DConditionModel};
-use crate::Result;
+use crate::{Error, Result};
 use tch::Tensor;
 
 /// Token ids `[batch, tokens]` to hidden states `[batch, tokens, dim]`.
@@ -22,6 +23,29 @@ pub trait Denoiser: Send {
     fn in_channels(&self) -> i64;
     /// Native latent size, when the model states one.
     fn sample_size(&self) -> Option<i64>;
+    /// One call with the opt-in fast modes; a backend without them refuses any but the exact
+    /// pass.
+    fn forward_fast(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        context: &Tensor,
+        fast: &mut FastPass,
+    ) -> Result<Tensor> {
+        if fast.is_exact() {
+            self.forward(sample, timestep, context)
+        } else {
+            Err(Error::Unsupported(
+                "step caching and token merging need the native UNet, not a TorchScript module"
+                    .into(),
+            ))
+        }
+    }
+    /// Skip connections available to step caching; `None` when the fast modes are not
+    /// supported.
+    fn skip_connections(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// The VAE between pixels in [-1, 1] and unscaled latents.
@@ -72,6 +96,18 @@ impl Denoiser for UNet2DConditionModel {
     }
     fn sample_size(&self) -> Option<i64> {
         self.config().sample_size
+    }
+    fn forward_fast(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        context: &Tensor,
+        fast: &mut FastPass,
+    ) -> Result<Tensor> {
+        UNet2DConditionModel::forward_fast(self, sample, timestep, context, fast)
+    }
+    fn skip_connections(&self) -> Option<usize> {
+        Some(UNet2DConditionModel::skip_connections(self))
     }
 }
 

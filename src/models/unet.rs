@@ -4,6 +4,7 @@ use super::blocks::{
     Upsample2D,
 };
 use super::config::{read_json, PerBlock};
+use super::fast::{FastPass, TokenMerge, TokenMerging};
 use crate::limits::{
     check_each_positive, check_finite, check_level_sizes, check_positive, MAX_CONFIG_CHANNELS,
     MAX_CONFIG_LAYERS, MAX_CONFIG_POSITIONS,
@@ -367,11 +368,23 @@ impl BasicTransformerBlock {
         }
     }
 
-    fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let xs = self
-            .attn1
-            .forward(&self.norm1.forward(xs)?, None)?
-            .f_add(xs)?;
+    /// `merging`: token merging for the self-attention, with the token grid's `(h, w)`.
+    fn forward(
+        &self,
+        xs: &Tensor,
+        context: &Tensor,
+        merging: Option<(TokenMerging, i64, i64)>,
+    ) -> Result<Tensor> {
+        let merge = match merging {
+            Some((m, h, w)) => TokenMerge::new(xs, h, w, m.ratio, m.seed)?,
+            None => None,
+        };
+        let normed = self.norm1.forward(xs)?;
+        let attended = match &merge {
+            Some(m) => m.unmerge(&self.attn1.forward(&m.merge(&normed)?, None)?)?,
+            None => self.attn1.forward(&normed, None)?,
+        };
+        let xs = attended.f_add(xs)?;
         let xs = self
             .attn2
             .forward(&self.norm2.forward(&xs)?, Some(context))?
@@ -430,7 +443,13 @@ impl Transformer2D {
         }
     }
 
-    fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
+    /// `merging`: token merging for the self-attention of every block (a seed each).
+    fn forward(
+        &self,
+        xs: &Tensor,
+        context: &Tensor,
+        merging: Option<TokenMerging>,
+    ) -> Result<Tensor> {
         let (b, c, h, w) = xs.size4()?;
         let normed = self.norm.forward(xs)?;
         let to_tokens = |t: &Tensor| -> Result<Tensor> {
@@ -443,8 +462,14 @@ impl Transformer2D {
             Projection::Conv(conv) => to_tokens(&conv.forward(&normed)?)?,
             Projection::Linear(lin) => lin.forward(&to_tokens(&normed)?)?,
         };
-        for block in &self.blocks {
-            tokens = block.forward(&tokens, context)?;
+        for (j, block) in self.blocks.iter().enumerate() {
+            let merging = merging.map(|m| {
+                let seed = m
+                    .seed
+                    .wrapping_add((j as u64 + 1).wrapping_mul(0x2545_F491_4F6C_DD1D));
+                (TokenMerging { seed, ..m }, h, w)
+            });
+            tokens = block.forward(&tokens, context, merging)?;
         }
         let out = match &self.proj_out {
             Projection::Conv(conv) => conv.forward(&to_image(&tokens)?.f_contiguous()?)?,
@@ -620,9 +645,49 @@ impl UNet2DConditionModel {
     /// Predicts noise (or v) for `sample` `[b, in_channels, h, w]` at `timestep`, conditioned on
     /// `context` `[b, tokens, cross_attention_dim]`.
     pub fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
+        self.forward_fast(sample, timestep, context, &mut FastPass::default())
+    }
+
+    /// As [`UNet2DConditionModel::forward`], with the opt-in fast modes of `fast`.
+    pub fn forward_fast(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        context: &Tensor,
+        fast: &mut FastPass,
+    ) -> Result<Tensor> {
         let b = sample.size4()?.0;
         let t = Tensor::f_full([b], timestep, (Kind::Float, sample.device()))?;
-        self.forward_timesteps(sample, &t, context)
+        self.run(sample, &t, context, fast)
+    }
+
+    /// The finest resolution level (0 = the latent's) with attention; the mid block, at the
+    /// coarsest, always has it.
+    fn finest_attention_level(&self) -> usize {
+        let down = self
+            .down_blocks
+            .iter()
+            .position(|b| !b.attentions.is_empty());
+        let up = self
+            .up_blocks
+            .iter()
+            .rposition(|b| !b.attentions.is_empty());
+        let up = up.map(|i| self.up_blocks.len() - 1 - i);
+        [down, up]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(self.down_blocks.len() - 1)
+    }
+
+    /// Skip connections from the down path to the up path: `conv_in`'s output, each down
+    /// resnet's and each downsampler's. Step caching's branch is below this.
+    pub fn skip_connections(&self) -> usize {
+        1 + self
+            .down_blocks
+            .iter()
+            .map(|b| b.resnets.len() + b.downsampler.is_some() as usize)
+            .sum::<usize>()
     }
 
     /// As [`UNet2DConditionModel::forward`] with one timestep per sample (`timesteps` of
@@ -632,6 +697,16 @@ impl UNet2DConditionModel {
         sample: &Tensor,
         timesteps: &Tensor,
         context: &Tensor,
+    ) -> Result<Tensor> {
+        self.run(sample, timesteps, context, &mut FastPass::default())
+    }
+
+    fn run(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+        fast: &mut FastPass,
     ) -> Result<Tensor> {
         let (b, c, _, _) = sample.size4()?;
         if c != self.config.in_channels {
@@ -672,44 +747,102 @@ impl UNet2DConditionModel {
         } else {
             sample.shallow_clone()
         };
+        // Token merging applies to the finest level with attention (the full latent resolution
+        // in SD 1.x / 2.x, as ToMe's default), with a fresh seed for each transformer.
+        let token_merging = fast.token_merging.filter(|m| m.ratio > 0.0);
+        let merge_level = self.finest_attention_level();
+        let mut merges = 0u64;
+        let mut merging = |level: usize| -> Option<TokenMerging> {
+            let m = token_merging.filter(|_| level == merge_level)?;
+            merges += 1;
+            Some(TokenMerging {
+                seed: m
+                    .seed
+                    .wrapping_add(merges.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+                ..m
+            })
+        };
+        // Step caching: a reusing pass stops the down path once the skips up to the branch
+        // exist, and enters the up path where that skip is consumed, with the features the
+        // last full pass stored there.
+        let branch = fast.cache.as_ref().map(|(cache, _)| cache.branch());
+        let reuse = matches!(fast.cache, Some((_, true)));
+        let skip_count = self.skip_connections();
+        if branch.is_some_and(|k| k >= skip_count) {
+            return Err(Error::invalid(format!(
+                "step cache branch {} must be below the UNet's {skip_count} skip connections",
+                branch.unwrap_or_default()
+            )));
+        }
+        let down_done = |skips: &Vec<Tensor>| reuse && branch.is_some_and(|k| skips.len() > k);
+
         let mut h = self.conv_in.forward(&sample)?;
         let mut skips = vec![h.shallow_clone()];
-        for block in &self.down_blocks {
+        'down: for (level, block) in self.down_blocks.iter().enumerate() {
             for (j, resnet) in block.resnets.iter().enumerate() {
+                if down_done(&skips) {
+                    break 'down;
+                }
                 h = resnet.forward(&h, emb)?;
                 if let Some(attn) = block.attentions.get(j) {
-                    h = attn.forward(&h, context)?;
+                    h = attn.forward(&h, context, merging(level))?;
                 }
                 skips.push(h.shallow_clone());
             }
             if let Some(down) = &block.downsampler {
+                if down_done(&skips) {
+                    break 'down;
+                }
                 h = down.forward(&h)?;
                 skips.push(h.shallow_clone());
             }
         }
 
-        h = self.mid_block.resnets[0].forward(&h, emb)?;
-        for (attn, resnet) in self
-            .mid_block
-            .attentions
-            .iter()
-            .zip(&self.mid_block.resnets[1..])
-        {
-            h = attn.forward(&h, context)?;
-            h = resnet.forward(&h, emb)?;
+        if reuse {
+            let (cache, _) = fast.cache.as_ref().expect("reuse implies a cache");
+            h = cache.features(b)?;
+        } else {
+            h = self.mid_block.resnets[0].forward(&h, emb)?;
+            for (attn, resnet) in self
+                .mid_block
+                .attentions
+                .iter()
+                .zip(&self.mid_block.resnets[1..])
+            {
+                h = attn.forward(&h, context, merging(self.down_blocks.len() - 1))?;
+                h = resnet.forward(&h, emb)?;
+            }
         }
 
-        for block in &self.up_blocks {
+        // `next` is the index of the skip the next up resnet consumes.
+        let mut next = skip_count;
+        for (i, block) in self.up_blocks.iter().enumerate() {
+            let level = self.up_blocks.len() - 1 - i;
             for (j, resnet) in block.resnets.iter().enumerate() {
+                next -= 1;
+                if let Some(k) = branch {
+                    if reuse && next > k {
+                        continue;
+                    }
+                    if !reuse && next == k {
+                        if let Some((cache, _)) = fast.cache.as_mut() {
+                            cache.store(&h);
+                        }
+                    }
+                }
                 let skip = skips
                     .pop()
                     .ok_or_else(|| Error::Internal("UNet skip connections exhausted".into()))?;
                 h = resnet.forward(&Tensor::f_cat(&[&h, &skip], 1)?, emb)?;
                 if let Some(attn) = block.attentions.get(j) {
-                    h = attn.forward(&h, context)?;
+                    h = attn.forward(&h, context, merging(level))?;
                 }
             }
             if let Some(up) = &block.upsampler {
+                // A reusing pass enters after the upsampler that feeds the branch's resnet.
+                if reuse && branch.is_some_and(|k| next > k) {
+                    continue;
+                }
                 // Upsample to the size of the skip that comes next, which is 2x except after
                 // a stride-2 convolution of an odd side.
                 let size = skips.last().map(|s| (s.size()[2], s.size()[3]));

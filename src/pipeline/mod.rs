@@ -7,6 +7,7 @@ pub use loader::{LoadOptions, ModelFiles};
 
 use crate::image_io::Image;
 use crate::limits::MAX_PROMPT_BYTES;
+use crate::models::fast::{DeepCache, FastPass, TokenMerging};
 use crate::models::traits::{Autoencoder, Denoiser, TextEncoder};
 use crate::rng::{NoiseSource, PredrawnNoise};
 use crate::schedulers::{self, Scheduler, SchedulerConfig};
@@ -53,6 +54,33 @@ pub struct GenerateParams {
     pub strength: Option<f64>,
     /// Inpainting: copy the original pixels back outside the mask after decoding.
     pub paste_back: bool,
+    /// The opt-in fast modes; the default is the exact computation.
+    pub fast: FastModes,
+}
+
+/// Largest token merging ratio: ToMe keeps one token of each 2x2 cell.
+pub const MAX_TOKEN_MERGING: f64 = 0.75;
+
+/// Opt-in modes that trade fidelity for speed, all off by default (see
+/// [`crate::models::fast`]). Their cost in quality is measured by `make bench-fast`.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct FastModes {
+    /// Step caching (DeepCache): every `cache_interval`-th UNet call is a full pass, the
+    /// others reuse its deep features. 0 and 1 are off.
+    pub cache_interval: usize,
+    /// The skip connection where the cached features enter (0 = after `conv_in`, the
+    /// fastest; larger recomputes more and stays closer to the exact run).
+    pub cache_branch: usize,
+    /// Token merging (ToMe): the fraction of self-attention tokens merged away at the finest
+    /// resolution with attention (the full latent resolution in SD 1.x / 2.x), in
+    /// `[0, 0.75]`; 0 is off. 0.5 is ToMe's usual setting.
+    pub token_merging: f64,
+}
+
+impl FastModes {
+    pub fn is_exact(&self) -> bool {
+        self.cache_interval <= 1 && self.token_merging == 0.0
+    }
 }
 
 impl Default for GenerateParams {
@@ -73,6 +101,7 @@ impl Default for GenerateParams {
             mask: None,
             strength: None,
             paste_back: false,
+            fast: FastModes::default(),
         }
     }
 }
@@ -250,6 +279,7 @@ impl StableDiffusion {
             unet_in: self.unet.in_channels(),
             latent_channels: self.vae.latent_channels(),
             text_layers: self.text_encoder.num_layers(),
+            skip_connections: self.unet.skip_connections(),
             scheduler_config: self.scheduler_config.clone(),
         }
     }
@@ -423,6 +453,9 @@ impl StableDiffusion {
             _ => None,
         };
 
+        let fast = params.fast;
+        let mut cache = (fast.cache_interval > 1).then(|| DeepCache::new(fast.cache_branch));
+        let mut unet_calls = 0usize;
         let total = timesteps.len();
         for (i, &t) in timesteps.iter().enumerate() {
             stop()?;
@@ -430,7 +463,19 @@ impl StableDiffusion {
             if let Some((m, z)) = &unet_extra {
                 model_input = Tensor::f_cat(&[&model_input, m, z], 1)?;
             }
-            let mut pred = self.unet.forward(&model_input, t, &context)?;
+            let mut pass = FastPass {
+                cache: cache
+                    .as_mut()
+                    .map(|c| (c, unet_calls % fast.cache_interval.max(1) != 0)),
+                token_merging: (fast.token_merging > 0.0).then_some(TokenMerging {
+                    ratio: fast.token_merging,
+                    seed: params.seed.wrapping_add(unet_calls as u64),
+                }),
+            };
+            unet_calls += 1;
+            let mut pred = self
+                .unet
+                .forward_fast(&model_input, t, &context, &mut pass)?;
             if cfg {
                 let parts = pred.f_chunk(2, 0)?;
                 let (uncond, cond) = (&parts[0], &parts[1]);
@@ -588,6 +633,8 @@ pub struct Validator {
     unet_in: i64,
     latent_channels: i64,
     text_layers: Option<usize>,
+    /// The UNet's skip connections, `None` when it has no fast modes.
+    skip_connections: Option<usize>,
     scheduler_config: SchedulerConfig,
 }
 
@@ -702,6 +749,7 @@ impl Validator {
                 )));
             }
         }
+        self.validate_fast(&p.fast)?;
         let (mut scheduler, fallback) = self.scheduler(p.scheduler.as_deref())?;
         scheduler.set_eta(p.eta)?;
         scheduler.set_timesteps(p.steps)?;
@@ -711,6 +759,37 @@ impl Validator {
             scheduler,
             fallback,
         })
+    }
+
+    fn validate_fast(&self, f: &FastModes) -> Result<()> {
+        if !(0.0..=MAX_TOKEN_MERGING).contains(&f.token_merging) {
+            return Err(Error::invalid(format!(
+                "token merging ratio must be in [0, {MAX_TOKEN_MERGING}], got {}",
+                f.token_merging
+            )));
+        }
+        if f.cache_interval > MAX_STEPS {
+            return Err(Error::invalid(format!(
+                "step cache interval must be in 0..={MAX_STEPS}, got {}",
+                f.cache_interval
+            )));
+        }
+        if f.is_exact() {
+            return Ok(());
+        }
+        let Some(skips) = self.skip_connections else {
+            return Err(Error::Unsupported(
+                "step caching and token merging need the native UNet, not a TorchScript module"
+                    .into(),
+            ));
+        };
+        if f.cache_interval > 1 && f.cache_branch >= skips {
+            return Err(Error::invalid(format!(
+                "step cache branch must be below the UNet's {skips} skip connections, got {}",
+                f.cache_branch
+            )));
+        }
+        Ok(())
     }
 
     /// A fresh scheduler, as [`StableDiffusion::scheduler`], and the reason for a fallback.

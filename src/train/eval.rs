@@ -11,7 +11,7 @@ use super::dataset::{
 };
 use super::streams;
 use crate::image_io::Image;
-use crate::pipeline::{GenerateParams, StableDiffusion};
+use crate::pipeline::{FastModes, GenerateParams, StableDiffusion};
 use crate::Result;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
@@ -31,6 +31,8 @@ pub struct EvalOptions {
     /// Writes a contact sheet of the first held-out generations here.
     pub sheet: Option<PathBuf>,
     pub progress: bool,
+    /// Fast modes every generation runs with, to measure what they cost in adherence.
+    pub fast: FastModes,
 }
 
 impl Default for EvalOptions {
@@ -44,6 +46,7 @@ impl Default for EvalOptions {
             img2img_strength: 0.7,
             sheet: None,
             progress: false,
+            fast: FastModes::default(),
         }
     }
 }
@@ -150,6 +153,7 @@ pub fn evaluate(sd: &StableDiffusion, o: &EvalOptions) -> Result<EvalReport> {
     let base = GenerateParams {
         steps: o.steps,
         guidance: o.guidance,
+        fast: o.fast,
         ..Default::default()
     };
     let mut report = EvalReport::default();

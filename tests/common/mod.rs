@@ -224,3 +224,40 @@ pub fn dtype_size(dtype: &str) -> usize {
         _ => 1,
     }
 }
+
+/// A random small but valid UNet config: levels, widths, heads, depths, projections vary.
+pub fn random_unet(rng: &mut Rng) -> serde_json::Value {
+    let levels = 1 + rng.below(3);
+    let base = 8 * (1 + rng.below(3) as i64);
+    let channels: Vec<i64> = (0..levels).map(|i| base * (1 + i as i64)).collect();
+    let attention: Vec<bool> = (0..levels).map(|_| rng.below(2) == 0).collect();
+    let down: Vec<&str> = attention
+        .iter()
+        .map(|&a| {
+            if a {
+                "CrossAttnDownBlock2D"
+            } else {
+                "DownBlock2D"
+            }
+        })
+        .collect();
+    let up: Vec<&str> = attention
+        .iter()
+        .rev()
+        .map(|&a| if a { "CrossAttnUpBlock2D" } else { "UpBlock2D" })
+        .collect();
+    serde_json::json!({
+        "block_out_channels": channels,
+        "down_block_types": down,
+        "up_block_types": up,
+        "layers_per_block": 1 + (rng.below(2) as u64),
+        "transformer_layers_per_block": 1 + (rng.below(2) as u64),
+        "attention_head_dim": *rng.pick(&[1, 2, 8]),
+        "cross_attention_dim": *rng.pick(&[16, 24, 32]),
+        "norm_num_groups": 8,
+        "in_channels": *rng.pick(&[4, 9]),
+        "out_channels": 4,
+        "use_linear_projection": rng.below(2) == 0,
+        "sample_size": 8,
+    })
+}
