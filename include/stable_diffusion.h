@@ -241,6 +241,15 @@ typedef struct sd_load_options {
    * A file with only the EMA copy uses it either way.
    */
   int32_t use_ema;
+  /**
+   * Non-zero copies every weight into memory of the library's own. 0 (default): on the CPU,
+   * a diffusers folder's weights stored in the requested dtype are used in place from a
+   * private copy-on-write map of their files (loading reads only the headers; nothing is
+   * ever written to the files). The files must then stay as they are while the pipeline
+   * lives: truncating one under a running pipeline faults the process, as with any
+   * memory-mapped weights.
+   */
+  int32_t copy_weights;
 } sd_load_options;
 
 /**

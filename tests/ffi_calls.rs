@@ -926,3 +926,33 @@ fn generate_params_carry_the_fast_modes() {
     }
     unsafe { sd_pipeline_free(p) };
 }
+
+/// `copy_weights` in the load options: weights used in place or copied render the same image,
+/// and a caller whose struct ends before the field gets the default (in place).
+#[test]
+fn load_options_copy_weights_render_the_same_image() {
+    let render = |copy_weights: i32, struct_size: usize| -> Vec<u8> {
+        let mut o = std::mem::MaybeUninit::<sd_load_options>::zeroed();
+        assert_eq!(
+            unsafe { sd_load_options_init(o.as_mut_ptr(), size_of::<sd_load_options>()) },
+            sd_status::SD_OK
+        );
+        let mut o = unsafe { o.assume_init() };
+        o.copy_weights = copy_weights;
+        o.struct_size = struct_size;
+        let path = fixture("tiny-sd1");
+        let mut pipe = ptr::null_mut();
+        let status = unsafe { sd_pipeline_load(path.as_ptr(), &o, &mut pipe) };
+        assert_eq!(status, sd_status::SD_OK, "{}", last_error());
+        let out = generate(pipe, &params(PROMPT, 2, 3)).unwrap();
+        unsafe { sd_pipeline_free(pipe) };
+        out[0].0.clone()
+    };
+    let full = size_of::<sd_load_options>();
+    let reference = render(0, full);
+    assert_eq!(render(1, full), reference);
+    assert_eq!(
+        render(1, std::mem::offset_of!(sd_load_options, copy_weights)),
+        reference
+    );
+}

@@ -332,6 +332,7 @@ fn other_dtype_is_converted_at_the_module_boundaries() {
     let options = LoadOptions {
         device: Device::Cpu,
         kind: Kind::BFloat16,
+        ..Default::default()
     };
     let ts = StableDiffusion::load(&export_dir(), &options).unwrap();
     let fp32 = load(&export_dir());
@@ -356,6 +357,7 @@ fn other_device_than_the_traced_one_is_refused() {
     let options = LoadOptions {
         device: Device::Cuda(0),
         kind: Kind::Float,
+        ..Default::default()
     };
     let err = StableDiffusion::load(&export_dir(), &options)
         .err()

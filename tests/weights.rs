@@ -262,3 +262,169 @@ fn loaded_weights_leave_the_file_pages() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Weights used in place: for seeded files of mixed dtypes and shapes, with headers of every
+/// length modulo 8 (so tensors start at every alignment), a variable whose dtype matches and
+/// whose bytes are aligned points into the file's map, any other is copied, and every one holds
+/// exactly the stored values. Writing every variable then changes neither the file nor any
+/// other variable (the map is private, copy-on-write, page by page).
+#[test]
+fn mapped_weights_equal_the_file_and_never_write_it() {
+    use stable_diffusion::weights::{load_into_mapped, WeightSet};
+    let _g = tch::no_grad_guard();
+    let dir = std::env::temp_dir().join(format!("sd-weights-map-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut rng = common::Rng::new(23);
+    let kinds = [
+        ("F32", Kind::Float),
+        ("F16", Kind::Half),
+        ("BF16", Kind::BFloat16),
+    ];
+    let mut mapped_total = 0;
+    for case in 0..24 {
+        let mut tensors = Vec::new();
+        let mut wanted = Vec::new();
+        for i in 0..(3 + rng.below(5)) {
+            let (dtype, stored) = kinds[rng.below(kinds.len())];
+            let shape: Vec<i64> = (0..1 + rng.below(3))
+                .map(|_| 1 + rng.below(40) as i64)
+                .collect();
+            let numel: i64 = shape.iter().product();
+            let values = Tensor::from_slice(
+                &(0..numel)
+                    .map(|_| rng.below(2000) as f32 / 64.0 - 15.0)
+                    .collect::<Vec<_>>(),
+            )
+            .to_kind(stored)
+            .reshape(shape.as_slice());
+            let mut bytes = vec![0u8; numel as usize * common::dtype_size(dtype)];
+            values.copy_data_u8(&mut bytes, numel as usize);
+            // The model asks for the stored dtype two times in three.
+            let kind = if rng.below(3) < 2 {
+                stored
+            } else {
+                kinds[rng.below(3)].1
+            };
+            let name = format!("t{i}");
+            tensors.push((
+                name.clone(),
+                dtype.to_string(),
+                shape.iter().map(|&d| d as u64).collect(),
+                bytes,
+            ));
+            wanted.push((name, shape, values, kind));
+        }
+        let mut file = common::write_safetensors(&tensors);
+        // Pad the header with spaces (valid JSON) to a length of every residue modulo 8.
+        let header_len = u64::from_le_bytes(file[..8].try_into().unwrap()) as usize;
+        let pad = case % 8;
+        file.splice(
+            8 + header_len..8 + header_len,
+            std::iter::repeat(b' ').take(pad),
+        );
+        file[..8].copy_from_slice(&((header_len + pad) as u64).to_le_bytes());
+        let path = dir.join(format!("case{case}.safetensors"));
+        std::fs::write(&path, &file).unwrap();
+
+        let weights = WeightSet::open(&[path.clone()]).unwrap();
+        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        let mut vars = Vec::new();
+        for (name, shape, _, kind) in &wanted {
+            vars.push(vs.root().add(
+                name,
+                Tensor::zeros(shape.as_slice(), (*kind, tch::Device::Cpu)),
+                false,
+            ));
+        }
+        let owners = load_into_mapped(&weights, &vs, |n| vec![n.to_string()], true).unwrap();
+        let map = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let in_map = |t: &Tensor| {
+            let p = t.data_ptr() as usize;
+            map.lines()
+                .filter(|l| l.trim_end().ends_with(path.to_str().unwrap()))
+                .any(|l| {
+                    let range = l.split_whitespace().next().unwrap();
+                    let (a, b) = range.split_once('-').unwrap();
+                    let (a, b) = (
+                        usize::from_str_radix(a, 16).unwrap(),
+                        usize::from_str_radix(b, 16).unwrap(),
+                    );
+                    (a..b).contains(&p)
+                })
+        };
+        for ((name, _, values, kind), var) in wanted.iter().zip(&vars) {
+            let info = weights.files()[0].info(name).unwrap();
+            let stored = stable_diffusion::weights::safetensors_file::kind_of(info.dtype).unwrap();
+            let offset = info.offset();
+            let aligned = offset % stored.elt_size_in_bytes() == 0;
+            assert_eq!(
+                in_map(var),
+                stored == *kind && aligned,
+                "case {case} {name}: {stored:?} at offset {offset} into a {kind:?} variable"
+            );
+            mapped_total += in_map(var) as usize;
+            assert_eq!(var.kind(), *kind);
+            assert!(
+                var.to_kind(Kind::Double)
+                    .equal(&values.to_kind(*kind).to_kind(Kind::Double)),
+                "case {case} {name}: {stored:?} into {kind:?}, mapped {}",
+                in_map(var)
+            );
+        }
+        assert_eq!(
+            owners.len(),
+            vars.iter().any(|v| in_map(v)) as usize,
+            "case {case}"
+        );
+        // Writes stay ours: the file is unchanged and each variable holds only its own write.
+        for (i, var) in vars.iter().enumerate() {
+            let _ = var.shallow_clone().fill_(i as f64 + 0.5);
+        }
+        for (i, var) in vars.iter().enumerate() {
+            assert!(
+                bool::try_from(var.eq(i as f64 + 0.5).all()).unwrap(),
+                "case {case} t{i}"
+            );
+        }
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            file,
+            "case {case}: the file changed"
+        );
+        drop(vars);
+        drop(vs);
+        drop(owners);
+    }
+    assert!(
+        mapped_total > 20,
+        "only {mapped_total} tensors were used in place"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A diffusers folder renders the same image whether its weights are used in place or copied.
+#[test]
+fn mapped_and_copied_weights_render_the_same_image() {
+    use stable_diffusion::pipeline::GenerateParams;
+    let params = GenerateParams {
+        prompt: "a red circle".into(),
+        steps: 3,
+        width: Some(32),
+        height: Some(32),
+        seed: 4,
+        ..Default::default()
+    };
+    let mut images = Vec::new();
+    for copy_weights in [false, true] {
+        let sd = StableDiffusion::load(
+            &fixtures().join("tiny-sd1"),
+            &LoadOptions {
+                copy_weights,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        images.push(sd.generate(&params, None).unwrap().to_rgb8().unwrap());
+    }
+    assert_eq!(images[0], images[1]);
+}

@@ -235,6 +235,10 @@ struct CommonArgs {
     /// Output PNG; with --batch N > 1, files are numbered (out-1.png, out-2.png, ...).
     #[arg(long, short, default_value = "out.png")]
     out: PathBuf,
+    /// Copy the weights into memory instead of using a diffusers folder's files in place
+    /// (the default maps them copy-on-write; the files must then not change while running).
+    #[arg(long)]
+    copy_weights: bool,
     #[command(flatten)]
     fast: FastArgs,
     /// No progress bar.
@@ -359,6 +363,7 @@ fn run(a: &CommonArgs, edit: Edit) -> Result<()> {
     let options = LoadOptions {
         device: parse_device(&a.device)?,
         kind: parse_dtype(&a.dtype)?,
+        copy_weights: a.copy_weights,
     };
     let init_image = edit.init.as_deref().map(Image::load).transpose()?;
     let mask = edit.mask.as_deref().map(Image::load).transpose()?;

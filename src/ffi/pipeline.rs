@@ -263,6 +263,7 @@ unsafe fn load(
     let load_options = LoadOptions {
         device: parse_device(optional_str(opts.device, "options->device")?)?,
         kind: parse_dtype(opts.dtype)?,
+        copy_weights: opts.copy_weights != 0,
     };
     let scheduler = optional_str(opts.scheduler, "options->scheduler")?.map(str::to_owned);
     if !Path::new(path).exists() {

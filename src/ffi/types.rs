@@ -90,6 +90,13 @@ pub struct sd_load_options {
     /// (`model_ema.*`); 0 (default) the non-EMA weights, as diffusers, A1111 and ComfyUI do.
     /// A file with only the EMA copy uses it either way.
     pub use_ema: i32,
+    /// Non-zero copies every weight into memory of the library's own. 0 (default): on the CPU,
+    /// a diffusers folder's weights stored in the requested dtype are used in place from a
+    /// private copy-on-write map of their files (loading reads only the headers; nothing is
+    /// ever written to the files). The files must then stay as they are while the pipeline
+    /// lives: truncating one under a running pipeline faults the process, as with any
+    /// memory-mapped weights.
+    pub copy_weights: i32,
 }
 
 /// What to generate. Fill it with `sd_generate_params_init`, then set at least `prompt`.
@@ -303,6 +310,7 @@ unsafe impl Versioned for sd_load_options {
             scheduler: std::ptr::null(),
             config_dir: std::ptr::null(),
             use_ema: 0,
+            copy_weights: 0,
         }
     }
 }

@@ -15,7 +15,7 @@ use crate::weights::single_file::{
     detect_format, Checkpoint, ComponentSource, Family, Layout, ModelFormat, ModelOverrides,
     SingleFileConfigs,
 };
-use crate::weights::{load_into_from, WeightSet};
+use crate::weights::{load_into_from, load_into_mapped, MappingOwner, WeightSet};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
@@ -27,6 +27,13 @@ pub struct LoadOptions {
     pub device: Device,
     /// The dtype the weights are held and run in (fp32 by default; fp16 on CUDA; bf16 on CPU).
     pub kind: Kind,
+    /// Copy every weight into memory of our own. By default (false) a diffusers folder's
+    /// weights that are stored in `kind` are used in place from a private copy-on-write map of
+    /// their file when the model runs on the CPU: loading reads only the headers, the file's
+    /// pages serve as the weights, and nothing is written back. The cost of the default: the
+    /// file must stay as it is while the model lives (truncating it under a running model
+    /// faults the process, as with any memory-mapped weights).
+    pub copy_weights: bool,
 }
 
 impl Default for LoadOptions {
@@ -34,6 +41,7 @@ impl Default for LoadOptions {
         Self {
             device: Device::Cpu,
             kind: Kind::Float,
+            copy_weights: false,
         }
     }
 }
@@ -95,9 +103,10 @@ fn var_store(device: Device, kind: Kind) -> VarStore {
 }
 
 /// Builds one component of a diffusers folder with `build` and fills it from the weights in
-/// `dir` (`{stem}.safetensors` or its variants). The size its config describes is checked
-/// against the limits and the weight files first, so a config cannot make us allocate more
-/// than the files could fill.
+/// `dir` (`{stem}.safetensors` or its variants), in place from the file's map unless
+/// `options.copy_weights`; the maps used are added to `mappings`. The size its config
+/// describes is checked against the limits and the weight files first, so a config cannot
+/// make us allocate more than the files could fill.
 fn load_component<T>(
     what: &str,
     dir: &Path,
@@ -105,13 +114,19 @@ fn load_component<T>(
     options: &LoadOptions,
     build: impl Fn(tch::nn::Path) -> Result<T>,
     keys_of: impl Fn(&str) -> Vec<String>,
+    mappings: &mut Vec<MappingOwner>,
 ) -> Result<T> {
     let weights = WeightSet::find_in_dir(dir, stem)?;
     let parameters = count_parameters(&build)?;
     check_component_size(what, parameters, weights.total_bytes(), &weights.describe())?;
     let mut vs = var_store(options.device, options.kind);
     let model = build(vs.root())?;
-    weights.load_into_with(&vs, keys_of)?;
+    mappings.extend(load_into_mapped(
+        &weights,
+        &vs,
+        keys_of,
+        !options.copy_weights,
+    )?);
     vs.freeze();
     Ok(model)
 }
@@ -184,6 +199,7 @@ impl StableDiffusion {
     /// Loads a diffusers-layout Stable Diffusion folder.
     fn load_folder(root: &Path, options: &LoadOptions) -> Result<Self> {
         let files = ModelFiles::new(root)?;
+        let mut mappings = Vec::new();
 
         let tokenizer_dir = files.part("tokenizer");
         let tokenizer = if tokenizer_dir.is_dir() {
@@ -201,6 +217,7 @@ impl StableDiffusion {
             options,
             |vs| ClipTextTransformer::new(vs, &text_config),
             text_encoder_keys,
+            &mut mappings,
         )?;
 
         let unet_dir = files.part("unet");
@@ -212,6 +229,7 @@ impl StableDiffusion {
             options,
             |vs| UNet2DConditionModel::new(vs, &unet_config),
             same_key,
+            &mut mappings,
         )?;
 
         let vae_dir = files.part("vae");
@@ -223,6 +241,7 @@ impl StableDiffusion {
             options,
             |vs| AutoencoderKL::new(vs, &vae_config),
             vae_keys,
+            &mut mappings,
         )?;
 
         let sched_path = files.part("scheduler").join("scheduler_config.json");
@@ -234,14 +253,16 @@ impl StableDiffusion {
                 sched_path.display()
             )));
         };
-        Self::assemble(
+        let mut sd = Self::assemble(
             tokenizer,
             text_encoder,
             unet,
             vae,
             scheduler_config,
             options,
-        )
+        )?;
+        sd.mapped_weights = mappings;
+        Ok(sd)
     }
 
     /// Loads a TorchScript export folder (`manifest.json`, `text_encoder.pt`, `unet.pt`,

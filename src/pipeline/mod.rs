@@ -173,6 +173,9 @@ pub struct StableDiffusion {
     device: Device,
     kind: Kind,
     logger: Option<Logger>,
+    /// The file maps that weights point into (see [`LoadOptions::copy_weights`]): declared
+    /// after the models, so that they are dropped after them.
+    mapped_weights: Vec<crate::weights::MappingOwner>,
 }
 
 /// How much a log message matters.
@@ -205,6 +208,7 @@ impl StableDiffusion {
             device: options.device,
             kind: options.kind,
             logger: None,
+            mapped_weights: Vec::new(),
         }
     }
 

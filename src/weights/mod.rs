@@ -8,12 +8,13 @@ pub mod pickle;
 pub mod safetensors_file;
 pub mod single_file;
 
-pub use safetensors_file::SafetensorsFile;
+pub use safetensors_file::{MappingOwner, SafetensorsFile};
 
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tch::nn::VarStore;
-use tch::Tensor;
+use tch::{Device, Kind, Tensor};
 
 /// Where a model's tensors come from, under the model's own (diffusers) variable names.
 pub trait TensorSource {
@@ -31,6 +32,11 @@ pub trait TensorSource {
     fn file_of(&self, _key: &str) -> String {
         self.describe()
     }
+    /// The tensor for `key` as a view of a memory map, without a copy, when the source can
+    /// give one in `kind`; the owner keeps the map alive (see [`load_into_mapped`]).
+    fn mapped(&self, _key: &str, _kind: Kind) -> Option<(Tensor, MappingOwner)> {
+        None
+    }
     /// Called once `key` has been copied into the model: a memory-mapped source may drop the
     /// pages it read, so that a loaded model does not also keep the file resident.
     fn done(&self, _key: &str) {}
@@ -47,7 +53,21 @@ pub fn load_into_from(
     vs: &VarStore,
     keys_of: impl Fn(&str) -> Vec<String>,
 ) -> Result<()> {
+    load_into_mapped(source, vs, keys_of, false).map(drop)
+}
+
+/// As [`load_into_from`]; with `map` set, a CPU variable whose tensor the source stores in the
+/// variable's dtype points into the source's memory map instead of holding a copy (loading
+/// then reads only the headers, and the weights are paged in as the model first uses them).
+/// The returned owners keep those maps alive: hold them for as long as the model.
+pub fn load_into_mapped(
+    source: &dyn TensorSource,
+    vs: &VarStore,
+    keys_of: impl Fn(&str) -> Vec<String>,
+    map: bool,
+) -> Result<Vec<MappingOwner>> {
     let _no_grad = tch::no_grad_guard();
+    let mut owners: Vec<MappingOwner> = Vec::new();
     for (name, mut var) in vs.variables() {
         let keys = keys_of(&name);
         let (key, shape) = keys
@@ -70,13 +90,24 @@ pub fn load_into_from(
                 found: shape,
             });
         }
+        let in_place = match map && var.device() == Device::Cpu {
+            true => source.mapped(key, var.kind()),
+            false => None,
+        };
+        if let Some((view, owner)) = in_place {
+            let _ = var.f_set_source_tensor_(&view)?;
+            if !owners.iter().any(|o| Arc::ptr_eq(o, &owner)) {
+                owners.push(owner);
+            }
+            continue;
+        }
         let src = source.tensor(key)?;
         var.f_copy_(&src)?;
         drop(src);
         source.done(key);
     }
     source.finished();
-    Ok(())
+    Ok(owners)
 }
 
 /// A set of weight files that together hold one model's tensors (one file, or the shards of
@@ -186,6 +217,10 @@ impl TensorSource for WeightSet {
 
     fn describe(&self) -> String {
         WeightSet::describe(self)
+    }
+
+    fn mapped(&self, key: &str, kind: Kind) -> Option<(Tensor, MappingOwner)> {
+        self.file_with(key)?.mapped(key, kind)
     }
 
     fn file_of(&self, key: &str) -> String {

@@ -1,9 +1,13 @@
 use crate::limits::{element_count, MAX_TENSOR_DIMS, MAX_TENSOR_ELEMENTS};
 use crate::{Error, Result};
-use memmap2::{Mmap, UncheckedAdvice};
+use memmap2::{MmapMut, MmapOptions};
 use safetensors::tensor::{Dtype, Metadata};
 use std::path::{Path, PathBuf};
-use tch::{Kind, Tensor};
+use std::sync::Arc;
+use tch::{Device, Kind, Tensor};
+
+/// Keeps a memory map alive for as long as model variables point into it.
+pub type MappingOwner = Arc<dyn std::any::Any + Send + Sync>;
 
 /// Shape and dtype of one tensor in a file, and where its bytes are.
 #[derive(Debug, Clone)]
@@ -14,11 +18,20 @@ pub struct TensorInfo {
     end: usize,
 }
 
-/// A `.safetensors` file mapped read-only; tensors are materialised one at a time, so
-/// loading never holds a second copy of the whole model.
+impl TensorInfo {
+    /// Where the tensor's bytes start in the file.
+    pub fn offset(&self) -> usize {
+        self.start
+    }
+}
+
+/// A `.safetensors` file mapped private and copy-on-write: tensors are either copied out one at
+/// a time, so loading never holds a second copy of the whole model, or used in place
+/// ([`SafetensorsFile::mapped`]), where a write changes our private copy of that page and never
+/// the file.
 pub struct SafetensorsFile {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: Arc<MmapMut>,
     data_start: usize,
     tensors: std::collections::HashMap<String, TensorInfo>,
 }
@@ -26,9 +39,10 @@ pub struct SafetensorsFile {
 impl SafetensorsFile {
     pub fn open(path: &Path) -> Result<Self> {
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        // SAFETY: the map is read-only and private to us; a file truncated under us by
-        // another process is outside what any reader of on-disk weights can defend against.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        // SAFETY: the map is private to us (copy-on-write: nothing we do reaches the file); a
+        // file truncated under us by another process is outside what any reader of on-disk
+        // weights can defend against (`LoadOptions::copy_weights` limits that to loading).
+        let mmap = unsafe { MmapOptions::new().map_copy(&file) }.map_err(|e| Error::io(path, e))?;
         let (header_len, metadata): (usize, Metadata) =
             safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
                 Error::bad_model(format!(
@@ -59,7 +73,7 @@ impl SafetensorsFile {
         }
         Ok(Self {
             path: path.to_path_buf(),
-            mmap,
+            mmap: Arc::new(mmap),
             data_start,
             tensors,
         })
@@ -101,6 +115,35 @@ impl SafetensorsFile {
         drop_mapped_pages(&self.mmap, 0, self.mmap.len());
     }
 
+    /// The tensor `name` as a view of the mapping, without a copy, when it is stored in `kind`
+    /// at an address aligned for that dtype; the owner keeps the mapping alive and must
+    /// outlive the tensor and everything that shares its storage.
+    pub fn mapped(&self, name: &str, kind: Kind) -> Option<(Tensor, MappingOwner)> {
+        let info = self.tensors.get(name)?;
+        if kind_of(info.dtype) != Some(kind) || info.start == info.end {
+            return None;
+        }
+        let address = self.mmap.as_ptr() as usize + info.start;
+        if address % kind.elt_size_in_bytes() != 0 {
+            return None;
+        }
+        // SAFETY: `info.start..info.end` lies inside the map (checked at open) and holds
+        // exactly shape x dtype bytes (checked by the safetensors header validation); the map
+        // is writable and private, so an in-place write through the tensor is allowed and
+        // stays ours; the returned owner keeps it mapped.
+        let tensor = unsafe {
+            Tensor::f_from_blob(
+                self.mmap.as_ptr().add(info.start),
+                &info.shape,
+                &[],
+                kind,
+                Device::Cpu,
+            )
+        }
+        .ok()?;
+        Some((tensor, self.mmap.clone()))
+    }
+
     /// The tensor `name` on the CPU, in its stored dtype.
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
         let info = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
@@ -119,15 +162,33 @@ impl SafetensorsFile {
     }
 }
 
-/// Drops the resident pages of `mmap[start..start + len]` from this process (they read back
+/// Drops the resident pages of `map[start..start + len]` from this process (they read back
 /// from the file on the next access), so that a loaded model does not also keep the file's
 /// pages in its RSS: without it a model loaded from a memory-mapped file peaks at about twice
-/// its size. The caller guarantees that no slice of that range is alive.
-pub(crate) fn drop_mapped_pages(mmap: &Mmap, start: usize, len: usize) {
-    // SAFETY: the map is read-only and the caller holds no slice of the range; memmap2 widens
-    // it to whole pages, and a page shared with a neighbouring tensor is simply read again from
-    // the file if that tensor is read later.
-    let _ = unsafe { mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, start, len) };
+/// its size. `map` must be a whole file mapping (page-aligned); the caller guarantees that no
+/// slice of that range is alive and that no page of it was written.
+pub(crate) fn drop_mapped_pages(map: &[u8], start: usize, len: usize) {
+    // SAFETY: the range is widened to whole pages inside the mapping; a page shared with a
+    // neighbouring tensor is simply read again from the file if that tensor is read later.
+    let page = page_size();
+    let base = map.as_ptr() as usize;
+    let end = start.saturating_add(len).min(map.len());
+    if start >= end {
+        return;
+    }
+    let from = (base + start) / page * page;
+    let to = (base + end).div_ceil(page) * page;
+    unsafe {
+        libc::madvise(from as *mut libc::c_void, to - from, libc::MADV_DONTNEED);
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        n if n > 0 => n as usize,
+        _ => 4096,
+    }
 }
 
 /// A tensor's shape as stored in a safetensors header, within [`MAX_TENSOR_DIMS`] dimensions
@@ -156,7 +217,7 @@ pub(crate) fn checked_shape(path: &Path, name: &str, shape: &[usize]) -> Result<
     }
 }
 
-pub(crate) fn kind_of(dtype: Dtype) -> Option<Kind> {
+pub fn kind_of(dtype: Dtype) -> Option<Kind> {
     Some(match dtype {
         Dtype::F32 => Kind::Float,
         Dtype::F16 => Kind::Half,
