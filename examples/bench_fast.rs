@@ -204,7 +204,11 @@ fn main() -> Result<()> {
             .map(|s| s.caption())
             .collect()
     } else {
-        PROMPTS.iter().take(o.prompts).map(|p| p.to_string()).collect()
+        PROMPTS
+            .iter()
+            .take(o.prompts)
+            .map(|p| p.to_string())
+            .collect()
     };
     for (i, prompt) in prompts.iter().enumerate() {
         let params = GenerateParams {

@@ -21,6 +21,24 @@ fn random_model(rng: &mut Rng) -> (VarStore, UNet2DConditionModel, UNetConfig, i
     (vs, unet, config, cross_dim)
 }
 
+/// One UNet call with step caching: a full pass that fills `cache`, or one that reuses it.
+fn cached_pass(
+    unet: &UNet2DConditionModel,
+    (sample, t, context): (&Tensor, f64, &Tensor),
+    cache: &mut DeepCache,
+    reuse: bool,
+) -> stable_diffusion::Result<Tensor> {
+    unet.forward_fast(
+        sample,
+        t,
+        context,
+        &mut FastPass {
+            cache: Some((cache, reuse)),
+            ..Default::default()
+        },
+    )
+}
+
 /// For random UNet layouts, sizes (odd sides included) and every branch: a full pass that
 /// stores the features returns the exact output, a shallow pass on the same input returns it
 /// again, and the shallow pass still works when the deep layers are poisoned with NaN (so it
@@ -41,17 +59,7 @@ fn a_shallow_pass_on_the_same_input_is_the_full_pass() {
         let mut shallow = Vec::new();
         for branch in 0..skips {
             let mut cache = DeepCache::new(branch);
-            let full = unet
-                .forward_fast(
-                    &sample,
-                    t,
-                    &context,
-                    &mut FastPass {
-                        cache: Some((&mut cache, false)),
-                        ..Default::default()
-                    },
-                )
-                .unwrap();
+            let full = cached_pass(&unet, (&sample, t, &context), &mut cache, false).unwrap();
             assert_eq!(
                 max_abs_diff(&full, &exact),
                 0.0,
@@ -69,30 +77,17 @@ fn a_shallow_pass_on_the_same_input_is_the_full_pass() {
         }
         assert!(bool::try_from(unet.forward(&sample, t, &context).unwrap().isnan().any()).unwrap());
         for (branch, mut cache) in shallow.into_iter().enumerate() {
-            let again = unet
-                .forward_fast(
-                    &sample,
-                    t,
-                    &context,
-                    &mut FastPass {
-                        cache: Some((&mut cache, true)),
-                        ..Default::default()
-                    },
-                )
-                .unwrap();
+            let again = cached_pass(&unet, (&sample, t, &context), &mut cache, true).unwrap();
             let d = max_abs_diff(&again, &exact);
             assert!(d <= 1e-6, "case {case} branch {branch}/{skips}: {d}");
         }
         // A branch past the skips is refused by name.
         let mut cache = DeepCache::new(skips);
-        let err = err_text(unet.forward_fast(
-            &sample,
-            t,
-            &context,
-            &mut FastPass {
-                cache: Some((&mut cache, false)),
-                ..Default::default()
-            },
+        let err = err_text(cached_pass(
+            &unet,
+            (&sample, t, &context),
+            &mut cache,
+            false,
         ));
         assert!(err.contains("branch"), "{err}");
     }

@@ -865,26 +865,15 @@ fn load_options_choose_the_ema_unet() {
     let both = dir.join("both.safetensors");
     std::fs::write(&both, common::write_safetensors(&tensors)).unwrap();
 
+    // The tiny model's own vocabulary and configs, as a user of a fine-tune would pass them.
+    let config = fixture("tiny-sd1");
     let render = |path: &std::path::Path, use_ema: i32, struct_size: usize| -> Vec<u8> {
-        let mut o = std::mem::MaybeUninit::<sd_load_options>::zeroed();
-        let size = size_of::<sd_load_options>();
-        assert_eq!(
-            unsafe { sd_load_options_init(o.as_mut_ptr(), size) },
-            sd_status::SD_OK
-        );
-        let mut o = unsafe { o.assume_init() };
-        o.use_ema = use_ema;
-        o.struct_size = struct_size;
-        // The tiny model's own vocabulary and configs, as a user of a fine-tune would pass them.
-        let config = fixture("tiny-sd1");
-        o.config_dir = config.as_ptr();
         let path = CString::new(path.to_str().unwrap()).unwrap();
-        let mut pipe = null_mut();
-        let status = unsafe { sd_pipeline_load(path.as_ptr(), &o, &mut pipe) };
-        assert_eq!(status, sd_status::SD_OK, "{}", last_error());
-        let out = generate(pipe, &params(PROMPT, 2, 3)).unwrap();
-        unsafe { sd_pipeline_free(pipe) };
-        out[0].0.clone()
+        render_with_options(&path, PROMPT, |o| {
+            o.use_ema = use_ema;
+            o.struct_size = struct_size;
+            o.config_dir = config.as_ptr();
+        })
     };
     let full = size_of::<sd_load_options>();
     let before_the_field = std::mem::offset_of!(sd_load_options, use_ema);
@@ -932,21 +921,10 @@ fn generate_params_carry_the_fast_modes() {
 #[test]
 fn load_options_copy_weights_render_the_same_image() {
     let render = |copy_weights: i32, struct_size: usize| -> Vec<u8> {
-        let mut o = std::mem::MaybeUninit::<sd_load_options>::zeroed();
-        assert_eq!(
-            unsafe { sd_load_options_init(o.as_mut_ptr(), size_of::<sd_load_options>()) },
-            sd_status::SD_OK
-        );
-        let mut o = unsafe { o.assume_init() };
-        o.copy_weights = copy_weights;
-        o.struct_size = struct_size;
-        let path = fixture("tiny-sd1");
-        let mut pipe = ptr::null_mut();
-        let status = unsafe { sd_pipeline_load(path.as_ptr(), &o, &mut pipe) };
-        assert_eq!(status, sd_status::SD_OK, "{}", last_error());
-        let out = generate(pipe, &params(PROMPT, 2, 3)).unwrap();
-        unsafe { sd_pipeline_free(pipe) };
-        out[0].0.clone()
+        render_with_options(&fixture("tiny-sd1"), PROMPT, |o| {
+            o.copy_weights = copy_weights;
+            o.struct_size = struct_size;
+        })
     };
     let full = size_of::<sd_load_options>();
     let reference = render(0, full);

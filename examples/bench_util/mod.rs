@@ -104,4 +104,3 @@ pub fn wait_for_idle() -> bool {
         }
     }
 }
-

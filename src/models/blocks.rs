@@ -8,9 +8,10 @@ thread_local! {
     static SKIP_INIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// While the returned guard lives, models built on this thread get zero-filled variables
-/// instead of random ones: loading overwrites every variable, and random initialisation of a
-/// full-size model costs seconds.
+/// While the returned guard lives, models built on this thread get uninitialised variables
+/// instead of random ones: loading overwrites every variable (or points it into the weight
+/// file), random initialisation of a full-size model costs seconds, and memory that is never
+/// written is never resident.
 pub fn skip_random_init() -> SkipInitGuard {
     let previous = SKIP_INIT.with(|s| s.replace(true));
     SkipInitGuard { previous }
@@ -56,6 +57,8 @@ pub fn variable(vs: &nn::Path, name: &str, dims: &[i64], init: Init) -> Tensor {
     });
     if counted {
         Tensor::empty([0], (tch::Kind::Float, tch::Device::Cpu))
+    } else if SKIP_INIT.with(|s| s.get()) {
+        vs.add(name, Tensor::empty(dims, (vs.kind(), vs.device())), true)
     } else if let Init::Const(_) = init {
         vs.var(name, dims, init)
     } else {

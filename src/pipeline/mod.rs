@@ -510,7 +510,11 @@ impl StableDiffusion {
             }
         }
         stop()?;
-        self.finish(&latents, params, mask.as_ref(), init.as_ref(), cancelled)
+        drop((cache, context, unet_extra));
+        crate::runtime::release_cached_memory();
+        let images = self.finish(&latents, params, mask.as_ref(), init.as_ref(), cancelled);
+        crate::runtime::release_cached_memory();
+        images
     }
 
     /// Prompt embeddings, preceded by the negative prompt's when guidance is on.

@@ -42,6 +42,27 @@ pub fn load() -> *mut sd_pipeline {
     p
 }
 
+/// Loads `path` with `sd_load_options_init`'s defaults changed by `edit` (which may also set a
+/// smaller `struct_size`, as an older caller would), renders `params(PROMPT, 2, 3)` and frees
+/// the pipeline: the first image's bytes.
+pub fn render_with_options(
+    path: &CStr,
+    prompt: &CStr,
+    edit: impl FnOnce(&mut sd_load_options),
+) -> Vec<u8> {
+    let mut o = std::mem::MaybeUninit::<sd_load_options>::zeroed();
+    let status = unsafe { sd_load_options_init(o.as_mut_ptr(), size_of::<sd_load_options>()) };
+    assert_eq!(status, sd_status::SD_OK);
+    let mut o = unsafe { o.assume_init() };
+    edit(&mut o);
+    let mut pipe = ptr::null_mut();
+    let status = unsafe { sd_pipeline_load(path.as_ptr(), &o, &mut pipe) };
+    assert_eq!(status, sd_status::SD_OK, "{}", last_error());
+    let out = generate(pipe, &params(prompt, 2, 3)).unwrap();
+    unsafe { sd_pipeline_free(pipe) };
+    out[0].0.clone()
+}
+
 /// Defaults from `sd_generate_params_init`, then a quick 32x32 run of `steps` steps.
 pub fn params(prompt: &CStr, steps: u32, seed: u64) -> sd_generate_params {
     let mut p = std::mem::MaybeUninit::<sd_generate_params>::zeroed();
