@@ -1,5 +1,6 @@
 //! Embeds an rpath to libtorch's lib folder into every binary, test, example and the shared
-//! library, so that nothing needs LD_LIBRARY_PATH at run time; generates the C header.
+//! library, so that nothing needs LD_LIBRARY_PATH at run time; compiles the small C++ part
+//! (`csrc/`); generates the C header.
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
@@ -9,7 +10,29 @@ fn main() {
             println!("cargo:rustc-link-arg=-Wl,-rpath,{lib_dir}");
         }
     }
+    compile_int8_linear();
     generate_header();
+}
+
+/// Compiles `csrc/int8_linear.cpp` (libtorch's quantized linear operators, which tch does not
+/// bind) against libtorch's headers, with the flags torch-sys builds its own C++ with.
+fn compile_int8_linear() {
+    println!("cargo:rerun-if-changed=csrc/int8_linear.cpp");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    let Ok(lib_dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
+        panic!("torch-sys did not say where libtorch is (DEP_TCH_LIBTORCH_LIB)");
+    };
+    let include = std::path::Path::new(&lib_dir).join("..").join("include");
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());
+    cc::Build::new()
+        .cpp(true)
+        .file("csrc/int8_linear.cpp")
+        .include(&include)
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .flag_if_supported("-Wno-unused-parameter")
+        .warnings(false)
+        .compile("sd_int8_linear");
 }
 
 /// Writes the C header for `src/ffi/` (cbindgen, settings in cbindgen.toml) to

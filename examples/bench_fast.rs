@@ -16,7 +16,8 @@
 //! adherence next to the exact run's.
 //!
 //! Modes: `exact`; `cache:N[:B]` step caching with a full pass every N UNet calls (branch B,
-//! default 0); `tome:R` token merging at ratio R; `cache:N:B+tome:R` both.
+//! default 0); `tome:R` token merging at ratio R; `int8` int8 linear layers; `+` combines them
+//! (`cache:3+tome:0.5`).
 #[path = "bench_util/mod.rs"]
 mod bench_util;
 
@@ -53,7 +54,7 @@ struct Options {
 fn parse_mode(text: &str) -> Result<FastModes> {
     let bad = || {
         Error::invalid(format!(
-            "--modes: `{text}` is not exact, cache:N[:B], tome:R or cache:N[:B]+tome:R"
+            "--modes: `{text}` is not exact, cache:N[:B], tome:R, int8 or a `+` of them"
         ))
     };
     let mut m = FastModes::default();
@@ -67,6 +68,7 @@ fn parse_mode(text: &str) -> Result<FastModes> {
                 m.cache_branch = b.parse().map_err(|_| bad())?;
             }
             ["tome", r] => m.token_merging = r.parse().map_err(|_| bad())?,
+            ["int8"] => m.int8_linear = true,
             _ => return Err(bad()),
         }
     }

@@ -428,6 +428,11 @@ typedef struct sd_generate_params {
    * 2.x), 0..=0.75; 0 (default) = off, 0.5 is the usual setting.
    */
   double token_merging;
+  /**
+   * Non-zero runs the UNet's linear layers in dynamic int8, an opt-in fast mode for float32
+   * pipelines on the CPU (refused elsewhere); 0 (default) = off.
+   */
+  int32_t int8_linear;
 } sd_generate_params;
 
 /**

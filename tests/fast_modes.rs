@@ -165,6 +165,7 @@ fn fast_modes_off_change_nothing_and_on_stay_close() {
             cache_interval: 0,
             cache_branch: 1000,
             token_merging: 0.0,
+            int8_linear: false,
         },
     ] {
         assert_eq!(max_abs_diff(&render(&sd, off), &exact), 0.0, "{off:?}");
@@ -181,6 +182,16 @@ fn fast_modes_off_change_nothing_and_on_stay_close() {
         },
         FastModes {
             token_merging: 0.5,
+            ..Default::default()
+        },
+        FastModes {
+            int8_linear: true,
+            ..Default::default()
+        },
+        FastModes {
+            cache_interval: 2,
+            token_merging: 0.5,
+            int8_linear: true,
             ..Default::default()
         },
     ] {
@@ -243,4 +254,27 @@ fn bad_fast_settings_are_refused_by_name() {
         }));
         assert!(err.contains(needle), "{fast:?}: {err}");
     }
+    // int8 linear layers need a float32 pipeline on the CPU.
+    let bf16 = StableDiffusion::load(
+        &fixtures().join("tiny-sd1"),
+        &LoadOptions {
+            kind: tch::Kind::BFloat16,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let int8 = GenerateParams {
+        prompt: "x".into(),
+        fast: FastModes {
+            int8_linear: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let err = err_text(bf16.validate(&int8));
+    assert!(
+        err.contains("int8 linear layers need a float32 pipeline"),
+        "{err}"
+    );
+    sd.validate(&int8).unwrap();
 }

@@ -905,6 +905,7 @@ fn generate_params_carry_the_fast_modes() {
     for change in [
         Box::new(|g: &mut sd_generate_params| g.cache_interval = 2) as Box<dyn Fn(&mut _)>,
         Box::new(|g: &mut sd_generate_params| g.token_merging = 0.5),
+        Box::new(|g: &mut sd_generate_params| g.int8_linear = 1),
     ] {
         let mut fast = params(PROMPT, 4, 5);
         change(&mut fast);

@@ -619,3 +619,45 @@ fn c_abi_loads_the_torchscript_folder() {
     assert!(msg.contains("manifest.json"), "{msg}");
     assert!(pipe.is_null());
 }
+
+/// A TorchScript UNet has none of the fast modes: asking for any is refused by name before the
+/// run, and the exact settings still run.
+#[test]
+fn fast_modes_are_refused_for_torchscript_modules() {
+    use stable_diffusion::pipeline::FastModes;
+    let ts = load(&export_dir());
+    for fast in [
+        FastModes {
+            cache_interval: 2,
+            ..Default::default()
+        },
+        FastModes {
+            token_merging: 0.5,
+            ..Default::default()
+        },
+        FastModes {
+            int8_linear: true,
+            ..Default::default()
+        },
+    ] {
+        let params = GenerateParams {
+            prompt: "x".into(),
+            fast,
+            ..Default::default()
+        };
+        match ts.validate(&params) {
+            Err(Error::Unsupported(why)) => assert!(why.contains("TorchScript"), "{why}"),
+            Err(e) => panic!("{fast:?}: {e}"),
+            Ok(_) => panic!("{fast:?} accepted for a TorchScript UNet"),
+        }
+    }
+    let exact = GenerateParams {
+        prompt: "x".into(),
+        fast: FastModes {
+            cache_interval: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    ts.validate(&exact).unwrap();
+}

@@ -274,6 +274,7 @@ static const char *mutate(struct big_params *b, struct owned_image *images, int 
       g->token_merging = good ? PICK(good_merging) : PICK(bad_merging);
       return "token_merging";
     case 16:
+      g->int8_linear = (int32_t)(rnd() % 3) - 1; /* any value is valid: non-zero is on */
       if (good) {
         g->cache_interval = PICK(good_interval);
         g->cache_branch = PICK(good_branch);

@@ -261,6 +261,9 @@ struct FastArgs {
     /// resolution with attention, 0..=0.75 (0 = off, 0.5 usual); pays from 512x512 up.
     #[arg(long, default_value_t = 0.0)]
     token_merging: f64,
+    /// The UNet's linear layers in dynamic int8 (fp32 on the CPU only).
+    #[arg(long)]
+    int8_linear: bool,
 }
 
 impl FastArgs {
@@ -269,6 +272,7 @@ impl FastArgs {
             cache_interval: self.step_cache,
             cache_branch: self.step_cache_branch,
             token_merging: self.token_merging,
+            int8_linear: self.int8_linear,
         }
     }
 }
@@ -332,6 +336,9 @@ fn a1111_parameters(
     }
     if a.fast.token_merging > 0.0 {
         s.push_str(&format!(", Token merging ratio: {}", a.fast.token_merging));
+    }
+    if a.fast.int8_linear {
+        s.push_str(", Int8 linear: on");
     }
     if a.fast.step_cache > 1 {
         s.push_str(&format!(

@@ -183,6 +183,7 @@ pub(crate) unsafe fn request(
             cache_interval: c.cache_interval as usize,
             cache_branch: c.cache_branch as usize,
             token_merging: check_number("token_merging", c.token_merging)?,
+            int8_linear: c.int8_linear != 0,
         },
     };
     if params.mask.is_some() && params.init_image.is_none() {

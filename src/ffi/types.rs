@@ -160,6 +160,9 @@ pub struct sd_generate_params {
     /// merged at the finest resolution with attention (the full latent resolution in SD 1.x /
     /// 2.x), 0..=0.75; 0 (default) = off, 0.5 is the usual setting.
     pub token_merging: f64,
+    /// Non-zero runs the UNet's linear layers in dynamic int8, an opt-in fast mode for float32
+    /// pipelines on the CPU (refused elsewhere); 0 (default) = off.
+    pub int8_linear: i32,
 }
 
 /// What the step callback sees. Owned by the library, valid during the callback only.
@@ -344,6 +347,7 @@ unsafe impl Versioned for sd_generate_params {
             cache_interval: d.fast.cache_interval as u32,
             cache_branch: d.fast.cache_branch as u32,
             token_merging: d.fast.token_merging,
+            int8_linear: d.fast.int8_linear as i32,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Layers shared by the UNet, the VAE and the text encoder. Each holds its variables in the
 //! `VarStore` under diffusers' names, so weights load by name, and every forward is fallible.
+use super::int8::{self, Int8Linear};
 use crate::Result;
 use tch::nn::{self, Init};
 use tch::Tensor;
@@ -88,21 +89,41 @@ fn kaiming() -> Init {
     random_init(nn::init::DEFAULT_KAIMING_UNIFORM)
 }
 
-/// `y = x W^T + b` through `at::linear` (one fused addmm on 2-D inputs).
+/// `y = x W^T + b` through `at::linear` (one fused addmm on 2-D inputs), or, while the int8
+/// fast mode is on ([`int8::enable`]), through the layer's int8 form on the CPU.
 #[derive(Debug)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    /// The int8 form, packed the first time the layer runs in that mode.
+    int8: std::sync::OnceLock<std::result::Result<Int8Linear, String>>,
 }
 
 impl Linear {
     pub fn new(vs: nn::Path, in_dim: i64, out_dim: i64, bias: bool) -> Self {
         let weight = variable(&vs, "weight", &[out_dim, in_dim], kaiming());
         let bias = bias.then(|| variable(&vs, "bias", &[out_dim], Init::Const(0.)));
-        Self { weight, bias }
+        Self {
+            weight,
+            bias,
+            int8: std::sync::OnceLock::new(),
+        }
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if int8::enabled()
+            && self.weight.device() == tch::Device::Cpu
+            && self.weight.kind() == tch::Kind::Float
+            && xs.kind() == tch::Kind::Float
+        {
+            let packed = self.int8.get_or_init(|| {
+                Int8Linear::pack(&self.weight, self.bias.as_ref()).map_err(|e| e.to_string())
+            });
+            return match packed {
+                Ok(layer) => layer.forward(xs),
+                Err(why) => Err(crate::Error::Unsupported(why.clone())),
+            };
+        }
         Ok(xs.f_linear(&self.weight, self.bias.as_ref())?)
     }
 }

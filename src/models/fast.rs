@@ -7,8 +7,13 @@
 //!   finest resolution that has attention (the full latent resolution in SD 1.x / 2.x, ToMe's
 //!   default there) runs on fewer tokens, each merged token the mean of similar ones, and its
 //!   output is copied back to every token it stands for.
+//! - Int8 linear layers ([`super::int8`]): dynamic quantization of the UNet's linear layers.
 use crate::{Error, Result};
 use tch::{Kind, Tensor};
+
+/// Why a backend without the fast modes refuses them.
+pub const NEEDS_NATIVE_UNET: &str = "the fast modes (step caching, token merging, int8 linear \
+     layers) need the native UNet, not a TorchScript module";
 
 /// Step caching state of one run: which skip connection the shallow passes stop at, and the
 /// deep features the last full pass left there.
@@ -67,12 +72,16 @@ pub struct FastPass<'a> {
     /// pass that refreshes them.
     pub cache: Option<(&'a mut DeepCache, bool)>,
     pub token_merging: Option<TokenMerging>,
+    /// The linear layers in int8 ([`super::int8`]; float32 weights on the CPU only).
+    pub int8_linear: bool,
 }
 
 impl FastPass<'_> {
     /// Nothing asked beyond the exact pass.
     pub fn is_exact(&self) -> bool {
-        self.cache.is_none() && self.token_merging.map_or(true, |m| m.ratio <= 0.0)
+        self.cache.is_none()
+            && self.token_merging.map_or(true, |m| m.ratio <= 0.0)
+            && !self.int8_linear
     }
 }
 

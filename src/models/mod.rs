@@ -4,6 +4,7 @@ pub mod clip;
 pub mod clip_vision;
 pub mod config;
 pub mod fast;
+pub mod int8;
 pub mod torchscript;
 pub mod traits;
 pub mod unet;

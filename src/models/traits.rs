@@ -35,10 +35,7 @@ pub trait Denoiser: Send {
         if fast.is_exact() {
             self.forward(sample, timestep, context)
         } else {
-            Err(Error::Unsupported(
-                "step caching and token merging need the native UNet, not a TorchScript module"
-                    .into(),
-            ))
+            Err(Error::Unsupported(super::fast::NEEDS_NATIVE_UNET.into()))
         }
     }
     /// Skip connections available to step caching; `None` when the fast modes are not

@@ -708,6 +708,7 @@ impl UNet2DConditionModel {
         context: &Tensor,
         fast: &mut FastPass,
     ) -> Result<Tensor> {
+        let _int8 = super::int8::enable(fast.int8_linear);
         let (b, c, _, _) = sample.size4()?;
         if c != self.config.in_channels {
             return Err(Error::invalid(format!(

@@ -7,7 +7,7 @@ pub use loader::{LoadOptions, ModelFiles};
 
 use crate::image_io::Image;
 use crate::limits::MAX_PROMPT_BYTES;
-use crate::models::fast::{DeepCache, FastPass, TokenMerging};
+use crate::models::fast::{DeepCache, FastPass, TokenMerging, NEEDS_NATIVE_UNET};
 use crate::models::traits::{Autoencoder, Denoiser, TextEncoder};
 use crate::rng::{NoiseSource, PredrawnNoise};
 use crate::schedulers::{self, Scheduler, SchedulerConfig};
@@ -75,11 +75,15 @@ pub struct FastModes {
     /// resolution with attention (the full latent resolution in SD 1.x / 2.x), in
     /// `[0, 0.75]`; 0 is off. 0.5 is ToMe's usual setting.
     pub token_merging: f64,
+    /// The UNet's linear layers in dynamic int8 (per-channel weights, inputs quantized on the
+    /// fly; float32 pipelines on the CPU only). The int8 copies are packed at the first call
+    /// that asks for them and kept.
+    pub int8_linear: bool,
 }
 
 impl FastModes {
     pub fn is_exact(&self) -> bool {
-        self.cache_interval <= 1 && self.token_merging == 0.0
+        self.cache_interval <= 1 && self.token_merging == 0.0 && !self.int8_linear
     }
 }
 
@@ -284,6 +288,8 @@ impl StableDiffusion {
             latent_channels: self.vae.latent_channels(),
             text_layers: self.text_encoder.num_layers(),
             skip_connections: self.unet.skip_connections(),
+            device: self.device,
+            kind: self.kind,
             scheduler_config: self.scheduler_config.clone(),
         }
     }
@@ -475,6 +481,7 @@ impl StableDiffusion {
                     ratio: fast.token_merging,
                     seed: params.seed.wrapping_add(unet_calls as u64),
                 }),
+                int8_linear: fast.int8_linear,
             };
             unet_calls += 1;
             let mut pred = self
@@ -643,6 +650,8 @@ pub struct Validator {
     text_layers: Option<usize>,
     /// The UNet's skip connections, `None` when it has no fast modes.
     skip_connections: Option<usize>,
+    device: Device,
+    kind: Kind,
     scheduler_config: SchedulerConfig,
 }
 
@@ -786,11 +795,14 @@ impl Validator {
             return Ok(());
         }
         let Some(skips) = self.skip_connections else {
-            return Err(Error::Unsupported(
-                "step caching and token merging need the native UNet, not a TorchScript module"
-                    .into(),
-            ));
+            return Err(Error::Unsupported(NEEDS_NATIVE_UNET.into()));
         };
+        if f.int8_linear && (self.device != Device::Cpu || self.kind != Kind::Float) {
+            return Err(Error::Unsupported(format!(
+                "int8 linear layers need a float32 pipeline on the CPU, this one is {:?} on {:?}",
+                self.kind, self.device
+            )));
+        }
         if f.cache_interval > 1 && f.cache_branch >= skips {
             return Err(Error::invalid(format!(
                 "step cache branch must be below the UNet's {skips} skip connections, got {}",
