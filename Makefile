@@ -40,10 +40,10 @@ bench: setup
 BENCH_DIR ?= $(HOME)/.cache/stable-diffusion-bench/sd15-random
 bench-fast: setup
 	cargo run --release --example bench_fast -- --model models/tiny --prompt-set shapes \
-		--prompts 24 --guidance 5 --eval-images 216 $(BENCH_FAST_ARGS)
+		--prompts 24 --guidance 5 --eval-images 108 $(BENCH_FAST_ARGS)
 	@if [ -f "$(BENCH_DIR)/model_index.json" ]; then \
 		cargo run --release --example bench_fast -- --model "$(BENCH_DIR)" --size 512 \
-			--steps 20 --prompts 2 --modes cache:3,cache:3:2,tome:0.5,cache:3+tome:0.5 $(BENCH_FAST_ARGS); \
+			--steps 10 --prompts 2 --modes cache:3,cache:3:2,tome:0.5,int8 $(BENCH_FAST_ARGS); \
 	else echo "no SD 1.5-size folder in $(BENCH_DIR): run make bench once to write it"; fi
 
 # Mono (C# client) and valgrind, from Debian's packages when missing.

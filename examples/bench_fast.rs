@@ -1,7 +1,7 @@
 //! What each opt-in fast mode buys and costs: `make bench-fast`.
 //!
 //!     cargo run --release --example bench_fast -- [--model DIR] [--size N] [--steps N]
-//!         [--prompts N] [--modes exact,cache:3,cache:3:2,tome:0.5] [--guidance 7.5]
+//!         [--prompts N] [--modes cache:3,cache:3:2,tome:0.5,int8] [--guidance 7.5]
 //!         [--threads N] [--prompt-set scenes|shapes] [--eval-images N]
 //!
 //! After a short warm-up run of every mode, for each prompt of a fixed list (`scenes`, or for models/tiny `shapes`: captions of the
@@ -87,7 +87,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
         shapes: false,
         eval_images: 0,
     };
-    let mut modes = "cache:2,cache:3,cache:3:2,cache:5,tome:0.5,cache:3+tome:0.5".to_string();
+    let mut modes = "cache:2,cache:3,cache:3:2,tome:0.5,int8,cache:3+tome:0.5+int8".to_string();
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let mut value = || {
