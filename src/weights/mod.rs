@@ -43,6 +43,9 @@ pub trait TensorSource {
     /// Called once every variable is filled: a memory-mapped source drops what is still
     /// resident (pages mapped around later reads, headers).
     fn finished(&self) {}
+    /// Called once every variable is filled, when some point into the source's map: the
+    /// source may map their pages now rather than on first use.
+    fn populate(&self) {}
 }
 
 /// Fills every variable of `vs` from `source`, converting the dtype (and device), one tensor at
@@ -107,6 +110,9 @@ pub fn load_into_mapped(
         source.done(key);
     }
     source.finished();
+    if !owners.is_empty() {
+        source.populate();
+    }
     Ok(owners)
 }
 
@@ -221,6 +227,10 @@ impl TensorSource for WeightSet {
 
     fn mapped(&self, key: &str, kind: Kind) -> Option<(Tensor, MappingOwner)> {
         self.file_with(key)?.mapped(key, kind)
+    }
+
+    fn populate(&self) {
+        self.files.iter().for_each(SafetensorsFile::populate);
     }
 
     fn file_of(&self, key: &str) -> String {

@@ -144,6 +144,21 @@ impl SafetensorsFile {
         Some((tensor, self.mmap.clone()))
     }
 
+    /// Maps every page of the file into this process now, in one call
+    /// (`MADV_POPULATE_READ`, Linux 5.14+; elsewhere nothing), instead of one page fault per
+    /// 64 KiB during the first step that reads the weights in place.
+    pub fn populate(&self) {
+        #[cfg(target_os = "linux")]
+        // SAFETY: only asks the kernel to map the file's pages; the range is the whole map.
+        unsafe {
+            libc::madvise(
+                self.mmap.as_ptr() as *mut libc::c_void,
+                self.mmap.len(),
+                libc::MADV_POPULATE_READ,
+            );
+        }
+    }
+
     /// The tensor `name` on the CPU, in its stored dtype.
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
         let info = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
