@@ -3,7 +3,7 @@
 //! never a panic or an allocation, and the measured size equals the model actually built.
 mod common;
 
-use common::{Pick, Rng};
+use common::{copy_dir, Pick, Rng};
 
 use stable_diffusion::limits::MAX_COMPONENT_PARAMETERS;
 use stable_diffusion::models::blocks::count_parameters;
@@ -228,17 +228,4 @@ fn a_config_larger_than_its_weights_is_refused() {
     assert!(start.elapsed().as_secs() < 10);
     assert_eq!(std::fs::read(&path).unwrap(), before);
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let p = e.unwrap().path();
-        let dst = to.join(p.file_name().unwrap());
-        if p.is_dir() {
-            copy_dir(&p, &dst);
-        } else {
-            std::fs::copy(&p, &dst).unwrap();
-        }
-    }
 }

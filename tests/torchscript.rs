@@ -4,7 +4,7 @@
 //! in tiny-sd2-refs.safetensors).
 mod common;
 
-use common::{assert_close, cases, fixtures, max_abs_diff, Refs};
+use common::{assert_close, cases, copy_dir, fixtures, max_abs_diff, Refs};
 use stable_diffusion::image_io::Image;
 use stable_diffusion::pipeline::{GenerateParams, LoadOptions, StableDiffusion};
 use stable_diffusion::Error;
@@ -386,19 +386,6 @@ impl Scratch {
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
     }
 }
 

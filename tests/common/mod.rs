@@ -4,7 +4,7 @@ use stable_diffusion::rng::{GlobalNoise, NoiseSource};
 use stable_diffusion::schedulers::SchedulerConfig;
 use stable_diffusion::weights::SafetensorsFile;
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
 /// Standard normal test inputs, drawn holding the library's generator lock: an unlocked draw on
@@ -45,6 +45,20 @@ impl Refs {
 
     pub fn has(&self, name: &str) -> bool {
         self.file.info(name).is_some()
+    }
+}
+
+/// Copies the folder `from` (recursively) to `to`.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
     }
 }
 
