@@ -10,14 +10,15 @@ fn main() {
             println!("cargo:rustc-link-arg=-Wl,-rpath,{lib_dir}");
         }
     }
-    compile_int8_linear();
+    compile_cpu_kernels();
     generate_header();
 }
 
-/// Compiles `csrc/int8_linear.cpp` (libtorch's quantized linear operators, which tch does not
-/// bind) against libtorch's headers, with the flags torch-sys builds its own C++ with.
-fn compile_int8_linear() {
-    println!("cargo:rerun-if-changed=csrc/int8_linear.cpp");
+/// Compiles `csrc/` (libtorch operators tch does not bind: the quantized linear layers and
+/// oneDNN's packed-weight convolutions and linear layers) against libtorch's headers, with the
+/// flags torch-sys builds its own C++ with.
+fn compile_cpu_kernels() {
+    println!("cargo:rerun-if-changed=csrc");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let Ok(lib_dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
         panic!("torch-sys did not say where libtorch is (DEP_TCH_LIBTORCH_LIB)");
@@ -27,12 +28,13 @@ fn compile_int8_linear() {
     cc::Build::new()
         .cpp(true)
         .file("csrc/int8_linear.cpp")
+        .file("csrc/packed_weights.cpp")
         .include(&include)
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .flag_if_supported("-Wno-unused-parameter")
         .warnings(false)
-        .compile("sd_int8_linear");
+        .compile("sd_cpu_kernels");
 }
 
 /// Writes the C header for `src/ffi/` (cbindgen, settings in cbindgen.toml) to

@@ -3,25 +3,11 @@
 // `quantized::linear_dynamic` quantizes each input on the fly and multiplies in int8. Reached
 // through the dispatcher's boxed calls, so no quantization header beyond the dispatcher is
 // needed. Every entry point catches all exceptions and reports them as a message.
-#include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/core/stack.h>
+#include "dispatch.h"
 
-#include <cstring>
-#include <exception>
 #include <string>
 
 namespace {
-
-void set_error(char *error, size_t error_len, const char *message) {
-  if (error == nullptr || error_len == 0) return;
-  std::strncpy(error, message, error_len - 1);
-  error[error_len - 1] = '\0';
-}
-
-c10::OperatorHandle op(const char *name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
-}
 
 // libtorch warns once, on stderr, that quantized tensors are deprecated in Python; a library
 // must not print, and the kernels are what we need.
@@ -41,7 +27,7 @@ extern "C" {
 // symmetric int8 weight. Returns null and fills `error` on failure.
 sd_int8_linear *sd_int8_linear_pack(const at::Tensor *weight, const at::Tensor *bias,
                                     char *error, size_t error_len) {
-  try {
+  return sd::guarded(error, error_len, [&]() -> sd_int8_linear * {
     static SilentWarnings silent;
     c10::WarningUtils::WarningHandlerGuard quiet(&silent);
     const at::Tensor w = weight->to(at::kFloat).contiguous();
@@ -55,37 +41,26 @@ sd_int8_linear *sd_int8_linear_pack(const at::Tensor *weight, const at::Tensor *
     } else {
       stack.emplace_back(c10::IValue());
     }
-    static const c10::OperatorHandle prepack = op("quantized::linear_prepack");
+    static const c10::OperatorHandle prepack = sd::op("quantized::linear_prepack");
     prepack.callBoxed(&stack);
     return new sd_int8_linear{std::move(stack.at(0))};
-  } catch (const std::exception &e) {
-    set_error(error, error_len, e.what());
-  } catch (...) {
-    set_error(error, error_len, "unknown C++ exception");
-  }
-  return nullptr;
+  });
 }
 
 // `input` [..., in] float32 times the packed weight, plus its bias: a new tensor, or null with
 // `error` filled.
 at::Tensor *sd_int8_linear_run(const sd_int8_linear *linear, const at::Tensor *input,
                                char *error, size_t error_len) {
-  try {
+  return sd::guarded(error, error_len, [&]() -> at::Tensor * {
     torch::jit::Stack stack;
     stack.emplace_back(input->contiguous());
     stack.emplace_back(linear->packed);
     // 7-bit activations, as PyTorch's dynamic quantization uses on x86: the AVX2 kernels
     // accumulate pairs in 16 bits, which full 8-bit inputs could overflow.
     stack.emplace_back(true);
-    static const c10::OperatorHandle run = op("quantized::linear_dynamic");
-    run.callBoxed(&stack);
-    return new at::Tensor(stack.at(0).toTensor());
-  } catch (const std::exception &e) {
-    set_error(error, error_len, e.what());
-  } catch (...) {
-    set_error(error, error_len, "unknown C++ exception");
-  }
-  return nullptr;
+    static const c10::OperatorHandle run = sd::op("quantized::linear_dynamic");
+    return sd::call_for_tensor(run, std::move(stack));
+  });
 }
 
 void sd_int8_linear_free(sd_int8_linear *linear) { delete linear; }

@@ -250,6 +250,13 @@ typedef struct sd_load_options {
    * memory-mapped weights.
    */
   int32_t copy_weights;
+  /**
+   * Non-zero runs float32 models on the CPU with libtorch's plain kernels. 0 (default):
+   * each linear and convolution layer packs its weight once into oneDNN's blocked layout
+   * the first time it runs and works from that copy, which is faster on the CPU; results
+   * differ from the plain kernels' by rounding only (within 1e-5).
+   */
+  int32_t plain_weights;
 } sd_load_options;
 
 /**

@@ -935,3 +935,34 @@ fn load_options_copy_weights_render_the_same_image() {
         reference
     );
 }
+
+/// `plain_weights` in the load options: libtorch's plain kernels and the packed weights render
+/// the same image up to rounding (a level or two), and a caller whose struct ends before the
+/// field gets the default (packed), bit for bit.
+#[test]
+fn load_options_plain_weights_render_the_same_image() {
+    let render = |plain_weights: i32, struct_size: usize| -> Vec<u8> {
+        render_with_options(&fixture("tiny-sd1"), PROMPT, |o| {
+            o.plain_weights = plain_weights;
+            o.struct_size = struct_size;
+        })
+    };
+    let full = size_of::<sd_load_options>();
+    let packed = render(0, full);
+    assert_eq!(
+        render(1, std::mem::offset_of!(sd_load_options, plain_weights)),
+        packed
+    );
+    let plain = render(1, full);
+    assert_eq!(plain.len(), packed.len());
+    let worst = plain
+        .iter()
+        .zip(&packed)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap_or(0);
+    assert!(
+        worst <= 2,
+        "plain and packed weights differ by {worst} levels"
+    );
+}

@@ -239,6 +239,10 @@ struct CommonArgs {
     /// (the default maps them copy-on-write; the files must then not change while running).
     #[arg(long)]
     copy_weights: bool,
+    /// Run float32 on the CPU with libtorch's plain kernels instead of weights packed once
+    /// into oneDNN's layout (the default; faster, equal up to rounding).
+    #[arg(long)]
+    plain_weights: bool,
     #[command(flatten)]
     fast: FastArgs,
     /// No progress bar.
@@ -371,6 +375,7 @@ fn run(a: &CommonArgs, edit: Edit) -> Result<()> {
         device: parse_device(&a.device)?,
         kind: parse_dtype(&a.dtype)?,
         copy_weights: a.copy_weights,
+        plain_weights: a.plain_weights,
     };
     let init_image = edit.init.as_deref().map(Image::load).transpose()?;
     let mask = edit.mask.as_deref().map(Image::load).transpose()?;

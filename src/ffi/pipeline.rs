@@ -264,6 +264,7 @@ unsafe fn load(
         device: parse_device(optional_str(opts.device, "options->device")?)?,
         kind: parse_dtype(opts.dtype)?,
         copy_weights: opts.copy_weights != 0,
+        plain_weights: opts.plain_weights != 0,
     };
     let scheduler = optional_str(opts.scheduler, "options->scheduler")?.map(str::to_owned);
     if !Path::new(path).exists() {

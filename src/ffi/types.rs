@@ -97,6 +97,11 @@ pub struct sd_load_options {
     /// lives: truncating one under a running pipeline faults the process, as with any
     /// memory-mapped weights.
     pub copy_weights: i32,
+    /// Non-zero runs float32 models on the CPU with libtorch's plain kernels. 0 (default):
+    /// each linear and convolution layer packs its weight once into oneDNN's blocked layout
+    /// the first time it runs and works from that copy, which is faster on the CPU; results
+    /// differ from the plain kernels' by rounding only (within 1e-5).
+    pub plain_weights: i32,
 }
 
 /// What to generate. Fill it with `sd_generate_params_init`, then set at least `prompt`.
@@ -314,6 +319,7 @@ unsafe impl Versioned for sd_load_options {
             config_dir: std::ptr::null(),
             use_ema: 0,
             copy_weights: 0,
+            plain_weights: 0,
         }
     }
 }

@@ -4,9 +4,10 @@
 //! product accumulates in int32. tch does not bind these operators, so `csrc/int8_linear.cpp`
 //! reaches them through libtorch's dispatcher. The packed copy is made the first time a layer
 //! runs in this mode and kept beside the float weight, which the exact mode still uses.
+use super::packed::{c_call, c_tensor_call};
 use crate::{Error, Result};
 use std::cell::Cell;
-use std::ffi::{c_char, CStr};
+use std::ffi::c_char;
 use tch::Tensor;
 use torch_sys::C_tensor;
 
@@ -73,54 +74,32 @@ impl std::fmt::Debug for Int8Linear {
     }
 }
 
-const ERROR_LEN: usize = 512;
-
-fn message(buffer: &[c_char; ERROR_LEN]) -> String {
-    // SAFETY: the C side always NUL-terminates within the buffer (zeroed beforehand).
-    unsafe { CStr::from_ptr(buffer.as_ptr()) }
-        .to_string_lossy()
-        .into_owned()
-}
-
 impl Int8Linear {
     /// Packs a float `weight` `[out, in]` and `bias` `[out]`.
     pub fn pack(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
-        let mut error = [0 as c_char; ERROR_LEN];
         // SAFETY: the tensors outlive the call; the C side copies what it keeps.
-        let raw = unsafe {
+        let raw = c_call(|error, len| unsafe {
             sd_int8_linear_pack(
                 weight.as_ptr(),
                 bias.map_or(std::ptr::null(), |b| b.as_ptr()),
-                error.as_mut_ptr(),
-                ERROR_LEN,
+                error,
+                len,
             )
-        };
-        if raw.is_null() {
-            return Err(Error::Unsupported(format!(
-                "int8 linear layers: packing a {:?} weight failed: {}",
-                weight.size(),
-                message(&error)
-            )));
-        }
+        })
+        .map_err(|why| {
+            Error::Unsupported(format!(
+                "int8 linear layers: packing a {:?} weight failed: {why}",
+                weight.size()
+            ))
+        })?;
         Ok(Self { raw })
     }
 
     /// `xs` `[..., in]` (float32) through the packed layer.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let mut error = [0 as c_char; ERROR_LEN];
-        // SAFETY: `self.raw` is a live packed layer and `xs` outlives the call; the result is a
-        // new tensor we own.
-        let out =
-            unsafe { sd_int8_linear_run(self.raw, xs.as_ptr(), error.as_mut_ptr(), ERROR_LEN) };
-        if out.is_null() {
-            return Err(Error::Internal(format!(
-                "int8 linear layer on {:?}: {}",
-                xs.size(),
-                message(&error)
-            )));
-        }
-        // SAFETY: a `new at::Tensor` handed over to us, as tch's own bindings do.
-        Ok(unsafe { Tensor::from_ptr(out) })
+        // SAFETY: `self.raw` is a live packed layer and `xs` outlives the call.
+        c_tensor_call(|error, len| unsafe { sd_int8_linear_run(self.raw, xs.as_ptr(), error, len) })
+            .map_err(|why| Error::Internal(format!("int8 linear layer on {:?}: {why}", xs.size())))
     }
 }
 

@@ -5,6 +5,7 @@ pub mod clip_vision;
 pub mod config;
 pub mod fast;
 pub mod int8;
+pub mod packed;
 pub mod torchscript;
 pub mod traits;
 pub mod unet;

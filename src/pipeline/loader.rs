@@ -34,6 +34,12 @@ pub struct LoadOptions {
     /// file must stay as it is while the model lives (truncating it under a running model
     /// faults the process, as with any memory-mapped weights).
     pub copy_weights: bool,
+    /// Run float32 models on the CPU with libtorch's plain kernels. By default (false) each
+    /// linear and convolution layer packs its weight once into oneDNN's blocked layout the
+    /// first time it runs and works from that copy (the dense weight is let go): libtorch's
+    /// plain convolution reorders its weight on every call, which on a small CPU is a large
+    /// part of a step. The packed kernels round differently, within 1e-5 of the plain ones.
+    pub plain_weights: bool,
 }
 
 impl Default for LoadOptions {
@@ -42,6 +48,7 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             kind: Kind::Float,
             copy_weights: false,
+            plain_weights: false,
         }
     }
 }
@@ -131,6 +138,14 @@ fn load_component<T>(
     Ok(model)
 }
 
+/// The VAE keeps libtorch's plain kernels even where [`LoadOptions::plain_weights`] is off: it
+/// runs once per image, mostly on large activations, and packing its weights cost more in the
+/// one decode of a txt2img call than it saved there (`make bench`).
+fn build_vae(vs: tch::nn::Path, config: &VaeConfig) -> Result<AutoencoderKL> {
+    let _plain = crate::models::blocks::pack_weights(false);
+    AutoencoderKL::new(vs, config)
+}
+
 /// diffusers before 0.14 named the VAE's attention `query/key/value/proj_attn`.
 fn vae_keys(name: &str) -> Vec<String> {
     let mut keys = vec![name.to_string()];
@@ -181,6 +196,7 @@ impl StableDiffusion {
         }
         crate::runtime::tune_allocator();
         let _skip_init = crate::models::blocks::skip_random_init();
+        let _pack = crate::models::blocks::pack_weights(!options.plain_weights);
         let mut sd = match detect_format(path)? {
             ModelFormat::DiffusersFolder if torchscript::is_export_folder(path) => {
                 Self::load_torchscript(path, options)?
@@ -239,7 +255,7 @@ impl StableDiffusion {
             &vae_dir,
             "diffusion_pytorch_model",
             options,
-            |vs| AutoencoderKL::new(vs, &vae_config),
+            |vs| build_vae(vs, &vae_config),
             vae_keys,
             &mut mappings,
         )?;
@@ -315,7 +331,7 @@ impl StableDiffusion {
         let parameters = [
             count_parameters(|vs| ClipTextTransformer::new(vs, &configs.text))?,
             count_parameters(|vs| UNet2DConditionModel::new(vs, &configs.unet))?,
-            count_parameters(|vs| AutoencoderKL::new(vs, &configs.vae))?,
+            count_parameters(|vs| build_vae(vs, &configs.vae))?,
         ];
         for (what, n) in ["text encoder", "UNet", "VAE"].iter().zip(parameters) {
             check_component_size(what, n, ckpt.file_len(), &ckpt.path().display().to_string())?;
@@ -346,7 +362,7 @@ impl StableDiffusion {
         vs.freeze();
 
         let mut vs = var_store(device, kind);
-        let vae = AutoencoderKL::new(vs.root(), &configs.vae)?;
+        let vae = build_vae(vs.root(), &configs.vae)?;
         load_into_from(
             &ComponentSource::vae(&ckpt, &layout, &configs.vae),
             &vs,

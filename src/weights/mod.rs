@@ -8,7 +8,7 @@ pub mod pickle;
 pub mod safetensors_file;
 pub mod single_file;
 
-pub use safetensors_file::{MappingOwner, SafetensorsFile};
+pub use safetensors_file::{release_if_mapped, MappingOwner, SafetensorsFile};
 
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};

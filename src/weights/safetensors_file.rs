@@ -71,9 +71,11 @@ impl SafetensorsFile {
                 },
             );
         }
+        let mmap = Arc::new(mmap);
+        register_map(&mmap);
         Ok(Self {
             path: path.to_path_buf(),
-            mmap: Arc::new(mmap),
+            mmap,
             data_start,
             tensors,
         })
@@ -175,6 +177,37 @@ impl SafetensorsFile {
         let bytes = &self.mmap[info.start..info.end];
         Ok(Tensor::f_from_data_size(bytes, &info.shape, kind)?)
     }
+}
+
+/// The weight files' maps that are alive, so that a weight used in place can be told apart
+/// from one in memory of its own ([`release_if_mapped`]).
+static LIVE_MAPS: std::sync::Mutex<Vec<std::sync::Weak<MmapMut>>> =
+    std::sync::Mutex::new(Vec::new());
+
+fn register_map(map: &Arc<MmapMut>) {
+    let mut maps = LIVE_MAPS.lock().unwrap_or_else(|e| e.into_inner());
+    maps.retain(|m| m.strong_count() > 0);
+    maps.push(Arc::downgrade(map));
+}
+
+/// If `address..address + len` lies inside a live weight-file map, drops its resident pages
+/// (as [`drop_mapped_pages`]) and returns true; memory of any other kind is left alone. For a
+/// weight used in place whose layer now works from a packed copy: no page of a weight file's
+/// map is ever written by us, so the dropped pages read back unchanged if they are needed.
+pub fn release_if_mapped(address: usize, len: usize) -> bool {
+    let maps = LIVE_MAPS.lock().unwrap_or_else(|e| e.into_inner());
+    for map in maps.iter().filter_map(|m| m.upgrade()) {
+        let base = map.as_ptr() as usize;
+        let inside = address >= base
+            && address
+                .checked_add(len)
+                .is_some_and(|end| end <= base + map.len());
+        if inside {
+            drop_mapped_pages(&map, address - base, len);
+            return true;
+        }
+    }
+    false
 }
 
 /// Drops the resident pages of `map[start..start + len]` from this process (they read back
