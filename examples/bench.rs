@@ -2,7 +2,7 @@
 //!
 //!     cargo run --release --example bench -- [--sizes 256,512] [--steps 20] [--rounds 2]
 //!         [--threads N] [--guidance 7] [--seed 42] [--dtype fp32|bf16] [--dir DIR] [--python PY]
-//!         [--ours-only]
+//!         [--ours-only] [--plain-weights]
 //!
 //! Both sides load the same SD 1.5-size diffusers folder of seeded random weights (float32,
 //! written once by `tools/bench/diffusers_bench.py` into DIR, by default
@@ -17,6 +17,8 @@
 //! sides are compared (max difference in 8-bit levels). `--dtype bf16` measures the CPU fast
 //! mode: ours holds and runs the weights in bfloat16, diffusers runs its float32 pipeline under
 //! `torch.autocast("cpu", dtype=torch.bfloat16)`; the images then differ by rounding.
+//! `--plain-weights` runs our side with `LoadOptions::plain_weights` (libtorch's plain kernels
+//! instead of weights packed on first use).
 //!
 //! On two cores any other busy process makes every figure meaningless, so before each run the
 //! bench samples /proc/stat for 2 s and waits (up to a minute) for other processes to be idle;
@@ -48,6 +50,7 @@ struct Options {
     dir: PathBuf,
     python: PathBuf,
     ours_only: bool,
+    plain_weights: bool,
 }
 
 fn parse_options(args: &[String]) -> Result<Options> {
@@ -67,11 +70,13 @@ fn parse_options(args: &[String]) -> Result<Options> {
         ),
         python: repo.join(".venv-fixtures/bin/python"),
         ours_only: false,
+        plain_weights: false,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
-        if flag == "--ours-only" {
-            o.ours_only = true;
+        if flag == "--ours-only" || flag == "--plain-weights" {
+            o.ours_only |= flag == "--ours-only";
+            o.plain_weights |= flag == "--plain-weights";
             continue;
         }
         let value = it
@@ -132,6 +137,7 @@ fn child(args: &[String]) -> Result<()> {
         &dir,
         &LoadOptions {
             kind,
+            plain_weights: arg(8) == "plain",
             ..Default::default()
         },
     )?;
@@ -289,11 +295,16 @@ fn main() -> Result<()> {
         })
         .unwrap_or_else(|| "unknown CPU".into());
     println!(
-        "bench: {}; {} threads each; {}; {} steps, Euler, guidance {}, seed {}; {} round(s); \
+        "bench: {}; {} threads each; {}{}; {} steps, Euler, guidance {}, seed {}; {} round(s); \
          weights {:.2} GiB (fp32 files); load average at start {}",
         cpu,
-        o.dtype,
         o.threads,
+        o.dtype,
+        if o.plain_weights {
+            ", plain weights"
+        } else {
+            ""
+        },
         o.steps,
         o.guidance,
         o.seed,
@@ -334,6 +345,9 @@ fn main() -> Result<()> {
                     c
                 };
                 cmd.args(&common);
+                if sides[i] == "ours" {
+                    cmd.arg(if o.plain_weights { "plain" } else { "packed" });
+                }
                 eprintln!("{size}x{size} round {} {}...", round + 1, sides[i]);
                 let run = run_side(sides[i], &mut cmd, &image)?;
                 eprintln!(
