@@ -12,6 +12,13 @@ namespace {
 
 std::vector<int64_t> pair(int64_t value) { return {value, value}; }
 
+// The trailing arguments of the `*_pointwise` operators: no fused post-operation.
+void push_no_post_op(torch::jit::Stack &stack) {
+  stack.emplace_back(std::string("none"));
+  stack.emplace_back(c10::List<std::optional<at::Scalar>>());
+  stack.emplace_back(c10::IValue());
+}
+
 }  // namespace
 
 extern "C" {
@@ -48,9 +55,7 @@ at::Tensor *sd_packed_conv_run(const at::Tensor *input, const at::Tensor *packed
     stack.emplace_back(pair(stride));
     stack.emplace_back(pair(1));
     stack.emplace_back(int64_t{1});
-    stack.emplace_back(std::string("none"));
-    stack.emplace_back(c10::List<std::optional<at::Scalar>>());
-    stack.emplace_back(c10::IValue());
+    push_no_post_op(stack);
     static const c10::OperatorHandle run = sd::op("mkldnn::_convolution_pointwise");
     return sd::call_for_tensor(run, std::move(stack));
   });
@@ -75,9 +80,7 @@ at::Tensor *sd_packed_linear_run(const at::Tensor *input, const at::Tensor *pack
     stack.emplace_back(input->contiguous());
     stack.emplace_back(*packed);
     stack.emplace_back(bias != nullptr ? c10::IValue(*bias) : c10::IValue());
-    stack.emplace_back(std::string("none"));
-    stack.emplace_back(c10::List<std::optional<at::Scalar>>());
-    stack.emplace_back(c10::IValue());
+    push_no_post_op(stack);
     static const c10::OperatorHandle run = sd::op("mkldnn::_linear_pointwise");
     return sd::call_for_tensor(run, std::move(stack));
   });

@@ -15,18 +15,33 @@ thread_local! {
 /// instead of random ones: loading overwrites every variable (or points it into the weight
 /// file), random initialisation of a full-size model costs seconds, and memory that is never
 /// written is never resident.
-pub fn skip_random_init() -> SkipInitGuard {
-    let previous = SKIP_INIT.with(|s| s.replace(true));
-    SkipInitGuard { previous }
+pub fn skip_random_init() -> FlagGuard {
+    FlagGuard::set(&SKIP_INIT, true)
 }
 
-pub struct SkipInitGuard {
+/// Sets a thread-local switch for as long as it lives, then restores the previous value (the
+/// build-time and per-call switches of the models: [`skip_random_init`], [`pack_weights`],
+/// [`super::int8::enable`]).
+pub struct FlagGuard {
+    flag: &'static std::thread::LocalKey<std::cell::Cell<bool>>,
     previous: bool,
 }
 
-impl Drop for SkipInitGuard {
+impl FlagGuard {
+    pub(crate) fn set(
+        flag: &'static std::thread::LocalKey<std::cell::Cell<bool>>,
+        value: bool,
+    ) -> Self {
+        Self {
+            flag,
+            previous: flag.with(|f| f.replace(value)),
+        }
+    }
+}
+
+impl Drop for FlagGuard {
     fn drop(&mut self) {
-        SKIP_INIT.with(|s| s.set(self.previous));
+        self.flag.with(|f| f.set(self.previous));
     }
 }
 
@@ -96,20 +111,8 @@ thread_local! {
 /// turns it on unless [`crate::pipeline::LoadOptions::pack_weights`] is off. Layers built
 /// otherwise (training, tests that build models in memory) keep the plain path, which
 /// autograd needs.
-pub fn pack_weights(enabled: bool) -> PackWeightsGuard {
-    PackWeightsGuard {
-        previous: PACK_WEIGHTS.with(|p| p.replace(enabled)),
-    }
-}
-
-pub struct PackWeightsGuard {
-    previous: bool,
-}
-
-impl Drop for PackWeightsGuard {
-    fn drop(&mut self) {
-        PACK_WEIGHTS.with(|p| p.set(self.previous));
-    }
+pub fn pack_weights(enabled: bool) -> FlagGuard {
+    FlagGuard::set(&PACK_WEIGHTS, enabled)
 }
 
 /// A layer's weight packed for float32 on the CPU, made the first time the layer runs there.

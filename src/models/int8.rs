@@ -4,6 +4,7 @@
 //! product accumulates in int32. tch does not bind these operators, so `csrc/int8_linear.cpp`
 //! reaches them through libtorch's dispatcher. The packed copy is made the first time a layer
 //! runs in this mode and kept beside the float weight, which the exact mode still uses.
+use super::blocks::FlagGuard;
 use super::packed::{c_call, c_tensor_call};
 use crate::{Error, Result};
 use std::cell::Cell;
@@ -38,20 +39,8 @@ thread_local! {
 
 /// While the returned guard lives, linear layers run on this thread use their int8 form when
 /// `enabled` (the UNet sets it for the calls that ask for it).
-pub fn enable(enabled: bool) -> EnableGuard {
-    EnableGuard {
-        previous: ENABLED.with(|e| e.replace(enabled)),
-    }
-}
-
-pub struct EnableGuard {
-    previous: bool,
-}
-
-impl Drop for EnableGuard {
-    fn drop(&mut self) {
-        ENABLED.with(|e| e.set(self.previous));
-    }
+pub fn enable(enabled: bool) -> FlagGuard {
+    FlagGuard::set(&ENABLED, enabled)
 }
 
 pub(crate) fn enabled() -> bool {
