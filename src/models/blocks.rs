@@ -290,6 +290,27 @@ impl Conv2d {
     }
 }
 
+/// `fresh + other`, written into `fresh` (a tensor no one else holds, with the result's shape)
+/// when no gradient is recorded: one full-size allocation less. The same sum either way.
+pub fn add_into(mut fresh: Tensor, other: &Tensor) -> Result<Tensor> {
+    if fresh.requires_grad() || other.requires_grad() {
+        Ok(fresh.f_add(other)?)
+    } else {
+        Ok(fresh.f_add_(other)?)
+    }
+}
+
+/// The same `[b, c, h, w]` tensor with channels-last (NHWC) strides. Convolutions, GroupNorm
+/// and nearest upsampling keep that layout, and oneDNN then runs the convolutions without
+/// reordering large activations to and from its blocked layout at every call: about 10 % of a
+/// 512x512 VAE decode on the CPU. Values are unchanged.
+pub fn channels_last(xs: &Tensor) -> Result<Tensor> {
+    Ok(xs
+        .f_permute([0, 2, 3, 1])?
+        .f_contiguous()?
+        .f_permute([0, 3, 1, 2])?)
+}
+
 #[derive(Debug)]
 pub struct GroupNorm {
     weight: Tensor,
@@ -318,6 +339,18 @@ impl GroupNorm {
             self.eps,
             true,
         )?)
+    }
+
+    /// `silu(group_norm(xs))`, activated in place on the fresh normalised tensor when no
+    /// gradient is recorded: one full-size buffer less per call (at 512x512 in the VAE a 128
+    /// MiB allocation whose pages would be faulted in).
+    pub fn forward_silu(&self, xs: &Tensor) -> Result<Tensor> {
+        let mut normed = self.forward(xs)?;
+        if normed.requires_grad() {
+            Ok(normed.f_silu()?)
+        } else {
+            Ok(normed.f_silu_()?)
+        }
     }
 }
 
@@ -460,17 +493,17 @@ impl ResnetBlock2D {
 
     /// `temb` is the already SiLU-activated time embedding (shared by all blocks of a step).
     pub fn forward(&self, xs: &Tensor, temb_silu: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&self.norm1.forward(xs)?.f_silu()?)?;
+        let mut h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb_silu) {
             let t = proj.forward(temb)?;
-            h = h.f_add(&t.f_unsqueeze(-1)?.f_unsqueeze(-1)?)?;
+            h = add_into(h, &t.f_unsqueeze(-1)?.f_unsqueeze(-1)?)?;
         }
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.f_silu()?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(xs)?,
             None => xs.shallow_clone(),
         };
-        let out = shortcut.f_add(&h)?;
+        let out = add_into(h, &shortcut)?;
         if self.output_scale_factor != 1.0 {
             Ok(out.f_div_scalar(self.output_scale_factor)?)
         } else {
@@ -653,5 +686,45 @@ mod tests {
         let _ = packing.forward(&xs).unwrap();
         assert!(plain.packed.form.get().is_none() && packing.packed.form.get().is_none());
         assert_eq!(packing.weight.size(), [3, 4]);
+    }
+
+    #[test]
+    fn channels_last_keeps_values_and_reorders_strides() {
+        for (seed, dims) in [(1, [2, 3, 5, 7]), (2, [1, 8, 4, 4]), (3, [3, 4, 2, 9])] {
+            let x = seeded(seed, &dims);
+            let cl = channels_last(&x).unwrap();
+            assert_eq!(cl.size(), x.size());
+            let (c, w) = (dims[1], dims[3]);
+            assert_eq!(cl.stride(), vec![dims[2] * w * c, 1, w * c, c]);
+            assert_eq!(max_diff(&cl, &x), 0.0);
+        }
+    }
+
+    #[test]
+    fn in_place_shortcuts_give_the_plain_results_and_keep_gradients() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let norm = GroupNorm::new(vs.root() / "norm", 2, 6, 1e-5);
+        for seed in 0..8 {
+            let x = seeded(seed, &[2, 6, 3, 4]);
+            let other = seeded(seed + 100, &[2, 6, 3, 4]);
+            let broadcast = seeded(seed + 200, &[2, 6, 1, 1]);
+            let expected = norm.forward(&x).unwrap().silu();
+            {
+                let _g = tch::no_grad_guard();
+                assert_eq!(max_diff(&norm.forward_silu(&x).unwrap(), &expected), 0.0);
+                let other_before = other.copy();
+                let sum = add_into(x.copy(), &other).unwrap();
+                assert_eq!(max_diff(&sum, &(&other + &x)), 0.0);
+                assert_eq!(max_diff(&other, &other_before), 0.0, "the addend changed");
+                let sum = add_into(x.copy(), &broadcast).unwrap();
+                assert_eq!(max_diff(&sum, &(&x + &broadcast)), 0.0);
+            }
+            // Under autograd the parameters' gradients must still flow through both.
+            let out = add_into(norm.forward_silu(&x).unwrap(), &other).unwrap();
+            out.sum(Kind::Float).backward();
+            let grad = norm.weight.grad();
+            assert!(grad.defined() && grad.abs().sum(Kind::Float).double_value(&[]) > 0.0);
+            let _ = norm.weight.grad().zero_();
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! UNet2DConditionModel: predicts the noise (or v) in a latent from the timestep and the text.
 use super::blocks::{
-    Attention, Conv2d, Downsample2D, GroupNorm, LayerNorm, Linear, ResnetBlock2D, ResnetConfig,
-    Upsample2D,
+    add_into, Attention, Conv2d, Downsample2D, GroupNorm, LayerNorm, Linear, ResnetBlock2D,
+    ResnetConfig, Upsample2D,
 };
 use super::config::{read_json, PerBlock};
 use super::fast::{FastPass, TokenMerge, TokenMerging};
@@ -475,7 +475,7 @@ impl Transformer2D {
             Projection::Conv(conv) => conv.forward(&to_image(&tokens)?.f_contiguous()?)?,
             Projection::Linear(lin) => to_image(&lin.forward(&tokens)?)?,
         };
-        Ok(out.f_add(xs)?)
+        add_into(out, xs)
     }
 }
 
@@ -850,7 +850,7 @@ impl UNet2DConditionModel {
                 h = up.forward(&h, size)?;
             }
         }
-        let h = self.conv_norm_out.forward(&h)?.f_silu()?;
+        let h = self.conv_norm_out.forward_silu(&h)?;
         self.conv_out.forward(&h)
     }
 

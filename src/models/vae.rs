@@ -1,6 +1,7 @@
 //! AutoencoderKL: the VAE that maps images to the latent space the UNet works in and back.
 use super::blocks::{
-    Attention, Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, ResnetConfig, Upsample2D,
+    add_into, channels_last, Attention, Conv2d, Downsample2D, GroupNorm, ResnetBlock2D,
+    ResnetConfig, Upsample2D,
 };
 use super::config::read_json;
 use crate::limits::{
@@ -172,7 +173,7 @@ impl SpatialAttention {
             .f_transpose(1, 2)?;
         let out = self.attn.forward(&tokens, None)?;
         let out = out.f_transpose(1, 2)?.f_reshape([b, c, h, w])?;
-        Ok(out.f_add(xs)?)
+        add_into(out, xs)
     }
 }
 
@@ -262,7 +263,7 @@ impl Encoder {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let mut h = self.conv_in.forward(xs)?;
+        let mut h = channels_last(&self.conv_in.forward(xs)?)?;
         for (resnets, down) in &self.blocks {
             for r in resnets {
                 h = r.forward(&h, None)?;
@@ -272,7 +273,8 @@ impl Encoder {
             }
         }
         let h = self.mid.forward(&h)?;
-        self.conv_out.forward(&self.norm_out.forward(&h)?.f_silu()?)
+        let out = self.conv_out.forward(&self.norm_out.forward_silu(&h)?)?;
+        Ok(out.f_contiguous()?)
     }
 }
 
@@ -330,7 +332,9 @@ impl Decoder {
     }
 
     fn forward(&self, z: &Tensor) -> Result<Tensor> {
-        let mut h = self.mid.forward(&self.conv_in.forward(z)?)?;
+        let mut h = self
+            .mid
+            .forward(&channels_last(&self.conv_in.forward(z)?)?)?;
         for (resnets, up) in &self.blocks {
             for r in resnets {
                 h = r.forward(&h, None)?;
@@ -339,7 +343,8 @@ impl Decoder {
                 h = u.forward(&h, None)?;
             }
         }
-        self.conv_out.forward(&self.norm_out.forward(&h)?.f_silu()?)
+        let out = self.conv_out.forward(&self.norm_out.forward_silu(&h)?)?;
+        Ok(out.f_contiguous()?)
     }
 }
 
