@@ -440,6 +440,37 @@ typedef struct sd_generate_params {
    * pipelines on the CPU (refused elsewhere); 0 (default) = off.
    */
   int32_t int8_linear;
+  /**
+   * SDXL: the prompt of the second text encoder, UTF-8; NULL (default) = `prompt`.
+   * Ignored by models with one text encoder. Borrowed for the call.
+   */
+  const char *prompt_2;
+  /**
+   * SDXL: the negative prompt of the second text encoder; NULL (default) =
+   * `negative_prompt`. Borrowed for the call.
+   */
+  const char *negative_prompt_2;
+  /**
+   * SDXL micro-conditioning, in pixels: the size the image is said to come from; 0 and 0
+   * (default) = the output size.
+   */
+  uint32_t original_width;
+  uint32_t original_height;
+  /**
+   * SDXL micro-conditioning: the top-left corner of the crop (default 0, 0).
+   */
+  uint32_t crop_left;
+  uint32_t crop_top;
+  /**
+   * SDXL micro-conditioning: the target size; 0 and 0 (default) = the output size.
+   */
+  uint32_t target_width;
+  uint32_t target_height;
+  /**
+   * Pulls the guided prediction's spread back toward the conditional one's (diffusers'
+   * `guidance_rescale`, A1111's CFG rescale), 0..=1; 0 (default) = off.
+   */
+  double guidance_rescale;
 } sd_generate_params;
 
 /**

@@ -32,6 +32,7 @@ fn cached_pass(
         sample,
         t,
         context,
+        None,
         &mut FastPass {
             cache: Some((cache, reuse)),
             ..Default::default()
@@ -109,6 +110,7 @@ fn token_merging_keeps_the_output_close() {
                 &sample,
                 500.0,
                 &context,
+                None,
                 &mut FastPass {
                     token_merging: Some(TokenMerging { ratio, seed: 3 }),
                     ..Default::default()

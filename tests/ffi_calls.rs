@@ -966,3 +966,124 @@ fn load_options_plain_weights_render_the_same_image() {
         "plain and packed weights differ by {worst} levels"
     );
 }
+
+/// SDXL through the C ABI: the second prompts reach the pipeline (diffusers' image for the
+/// fixture's case c), the micro-conditioning fields give the Rust pipeline's image, a half-given
+/// size is refused by name, and a caller whose struct ends before these fields gets the
+/// defaults.
+#[test]
+fn generate_params_carry_sdxl_prompts_and_micro_conditioning() {
+    use stable_diffusion::pipeline::{GenerateParams, LoadOptions, MicroConditioning};
+    let all = common::cases("tiny-sdxl");
+    let case = all["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "c")
+        .unwrap()
+        .clone();
+    let text = |k: &str| CString::new(case[k].as_str().unwrap()).unwrap();
+    let (prompt, prompt_2) = (text("prompt"), text("prompt_2"));
+    let (negative, negative_2) = (text("negative_prompt"), text("negative_prompt_2"));
+    let mut p = ptr::null_mut();
+    let path = fixture("tiny-sdxl");
+    let status = unsafe { sd_pipeline_load(path.as_ptr(), ptr::null(), &mut p) };
+    assert_eq!(status, sd_status::SD_OK, "{}", last_error());
+
+    let mut g = params(&prompt, case["steps"].as_u64().unwrap() as u32, 0);
+    g.seed = case["seed"].as_u64().unwrap();
+    g.guidance = case["guidance"].as_f64().unwrap();
+    g.width = case["width"].as_u64().unwrap() as u32;
+    g.height = case["height"].as_u64().unwrap() as u32;
+    g.negative_prompt = negative.as_ptr();
+    g.prompt_2 = prompt_2.as_ptr();
+    g.negative_prompt_2 = negative_2.as_ptr();
+    let got = generate(p, &g).unwrap();
+    let want = common::Refs::open("tiny-sdxl").get("pipe_c");
+    let want: Vec<f32> = Vec::try_from(want.flatten(0, -1)).unwrap();
+    let worst = got[0]
+        .0
+        .iter()
+        .zip(&want)
+        .map(|(&a, &b)| (a as f32 - (b * 255.0).round()).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst <= 1.0, "case c through C differs by {worst} levels");
+
+    // An older caller's struct ends before prompt_2: the second prompts fall back to the
+    // first ones, as a Rust call without them does.
+    let mut older = g;
+    older.struct_size = std::mem::offset_of!(sd_generate_params, prompt_2);
+    let sd = stable_diffusion::pipeline::StableDiffusion::load(
+        &common::fixtures().join("tiny-sdxl"),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let rust_params = GenerateParams {
+        prompt: case["prompt"].as_str().unwrap().into(),
+        negative_prompt: case["negative_prompt"].as_str().map(String::from),
+        steps: g.steps as usize,
+        guidance: g.guidance,
+        seed: g.seed,
+        width: Some(32),
+        height: Some(32),
+        ..Default::default()
+    };
+    let rust_bytes = |p: &GenerateParams| sd.txt2img(p, None).unwrap().to_rgb8().unwrap().remove(0);
+    let older_bytes = generate(p, &older).unwrap()[0].0.clone();
+    assert_eq!(older_bytes, rust_bytes(&rust_params));
+
+    let mut micro = older;
+    micro.struct_size = size_of::<sd_generate_params>();
+    (micro.prompt_2, micro.negative_prompt_2) = (ptr::null(), ptr::null());
+    (micro.original_width, micro.original_height) = (2048, 1024);
+    (micro.crop_left, micro.crop_top) = (100, 300);
+    (micro.target_width, micro.target_height) = (256, 512);
+    let with_micro = generate(p, &micro).unwrap()[0].0.clone();
+    let rust_micro = rust_bytes(&GenerateParams {
+        micro: MicroConditioning {
+            original_size: Some((1024, 2048)),
+            crops_coords_top_left: (300, 100),
+            target_size: Some((512, 256)),
+            ..Default::default()
+        },
+        ..rust_params.clone()
+    });
+    assert!(
+        with_micro == rust_micro,
+        "the micro-conditioning fields reach the pipeline"
+    );
+    assert!(
+        with_micro != older_bytes,
+        "micro-conditioning changes the image"
+    );
+
+    let mut rescaled = micro;
+    rescaled.guidance_rescale = 0.7;
+    let rust_rescaled = rust_bytes(&GenerateParams {
+        guidance_rescale: 0.7,
+        micro: MicroConditioning {
+            original_size: Some((1024, 2048)),
+            crops_coords_top_left: (300, 100),
+            target_size: Some((512, 256)),
+            ..Default::default()
+        },
+        ..rust_params.clone()
+    });
+    let with_rescale = generate(p, &rescaled).unwrap()[0].0.clone();
+    assert!(
+        with_rescale == rust_rescaled,
+        "guidance_rescale reaches the pipeline"
+    );
+    assert!(with_rescale != with_micro);
+
+    let mut half = micro;
+    half.original_height = 0;
+    let mut images = ptr::null_mut();
+    expect(
+        unsafe { sd_generate(p, &half, &mut images) },
+        SD_ERR_INVALID_ARGUMENT,
+        "original_width",
+    );
+    assert!(images.is_null());
+    unsafe { sd_pipeline_free(p) };
+}

@@ -871,6 +871,13 @@ fn fuzz_loaders() {
     fuzz_safetensors_headers(&mut rng, &sd2, n / 4, &mut failures);
     fuzz_file_bytes(&mut rng, &sd2, 64 << 10, n / 2, &mut failures);
     fuzz_folder_configs(&mut rng, &folder, n, &mut failures);
+    // SDXL folders: model_index.json, both encoders' and tokenizers' files, the text_time UNet.
+    fuzz_folder_configs(
+        &mut rng,
+        &common::fixtures().join("tiny-sdxl"),
+        n / 2,
+        &mut failures,
+    );
 
     println!(
         "fuzz: {} cases, {} failures, {:.0} s in all",

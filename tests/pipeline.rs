@@ -36,25 +36,7 @@ fn txt2img_matches_diffusers() {
         for case in cases(model)["cases"].as_array().unwrap() {
             let name = case["name"].as_str().unwrap();
             let params = params_of(case);
-            let mut seen = Vec::new();
-            let mut on_step = |info: &StepInfo| {
-                seen.push(info.timestep);
-                Control::Continue
-            };
-            let images = sd
-                .txt2img(&params, Some(&mut on_step))
-                .unwrap_or_else(|e| panic!("{model}/{name}: {e}"));
-            let expected_t: Vec<f64> = common::f64s(&case["timesteps"]);
-            assert_eq!(
-                seen, expected_t,
-                "{model}/{name}: timesteps seen by the callback"
-            );
-            assert_close(
-                &format!("{model}/{name}"),
-                &images.pixels,
-                &refs.get(&format!("pipe_{name}")),
-                1e-3,
-            );
+            common::check_txt2img_case(&format!("{model}/{name}"), &sd, &params, case, &refs);
         }
     }
 }
@@ -268,5 +250,47 @@ fn txt2img_with_each_scheduler_matches_diffusers() {
             &refs.get(&format!("pipe_{name}")),
             1e-3,
         );
+    }
+}
+
+/// diffusers' `rescale_noise_cfg` in closed form, over seeded shapes and scales: at 1 each
+/// item's standard deviation becomes the conditional prediction's, at 0 nothing changes, and
+/// in between the result is the linear mix; out-of-range values are refused by name.
+#[test]
+fn guidance_rescale_matches_its_closed_form() {
+    use stable_diffusion::pipeline::rescale_guidance;
+    for (seed, shape) in [(1, [1, 4, 8, 8]), (2, [2, 4, 5, 7]), (3, [3, 9, 2, 3])] {
+        tch::manual_seed(seed);
+        let guided = common::locked_randn(&shape) * 3.0 + 0.5;
+        let cond = common::locked_randn(&shape) * 0.7;
+        let full = rescale_guidance(&guided, &cond, 1.0).unwrap();
+        for b in 0..shape[0] {
+            let (f, c, g) = (full.get(b), cond.get(b), guided.get(b));
+            let rel =
+                (f.std(true) - c.std(true)).abs().double_value(&[]) / c.std(true).double_value(&[]);
+            assert!(rel < 1e-5, "item {b}: std {rel}");
+            // The direction is the guided prediction's: a positive multiple of it.
+            let ratio = f.divide(&g);
+            let spread = (ratio.max() - ratio.min()).double_value(&[]);
+            assert!(spread < 1e-4, "item {b}: not a multiple ({spread})");
+        }
+        let none = rescale_guidance(&guided, &cond, 0.0).unwrap();
+        assert!(common::max_abs_diff(&none, &guided) < 1e-6);
+        let half = rescale_guidance(&guided, &cond, 0.3).unwrap();
+        let mix = &full * 0.3 + &guided * 0.7;
+        assert!(common::max_abs_diff(&half, &mix) < 1e-5);
+    }
+    let sd = load("tiny-sd1");
+    for bad in [-0.1, 1.5, f64::NAN] {
+        let r = sd.txt2img(
+            &GenerateParams {
+                prompt: "x".into(),
+                steps: 1,
+                guidance_rescale: bad,
+                ..Default::default()
+            },
+            None,
+        );
+        assert!(matches!(r, Err(Error::InvalidArgument(m)) if m.contains("guidance_rescale")));
     }
 }

@@ -204,7 +204,11 @@ static const char *mutate(struct big_params *b, struct owned_image *images, int 
   static const uint32_t bad_branch[] = {1000, 0xFFFFFFFFu};
   static const double good_merging[] = {0.0, 0.25, 0.5, 0.75};
   const double bad_merging[] = {NAN, INFINITY, -INFINITY, -0.1, 0.76, 1e300};
-  switch (below(18)) {
+  static const uint32_t good_micro[] = {1, 8, 512, 1024, 4096, 1u << 20};
+  static const uint32_t bad_micro[] = {(1u << 20) + 1, 0x7FFFFFFFu, 0xFFFFFFFFu};
+  static const double good_rescale[] = {0.0, 0.3, 0.7, 1.0};
+  const double bad_rescale[] = {NAN, INFINITY, -INFINITY, -0.1, 1.01, 1e300};
+  switch (below(21)) {
     case 0:
       g->width = good ? PICK(good_sides) : PICK(bad_sides);
       return "width";
@@ -285,6 +289,34 @@ static const char *mutate(struct big_params *b, struct owned_image *images, int 
         g->cache_interval = PICK(bad_interval);
       }
       return "step cache";
+    case 17:
+      /* SDXL's second prompts; models with one text encoder check and ignore them. */
+      if (good) {
+        g->prompt_2 = chance(50) ? NULL : "a green triangle";
+        g->negative_prompt_2 = chance(50) ? NULL : "";
+      } else if (chance(50)) {
+        g->prompt_2 = chance(50) ? bad_utf8 : long_prompt;
+      } else {
+        g->negative_prompt_2 = chance(50) ? bad_utf8 : long_prompt;
+      }
+      return "prompt_2";
+    case 18:
+      /* SDXL micro-conditioning: sizes are both 0 or both set, every value at most 2^20. */
+      if (good) {
+        g->original_width = PICK(good_micro);
+        g->original_height = PICK(good_micro);
+        g->crop_left = chance(50) ? 0 : PICK(good_micro);
+        g->target_width = g->target_height = 0;
+      } else if (chance(50)) {
+        g->target_width = PICK(good_micro);
+        g->target_height = 0;
+      } else {
+        g->crop_top = PICK(bad_micro);
+      }
+      return "micro-conditioning";
+    case 19:
+      g->guidance_rescale = good ? PICK(good_rescale) : PICK(bad_rescale);
+      return "guidance_rescale";
     default:
       random_image(&images[0], good || chance(50));
       random_image(&images[1], good || chance(50));

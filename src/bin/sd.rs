@@ -4,7 +4,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use stable_diffusion::image_io::{self, Image};
 use stable_diffusion::pipeline::{
-    Control, FastModes, GenerateParams, LoadOptions, StableDiffusion, StepInfo,
+    Control, FastModes, GenerateParams, LoadOptions, MicroConditioning, StableDiffusion, StepInfo,
 };
 use stable_diffusion::schedulers::PredictionType;
 use stable_diffusion::weights::single_file::ModelOverrides;
@@ -182,6 +182,28 @@ struct Edit {
     paste_back: bool,
 }
 
+/// `AxB` as two integers (SDXL sizes are HEIGHTxWIDTH).
+fn parse_pair_x(s: &str) -> std::result::Result<(i64, i64), String> {
+    parse_pair(s, 'x')
+}
+
+/// `A,B` as two integers.
+fn parse_pair_comma(s: &str) -> std::result::Result<(i64, i64), String> {
+    parse_pair(s, ',')
+}
+
+fn parse_pair(s: &str, sep: char) -> std::result::Result<(i64, i64), String> {
+    let (a, b) = s
+        .split_once(sep)
+        .ok_or_else(|| format!("`{s}`: expected two integers separated by `{sep}`"))?;
+    let number = |v: &str| {
+        v.trim()
+            .parse::<i64>()
+            .map_err(|e| format!("`{s}`: `{v}` is not an integer ({e})"))
+    };
+    Ok((number(a)?, number(b)?))
+}
+
 #[derive(Args)]
 struct CommonArgs {
     /// Model: a diffusers folder, a single .safetensors / .ckpt file or a TorchScript export;
@@ -192,11 +214,31 @@ struct CommonArgs {
     prompt: String,
     #[arg(long, short = 'n')]
     negative_prompt: Option<String>,
+    /// SDXL: the second text encoder's prompt (default: --prompt).
+    #[arg(long)]
+    prompt_2: Option<String>,
+    /// SDXL: the second text encoder's negative prompt (default: --negative-prompt).
+    #[arg(long)]
+    negative_prompt_2: Option<String>,
+    /// SDXL micro-conditioning: the size the image is said to come from, HEIGHTxWIDTH
+    /// (default: the output size).
+    #[arg(long, value_parser = parse_pair_x)]
+    original_size: Option<(i64, i64)>,
+    /// SDXL micro-conditioning: the crop's top-left corner, TOP,LEFT (default 0,0).
+    #[arg(long, value_parser = parse_pair_comma)]
+    crop: Option<(i64, i64)>,
+    /// SDXL micro-conditioning: the target size, HEIGHTxWIDTH (default: the output size).
+    #[arg(long, value_parser = parse_pair_x)]
+    target_size: Option<(i64, i64)>,
     #[arg(long, default_value_t = 30)]
     steps: usize,
     /// Classifier-free guidance scale (<= 1 disables guidance).
     #[arg(long, default_value_t = 7.5)]
     guidance: f64,
+    /// Pulls the guided prediction's spread back toward the conditional one's, 0..=1 (CFG
+    /// rescale; 0.7 is the usual value for v-prediction models).
+    #[arg(long, default_value_t = 0.0)]
+    guidance_rescale: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Image width in pixels (multiple of 8); the model's native size if omitted.
@@ -403,6 +445,7 @@ fn run(a: &CommonArgs, edit: Edit) -> Result<()> {
         negative_prompt: a.negative_prompt.clone(),
         steps: a.steps,
         guidance: a.guidance,
+        guidance_rescale: a.guidance_rescale,
         seed: a.seed,
         width: a.width,
         height: a.height,
@@ -411,6 +454,14 @@ fn run(a: &CommonArgs, edit: Edit) -> Result<()> {
         clip_skip: a.clip_skip,
         eta: a.eta,
         fast: a.fast.modes(),
+        prompt_2: a.prompt_2.clone(),
+        negative_prompt_2: a.negative_prompt_2.clone(),
+        micro: MicroConditioning {
+            original_size: a.original_size,
+            crops_coords_top_left: a.crop.unwrap_or((0, 0)),
+            target_size: a.target_size,
+            ..Default::default()
+        },
     };
     let scheduler_name = a
         .scheduler

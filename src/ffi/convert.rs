@@ -3,7 +3,9 @@
 use super::status::Fail;
 use super::types::{read_versioned, sd_generate_params, sd_image, sd_step_fn, sd_step_info};
 use crate::image_io::Image;
-use crate::pipeline::{check_prompt, FastModes, GenerateParams, MAX_BATCH, MAX_SIDE, MAX_STEPS};
+use crate::pipeline::{
+    check_prompt, FastModes, GenerateParams, MicroConditioning, MAX_BATCH, MAX_SIDE, MAX_STEPS,
+};
 use std::ffi::{c_char, c_void, CStr};
 
 /// The largest side of an input image (it is resized to the output size anyway).
@@ -115,6 +117,18 @@ fn check_range(what: &str, value: u32, max: usize) -> Result<(), Fail> {
     Ok(())
 }
 
+/// An SDXL micro-conditioning size as `(height, width)`: 0 and 0 = the output size (`None`).
+fn size_pair(what: &str, width: u32, height: u32) -> Result<Option<(i64, i64)>, Fail> {
+    match (width, height) {
+        (0, 0) => Ok(None),
+        (w, h) if w > 0 && h > 0 => Ok(Some((i64::from(h), i64::from(w)))),
+        (w, h) => Err(Fail::invalid(format!(
+            "params->{what}_width and {what}_height are {w} and {h}: give both, or 0 and 0 \
+             for the output size"
+        ))),
+    }
+}
+
 fn check_side(what: &str, value: u32) -> Result<Option<i64>, Fail> {
     match value {
         0 => Ok(None),
@@ -161,11 +175,26 @@ pub(crate) unsafe fn request(
     if let Some(negative) = negative_prompt {
         check_prompt("params->negative_prompt", negative)?;
     }
+    let prompt_2 = optional_str(c.prompt_2, "params->prompt_2")?;
+    if let Some(p2) = prompt_2 {
+        check_prompt("params->prompt_2", p2)?;
+    }
+    let negative_prompt_2 = optional_str(c.negative_prompt_2, "params->negative_prompt_2")?;
+    if let Some(n2) = negative_prompt_2 {
+        check_prompt("params->negative_prompt_2", n2)?;
+    }
+    let micro = MicroConditioning {
+        original_size: size_pair("original", c.original_width, c.original_height)?,
+        crops_coords_top_left: (i64::from(c.crop_top), i64::from(c.crop_left)),
+        target_size: size_pair("target", c.target_width, c.target_height)?,
+        ..Default::default()
+    };
     let params = GenerateParams {
         prompt: prompt.to_owned(),
         negative_prompt: negative_prompt.map(str::to_owned),
         steps: c.steps as usize,
         guidance: check_number("guidance", c.guidance)?,
+        guidance_rescale: check_number("guidance_rescale", c.guidance_rescale)?,
         seed: c.seed,
         width: check_side("width", c.width)?,
         height: check_side("height", c.height)?,
@@ -185,6 +214,9 @@ pub(crate) unsafe fn request(
             token_merging: check_number("token_merging", c.token_merging)?,
             int8_linear: c.int8_linear != 0,
         },
+        prompt_2: prompt_2.map(str::to_owned),
+        negative_prompt_2: negative_prompt_2.map(str::to_owned),
+        micro,
     };
     if params.mask.is_some() && params.init_image.is_none() {
         return Err(Fail::invalid(

@@ -168,6 +168,25 @@ pub struct sd_generate_params {
     /// Non-zero runs the UNet's linear layers in dynamic int8, an opt-in fast mode for float32
     /// pipelines on the CPU (refused elsewhere); 0 (default) = off.
     pub int8_linear: i32,
+    /// SDXL: the prompt of the second text encoder, UTF-8; NULL (default) = `prompt`.
+    /// Ignored by models with one text encoder. Borrowed for the call.
+    pub prompt_2: *const c_char,
+    /// SDXL: the negative prompt of the second text encoder; NULL (default) =
+    /// `negative_prompt`. Borrowed for the call.
+    pub negative_prompt_2: *const c_char,
+    /// SDXL micro-conditioning, in pixels: the size the image is said to come from; 0 and 0
+    /// (default) = the output size.
+    pub original_width: u32,
+    pub original_height: u32,
+    /// SDXL micro-conditioning: the top-left corner of the crop (default 0, 0).
+    pub crop_left: u32,
+    pub crop_top: u32,
+    /// SDXL micro-conditioning: the target size; 0 and 0 (default) = the output size.
+    pub target_width: u32,
+    pub target_height: u32,
+    /// Pulls the guided prediction's spread back toward the conditional one's (diffusers'
+    /// `guidance_rescale`, A1111's CFG rescale), 0..=1; 0 (default) = off.
+    pub guidance_rescale: f64,
 }
 
 /// What the step callback sees. Owned by the library, valid during the callback only.
@@ -354,6 +373,15 @@ unsafe impl Versioned for sd_generate_params {
             cache_branch: d.fast.cache_branch as u32,
             token_merging: d.fast.token_merging,
             int8_linear: d.fast.int8_linear as i32,
+            prompt_2: std::ptr::null(),
+            negative_prompt_2: std::ptr::null(),
+            original_width: 0,
+            original_height: 0,
+            crop_left: 0,
+            crop_top: 0,
+            target_width: 0,
+            target_height: 0,
+            guidance_rescale: d.guidance_rescale,
         }
     }
 }

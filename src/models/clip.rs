@@ -28,6 +28,17 @@ pub struct ClipTextConfig {
     pub hidden_act: String,
     #[serde(default = "d_eps")]
     pub layer_norm_eps: f64,
+    /// The end-of-text id the pooled output is taken at. transformers' rule: with the legacy
+    /// value 2 the position of the largest id (the end token has the largest id in CLIP's
+    /// vocabulary), otherwise the first position holding this id.
+    #[serde(default = "d_eos")]
+    pub eos_token_id: i64,
+    /// Width of `text_projection` (`CLIPTextModelWithProjection`, SDXL's second encoder).
+    #[serde(default)]
+    pub projection_dim: Option<i64>,
+    /// transformers' class names; `CLIPTextModelWithProjection` carries `text_projection`.
+    #[serde(default)]
+    pub architectures: Vec<String>,
 }
 
 fn d_vocab() -> i64 {
@@ -53,6 +64,9 @@ fn d_act() -> String {
 }
 fn d_eps() -> f64 {
     1e-5
+}
+fn d_eos() -> i64 {
+    2
 }
 
 impl ClipTextConfig {
@@ -98,7 +112,22 @@ impl ClipTextConfig {
             )));
         }
         Activation::parse(&self.hidden_act)?;
+        if let Some(p) = self.projection_dim {
+            check_positive(&field("projection_dim"), p, MAX_CONFIG_CHANNELS)?;
+        }
         Ok(())
+    }
+
+    /// Whether the model is a `CLIPTextModelWithProjection` (a `text_projection` after the
+    /// pooled output).
+    pub fn has_projection(&self) -> bool {
+        self.architectures
+            .iter()
+            .any(|a| a == "CLIPTextModelWithProjection")
+    }
+
+    fn projection_width(&self) -> i64 {
+        self.projection_dim.unwrap_or(self.hidden_size)
     }
 }
 
@@ -183,7 +212,18 @@ pub struct ClipTextTransformer {
     position_embedding: Tensor,
     layers: Vec<EncoderLayer>,
     final_layer_norm: LayerNorm,
+    text_projection: Option<Linear>,
     config: ClipTextConfig,
+}
+
+/// SDXL's view of a text encoder's output (see [`ClipTextTransformer::forward_penultimate`]).
+#[derive(Debug)]
+pub struct TextStates {
+    /// Hidden states `[batch, tokens, hidden]` of an inner layer, without the final norm.
+    pub hidden: Tensor,
+    /// The final-normed state at each sequence's end token, through `text_projection` when
+    /// the model has one: `[batch, projection_dim]`.
+    pub pooled: Option<Tensor>,
 }
 
 impl ClipTextTransformer {
@@ -214,11 +254,15 @@ impl ClipTextTransformer {
             .map(|i| EncoderLayer::new(&tm / "encoder" / "layers" / i, config, act))
             .collect();
         let final_layer_norm = LayerNorm::new(&tm / "final_layer_norm", d, config.layer_norm_eps);
+        let text_projection = config
+            .has_projection()
+            .then(|| Linear::new(&vs / "text_projection", d, config.projection_width(), false));
         Ok(Self {
             token_embedding,
             position_embedding,
             layers,
             final_layer_norm,
+            text_projection,
             config: config.clone(),
         })
     }
@@ -231,17 +275,82 @@ impl ClipTextTransformer {
     /// stops that many layers before the last (diffusers' `clip_skip`); the final layer norm
     /// is applied either way, as the SD pipelines do.
     pub fn forward(&self, input_ids: &Tensor, clip_skip: usize) -> Result<Tensor> {
+        if clip_skip >= self.layers.len() {
+            return Err(Error::invalid(format!(
+                "clip_skip {clip_skip} must be below the text encoder's {} layers",
+                self.layers.len()
+            )));
+        }
+        let mut xs = self.embed(input_ids)?;
+        for layer in &self.layers[..self.layers.len() - clip_skip] {
+            xs = layer.forward(&xs)?;
+        }
+        self.final_layer_norm.forward(&xs)
+    }
+
+    /// SDXL's conditioning (diffusers' `hidden_states[-(clip_skip + 2)]`): the hidden states
+    /// `clip_skip + 1` layers before the last, without the final layer norm, and with
+    /// `pooled` the pooled output of the full model (see [`TextStates::pooled`]).
+    pub fn forward_penultimate(
+        &self,
+        input_ids: &Tensor,
+        clip_skip: usize,
+        pooled: bool,
+    ) -> Result<TextStates> {
+        let n = self.layers.len();
+        if clip_skip + 1 > n {
+            return Err(Error::invalid(format!(
+                "clip_skip {clip_skip} must be below the text encoder's {n} layers"
+            )));
+        }
+        let keep = n - 1 - clip_skip;
+        let mut xs = self.embed(input_ids)?;
+        let mut hidden = None;
+        for (i, layer) in self.layers.iter().enumerate() {
+            if i == keep {
+                hidden = Some(xs.shallow_clone());
+                if !pooled {
+                    break;
+                }
+            }
+            xs = layer.forward(&xs)?;
+        }
+        let hidden = hidden.unwrap_or_else(|| xs.shallow_clone());
+        if !pooled {
+            return Ok(TextStates {
+                hidden,
+                pooled: None,
+            });
+        }
+        let last = self.final_layer_norm.forward(&xs)?;
+        let ends = if self.config.eos_token_id == 2 {
+            input_ids.f_argmax(-1, false)?
+        } else {
+            input_ids
+                .f_eq(self.config.eos_token_id)?
+                .f_to_kind(Kind::Int)?
+                .f_argmax(-1, false)?
+        };
+        let batch = input_ids.size2()?.0;
+        let rows = Tensor::f_arange(batch, (Kind::Int64, input_ids.device()))?;
+        let at_end = last.f_index(&[Some(rows), Some(ends)])?;
+        let pooled = match &self.text_projection {
+            Some(p) => p.forward(&at_end)?,
+            None => at_end,
+        };
+        Ok(TextStates {
+            hidden,
+            pooled: Some(pooled),
+        })
+    }
+
+    /// Token plus position embeddings, after checking the ids.
+    fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (_, len) = input_ids.size2()?;
         if len > self.config.max_position_embeddings {
             return Err(Error::invalid(format!(
                 "{len} tokens exceed the text encoder's {} positions",
                 self.config.max_position_embeddings
-            )));
-        }
-        if clip_skip >= self.layers.len() {
-            return Err(Error::invalid(format!(
-                "clip_skip {clip_skip} must be below the text encoder's {} layers",
-                self.layers.len()
             )));
         }
         let (min, max) = (
@@ -256,11 +365,7 @@ impl ClipTextTransformer {
         }
         let tokens = Tensor::f_embedding(&self.token_embedding, input_ids, -1, false, false)?;
         let positions = self.position_embedding.f_narrow(0, 0, len)?;
-        let mut xs = tokens.f_add(&positions)?;
-        for layer in &self.layers[..self.layers.len() - clip_skip] {
-            xs = layer.forward(&xs)?;
-        }
-        self.final_layer_norm.forward(&xs)
+        Ok(tokens.f_add(&positions)?)
     }
 
     /// The dtype the weights are held in.

@@ -11,8 +11,8 @@ pub mod traits;
 pub mod unet;
 pub mod vae;
 
-pub use clip::{ClipTextConfig, ClipTextTransformer};
+pub use clip::{ClipTextConfig, ClipTextTransformer, TextStates};
 pub use fast::{DeepCache, FastPass, TokenMerging};
 pub use traits::{Autoencoder, Denoiser, TextEncoder};
-pub use unet::{UNet2DConditionModel, UNetConfig};
+pub use unet::{AddedConditions, UNet2DConditionModel, UNetConfig};
 pub use vae::{AutoencoderKL, DiagonalGaussian, VaeConfig};

@@ -1,6 +1,8 @@
 //! What the pipeline needs from each network. The native tch modules implement these traits,
 //! and so does the TorchScript backend, so one pipeline drives both.
+use super::clip::TextStates;
 use super::fast::FastPass;
+use super::unet::AddedConditions;
 use super::{AutoencoderKL, ClipTextTransformer, DiagonalGaussian, UNet2DConditionModel};
 use crate::{Error, Result};
 use tch::Tensor;
@@ -12,6 +14,23 @@ pub trait TextEncoder: Send {
     /// Transformer layers, when known: `clip_skip` must stay below it. The pipeline checks it
     /// before a run starts; `None` leaves the check to `forward`.
     fn num_layers(&self) -> Option<usize> {
+        None
+    }
+    /// SDXL's conditioning: the hidden states `clip_skip + 1` layers before the last without
+    /// the final norm, and with `pooled` the (projected) pooled output. Backends without it
+    /// refuse.
+    fn forward_penultimate(
+        &self,
+        _input_ids: &Tensor,
+        _clip_skip: usize,
+        _pooled: bool,
+    ) -> Result<TextStates> {
+        Err(Error::Unsupported(
+            "SDXL's text conditioning needs the native text encoder".into(),
+        ))
+    }
+    /// Width of the pooled output [`TextEncoder::forward_penultimate`] gives, when known.
+    fn pooled_width(&self) -> Option<i64> {
         None
     }
 }
@@ -30,13 +49,23 @@ pub trait Denoiser: Send {
         sample: &Tensor,
         timestep: f64,
         context: &Tensor,
+        added: Option<&AddedConditions>,
         fast: &mut FastPass,
     ) -> Result<Tensor> {
+        if added.is_some() {
+            return Err(Error::Unsupported(
+                "SDXL's added conditions need the native UNet".into(),
+            ));
+        }
         if fast.is_exact() {
             self.forward(sample, timestep, context)
         } else {
             Err(Error::Unsupported(super::fast::NEEDS_NATIVE_UNET.into()))
         }
+    }
+    /// SDXL UNets: `(width of the added conditions, width of one embedded time id)`.
+    fn added_input_dims(&self) -> Option<(i64, i64)> {
+        None
     }
     /// Skip connections available to step caching; `None` when the fast modes are not
     /// supported.
@@ -82,6 +111,22 @@ impl TextEncoder for ClipTextTransformer {
     fn num_layers(&self) -> Option<usize> {
         usize::try_from(self.config().num_hidden_layers).ok()
     }
+    fn forward_penultimate(
+        &self,
+        input_ids: &Tensor,
+        clip_skip: usize,
+        pooled: bool,
+    ) -> Result<TextStates> {
+        ClipTextTransformer::forward_penultimate(self, input_ids, clip_skip, pooled)
+    }
+    fn pooled_width(&self) -> Option<i64> {
+        let c = self.config();
+        Some(if c.has_projection() {
+            c.projection_dim.unwrap_or(c.hidden_size)
+        } else {
+            c.hidden_size
+        })
+    }
 }
 
 impl Denoiser for UNet2DConditionModel {
@@ -99,9 +144,13 @@ impl Denoiser for UNet2DConditionModel {
         sample: &Tensor,
         timestep: f64,
         context: &Tensor,
+        added: Option<&AddedConditions>,
         fast: &mut FastPass,
     ) -> Result<Tensor> {
-        UNet2DConditionModel::forward_fast(self, sample, timestep, context, fast)
+        UNet2DConditionModel::forward_fast(self, sample, timestep, context, added, fast)
+    }
+    fn added_input_dims(&self) -> Option<(i64, i64)> {
+        UNet2DConditionModel::added_input_dims(self)
     }
     fn skip_connections(&self) -> Option<usize> {
         Some(UNet2DConditionModel::skip_connections(self))

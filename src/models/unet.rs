@@ -68,6 +68,13 @@ pub struct UNetConfig {
     pub class_embed_type: Option<String>,
     #[serde(default)]
     pub addition_embed_type: Option<String>,
+    /// SDXL (`addition_embed_type = "text_time"`): width of each micro-conditioning value's
+    /// sinusoidal embedding.
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<i64>,
+    /// SDXL: width of the pooled text embedding plus all embedded time ids.
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<i64>,
     #[serde(default)]
     pub time_cond_proj_dim: Option<i64>,
     #[serde(default = "d_shift")]
@@ -261,8 +268,31 @@ impl UNetConfig {
         if let Some(t) = &self.class_embed_type {
             return unsupported(format!("class_embed_type `{t}`"));
         }
-        if let Some(t) = &self.addition_embed_type {
-            return unsupported(format!("addition_embed_type `{t}` (SDXL-style UNets)"));
+        match self.addition_embed_type.as_deref() {
+            None => {}
+            Some("text_time") => {
+                let field = |name: &str| format!("UNet config {name}");
+                let (Some(time_dim), Some(input_dim)) = (
+                    self.addition_time_embed_dim,
+                    self.projection_class_embeddings_input_dim,
+                ) else {
+                    return Err(Error::bad_model(
+                        "UNet config: addition_embed_type `text_time` needs \
+                         addition_time_embed_dim and projection_class_embeddings_input_dim",
+                    ));
+                };
+                check_positive(
+                    &field("addition_time_embed_dim"),
+                    time_dim,
+                    MAX_CONFIG_CHANNELS,
+                )?;
+                check_positive(
+                    &field("projection_class_embeddings_input_dim"),
+                    input_dim,
+                    16 * MAX_CONFIG_CHANNELS,
+                )?;
+            }
+            Some(t) => return unsupported(format!("addition_embed_type `{t}`")),
         }
         if self.time_cond_proj_dim.is_some() {
             return unsupported("time_cond_proj_dim (guidance-embedded LCM UNets)".into());
@@ -479,6 +509,90 @@ impl Transformer2D {
     }
 }
 
+/// SDXL's extra conditioning of the time embedding (diffusers' `added_cond_kwargs`).
+#[derive(Debug)]
+pub struct AddedConditions {
+    /// The pooled text embedding `[b, dim]` (the second text encoder's projected output).
+    pub text_embeds: Tensor,
+    /// Micro-conditioning values `[b, n]`: original size, crop top-left and target size
+    /// (or aesthetic score for the refiner), each embedded sinusoidally.
+    pub time_ids: Tensor,
+}
+
+impl AddedConditions {
+    /// Both tensors repeated along the batch (`[a; a]`) or joined (`[a; b]`).
+    pub fn cat(parts: &[&AddedConditions]) -> Result<Self> {
+        let text: Vec<&Tensor> = parts.iter().map(|p| &p.text_embeds).collect();
+        let time: Vec<&Tensor> = parts.iter().map(|p| &p.time_ids).collect();
+        Ok(Self {
+            text_embeds: Tensor::f_cat(&text, 0)?,
+            time_ids: Tensor::f_cat(&time, 0)?,
+        })
+    }
+}
+
+/// `add_embedding` of a `text_time` UNet: the pooled text and the embedded time ids, through
+/// two linear layers, added to the timestep embedding.
+#[derive(Debug)]
+struct AddedEmbedding {
+    linear_1: Linear,
+    linear_2: Linear,
+    time_dim: i64,
+    input_dim: i64,
+}
+
+impl AddedEmbedding {
+    fn forward(
+        &self,
+        added: &AddedConditions,
+        batch: i64,
+        kind: Kind,
+        config: &UNetConfig,
+    ) -> Result<Tensor> {
+        let (text_b, text_w) = added.text_embeds.size2().map_err(|_| {
+            Error::invalid(format!(
+                "added condition text_embeds has shape {:?}, expected [batch, width]",
+                added.text_embeds.size()
+            ))
+        })?;
+        let (ids_b, ids) = added.time_ids.size2().map_err(|_| {
+            Error::invalid(format!(
+                "added condition time_ids has shape {:?}, expected [batch, count]",
+                added.time_ids.size()
+            ))
+        })?;
+        if text_b != batch || ids_b != batch {
+            return Err(Error::invalid(format!(
+                "added conditions have batch {text_b} (text_embeds) and {ids_b} (time_ids); \
+                 the sample has {batch}"
+            )));
+        }
+        let width = ids
+            .checked_mul(self.time_dim)
+            .and_then(|w| w.checked_add(text_w));
+        if width != Some(self.input_dim) {
+            return Err(Error::invalid(format!(
+                "the UNet's add_embedding takes {} values: text_embeds width {text_w} plus \
+                 {ids} time ids x {} does not match",
+                self.input_dim, self.time_dim
+            )));
+        }
+        let time = timestep_embedding(
+            &added.time_ids.f_flatten(0, -1)?,
+            self.time_dim,
+            config.flip_sin_to_cos,
+            config.freq_shift,
+        )?
+        .f_reshape([batch, ids * self.time_dim])?;
+        let joined = Tensor::f_cat(
+            &[added.text_embeds.f_to_kind(kind)?, time.f_to_kind(kind)?],
+            -1,
+        )?;
+        self.linear_2
+            .forward(&self.linear_1.forward(&joined)?.f_silu()?)
+    }
+}
+
 #[derive(Debug)]
 struct DownBlock {
     resnets: Vec<ResnetBlock2D>,
@@ -504,6 +618,7 @@ pub struct UNet2DConditionModel {
     conv_in: Conv2d,
     time_linear_1: Linear,
     time_linear_2: Linear,
+    add_embedding: Option<AddedEmbedding>,
     down_blocks: Vec<DownBlock>,
     mid_block: MidBlock,
     up_blocks: Vec<UpBlock>,
@@ -624,6 +739,21 @@ impl UNet2DConditionModel {
                 temb_dim,
                 true,
             ),
+            add_embedding: match (
+                c.addition_time_embed_dim,
+                c.projection_class_embeddings_input_dim,
+            ) {
+                (Some(time_dim), Some(input_dim)) if c.addition_embed_type.is_some() => {
+                    let avs = &vs / "add_embedding";
+                    Some(AddedEmbedding {
+                        linear_1: Linear::new(&avs / "linear_1", input_dim, temb_dim, true),
+                        linear_2: Linear::new(&avs / "linear_2", temb_dim, temb_dim, true),
+                        time_dim,
+                        input_dim,
+                    })
+                }
+                _ => None,
+            },
             down_blocks,
             mid_block,
             up_blocks,
@@ -645,7 +775,32 @@ impl UNet2DConditionModel {
     /// Predicts noise (or v) for `sample` `[b, in_channels, h, w]` at `timestep`, conditioned on
     /// `context` `[b, tokens, cross_attention_dim]`.
     pub fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
-        self.forward_fast(sample, timestep, context, &mut FastPass::default())
+        self.forward_fast(sample, timestep, context, None, &mut FastPass::default())
+    }
+
+    /// As [`UNet2DConditionModel::forward`] for an SDXL UNet, with its added conditions.
+    pub fn forward_added(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        context: &Tensor,
+        added: &AddedConditions,
+    ) -> Result<Tensor> {
+        self.forward_fast(
+            sample,
+            timestep,
+            context,
+            Some(added),
+            &mut FastPass::default(),
+        )
+    }
+
+    /// `(pooled text width + all time ids' embedding width, one time id's embedding width)`
+    /// of an SDXL (`text_time`) UNet.
+    pub fn added_input_dims(&self) -> Option<(i64, i64)> {
+        self.add_embedding
+            .as_ref()
+            .map(|a| (a.input_dim, a.time_dim))
     }
 
     /// As [`UNet2DConditionModel::forward`], with the opt-in fast modes of `fast`.
@@ -654,11 +809,12 @@ impl UNet2DConditionModel {
         sample: &Tensor,
         timestep: f64,
         context: &Tensor,
+        added: Option<&AddedConditions>,
         fast: &mut FastPass,
     ) -> Result<Tensor> {
         let b = sample.size4()?.0;
         let t = Tensor::f_full([b], timestep, (Kind::Float, sample.device()))?;
-        self.run(sample, &t, context, fast)
+        self.run(sample, &t, context, added, fast)
     }
 
     /// The finest resolution level (0 = the latent's) with attention; the mid block, at the
@@ -698,7 +854,7 @@ impl UNet2DConditionModel {
         timesteps: &Tensor,
         context: &Tensor,
     ) -> Result<Tensor> {
-        self.run(sample, timesteps, context, &mut FastPass::default())
+        self.run(sample, timesteps, context, None, &mut FastPass::default())
     }
 
     fn run(
@@ -706,6 +862,7 @@ impl UNet2DConditionModel {
         sample: &Tensor,
         timesteps: &Tensor,
         context: &Tensor,
+        added: Option<&AddedConditions>,
         fast: &mut FastPass,
     ) -> Result<Tensor> {
         let _int8 = super::int8::enable(fast.int8_linear);
@@ -739,6 +896,21 @@ impl UNet2DConditionModel {
         let emb = self
             .time_linear_2
             .forward(&self.time_linear_1.forward(&t_emb)?.f_silu()?)?;
+        let emb = match (&self.add_embedding, added) {
+            (None, None) => emb,
+            (Some(a), Some(added)) => emb.f_add(&a.forward(added, b, kind, &self.config)?)?,
+            (Some(_), None) => {
+                return Err(Error::invalid(
+                    "this UNet (addition_embed_type `text_time`, SDXL) needs its added \
+                     conditions: the pooled text embedding and the time ids",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(Error::invalid(
+                    "this UNet takes no added conditions (pooled text embedding, time ids)",
+                ))
+            }
+        };
         // Every resnet applies SiLU to the time embedding first: do it once.
         let emb = emb.f_silu()?;
         let emb = Some(&emb);

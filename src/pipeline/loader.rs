@@ -6,6 +6,7 @@ use super::StableDiffusion;
 use crate::limits::check_component_size;
 use crate::models::blocks::count_parameters;
 use crate::models::torchscript::{self, TorchScriptParts};
+use crate::models::traits::TextEncoder;
 use crate::models::{
     AutoencoderKL, ClipTextConfig, ClipTextTransformer, UNet2DConditionModel, UNetConfig, VaeConfig,
 };
@@ -74,10 +75,20 @@ impl ModelFiles {
                 .get("_class_name")
                 .and_then(|c| c.as_str())
                 .unwrap_or("");
-            if class.contains("XL") || class.contains("Flux") || class.contains("StableDiffusion3")
+            let sdxl = class.starts_with("StableDiffusionXL");
+            if !sdxl
+                && (class.contains("XL")
+                    || class.contains("Flux")
+                    || class.contains("StableDiffusion3"))
             {
                 return Err(Error::Unsupported(format!(
-                    "{class} models (only SD 1.x / 2.x pipelines)"
+                    "{class} models (SD 1.x / 2.x and SDXL pipelines are supported)"
+                )));
+            }
+            if sdxl && !root.join("text_encoder").is_dir() && root.join("text_encoder_2").is_dir() {
+                return Err(Error::Unsupported(format!(
+                    "{}: an SDXL folder with only text_encoder_2/ (the refiner)",
+                    root.display()
                 )));
             }
         }
@@ -96,6 +107,25 @@ impl ModelFiles {
 
     pub fn part(&self, name: &str) -> PathBuf {
         self.root.join(name)
+    }
+
+    /// `model_index.json`'s `force_zeros_for_empty_prompt`; diffusers' SDXL pipelines default
+    /// to true when it is absent.
+    fn force_zeros_for_empty_prompt(&self) -> Result<bool> {
+        let index = self.root.join("model_index.json");
+        if !index.is_file() {
+            return Ok(true);
+        }
+        let json: serde_json::Value = crate::models::config::read_json(&index)?;
+        match json.get("force_zeros_for_empty_prompt") {
+            None => Ok(true),
+            Some(v) => v.as_bool().ok_or_else(|| {
+                Error::bad_model(format!(
+                    "{}: force_zeros_for_empty_prompt is {v}, not a boolean",
+                    index.display()
+                ))
+            }),
+        }
     }
 }
 
@@ -236,6 +266,37 @@ impl StableDiffusion {
             &mut mappings,
         )?;
 
+        let second_dir = files.part("text_encoder_2");
+        let second = if second_dir.is_dir() {
+            let config = ClipTextConfig::from_file(&second_dir.join("config.json"))?;
+            if !config.has_projection() {
+                return Err(Error::bad_model(format!(
+                    "{}: SDXL's second text encoder must be a CLIPTextModelWithProjection \
+                     (its pooled output conditions the UNet)",
+                    second_dir.display()
+                )));
+            }
+            let encoder = load_component(
+                "second text encoder",
+                &second_dir,
+                "model",
+                options,
+                |vs| ClipTextTransformer::new(vs, &config),
+                text_encoder_keys,
+                &mut mappings,
+            )?;
+            let tokenizer_dir = files.part("tokenizer_2");
+            if !tokenizer_dir.is_dir() {
+                return Err(Error::bad_model(format!(
+                    "{} has text_encoder_2/ but no tokenizer_2/",
+                    root.display()
+                )));
+            }
+            Some((ClipTokenizer::from_dir(&tokenizer_dir)?, encoder))
+        } else {
+            None
+        };
+
         let unet_dir = files.part("unet");
         let unet_config = UNetConfig::from_file(&unet_dir.join("config.json"))?;
         let unet = load_component(
@@ -272,11 +333,14 @@ impl StableDiffusion {
         let mut sd = Self::assemble(
             tokenizer,
             text_encoder,
+            second,
             unet,
             vae,
             scheduler_config,
             options,
         )?;
+        sd.force_zeros_for_empty_prompt =
+            sd.text_encoder_2.is_some() && files.force_zeros_for_empty_prompt()?;
         sd.mapped_weights = mappings;
         Ok(sd)
     }
@@ -373,6 +437,7 @@ impl StableDiffusion {
         Self::assemble(
             tokenizer,
             text_encoder,
+            None,
             unet,
             vae,
             configs.scheduler,
@@ -384,6 +449,7 @@ impl StableDiffusion {
     fn assemble(
         tokenizer: ClipTokenizer,
         text_encoder: ClipTextTransformer,
+        second: Option<(ClipTokenizer, ClipTextTransformer)>,
         unet: UNet2DConditionModel,
         vae: AutoencoderKL,
         scheduler_config: SchedulerConfig,
@@ -395,11 +461,42 @@ impl StableDiffusion {
         let cross = unet_config
             .cross_attention_dim
             .expand(unet_config.block_out_channels.len(), "cross_attention_dim")?;
-        if cross.iter().any(|&c| c != text_config.hidden_size) {
+        // SDXL's UNet attends to both encoders' states side by side.
+        let text_width = match &second {
+            Some((_, e)) => text_config.hidden_size + e.config().hidden_size,
+            None => text_config.hidden_size,
+        };
+        if cross.iter().any(|&c| c != text_width) {
             return Err(Error::bad_model(format!(
-                "UNet cross_attention_dim {cross:?} does not match the text encoder's hidden_size {}",
-                text_config.hidden_size
+                "UNet cross_attention_dim {cross:?} does not match the text encoders' width {text_width}"
             )));
+        }
+        match (&second, unet.added_input_dims()) {
+            (None, None) => {}
+            (Some((_, e)), Some((input_dim, time_dim))) => {
+                let pooled = TextEncoder::pooled_width(e).unwrap_or(e.config().hidden_size);
+                // diffusers' SDXL base: six time ids (original size, crop, target size).
+                if pooled + 6 * time_dim != input_dim {
+                    return Err(Error::Unsupported(format!(
+                        "an SDXL UNet whose add_embedding takes {input_dim} values: the pooled \
+                         text ({pooled}) and six time ids x {time_dim} make {} (a refiner's \
+                         aesthetic-score conditioning takes five)",
+                        pooled + 6 * time_dim
+                    )));
+                }
+            }
+            (None, Some(_)) => {
+                return Err(Error::bad_model(
+                    "the UNet takes SDXL's added conditions (addition_embed_type `text_time`) \
+                     but the model has no second text encoder (text_encoder_2/)",
+                ))
+            }
+            (Some(_), None) => {
+                return Err(Error::bad_model(
+                    "the model has a second text encoder but its UNet takes no added \
+                     conditions (addition_embed_type)",
+                ))
+            }
         }
         if unet_config.out_channels != vae_config.latent_channels {
             return Err(Error::bad_model(format!(
@@ -407,14 +504,16 @@ impl StableDiffusion {
                 unet_config.out_channels, vae_config.latent_channels
             )));
         }
-        Ok(Self::from_parts(
+        let mut sd = Self::from_parts(
             tokenizer,
             Box::new(text_encoder),
             Box::new(unet),
             Box::new(vae),
             scheduler_config,
             options,
-        ))
+        );
+        sd.text_encoder_2 = second.map(|(t, e)| (t, Box::new(e) as Box<dyn TextEncoder>));
+        Ok(sd)
     }
 }
 

@@ -9,6 +9,7 @@ use crate::image_io::Image;
 use crate::limits::MAX_PROMPT_BYTES;
 use crate::models::fast::{DeepCache, FastPass, TokenMerging, NEEDS_NATIVE_UNET};
 use crate::models::traits::{Autoencoder, Denoiser, TextEncoder};
+use crate::models::AddedConditions;
 use crate::rng::{NoiseSource, PredrawnNoise};
 use crate::schedulers::{self, Scheduler, SchedulerConfig};
 use crate::tokenizer::ClipTokenizer;
@@ -32,6 +33,10 @@ pub struct GenerateParams {
     /// Classifier-free guidance scale `w` in `uncond + w * (cond - uncond)`; `<= 1` runs the
     /// conditional pass alone.
     pub guidance: f64,
+    /// Rescales the guided prediction toward the conditional one's standard deviation (Lin et
+    /// al. 2023, diffusers' `guidance_rescale`, A1111's "CFG rescale"), in [0, 1]; 0 is off.
+    /// Only with guidance on.
+    pub guidance_rescale: f64,
     pub seed: u64,
     /// Image size in pixels; `None` takes the UNet's native size.
     pub width: Option<i64>,
@@ -56,6 +61,77 @@ pub struct GenerateParams {
     pub paste_back: bool,
     /// The opt-in fast modes; the default is the exact computation.
     pub fast: FastModes,
+    /// SDXL: the text for the second encoder; `None` repeats `prompt`.
+    pub prompt_2: Option<String>,
+    /// SDXL: the negative text for the second encoder; `None` repeats the negative prompt.
+    pub negative_prompt_2: Option<String>,
+    /// SDXL's size and crop conditioning (ignored by other models).
+    pub micro: MicroConditioning,
+}
+
+/// SDXL's micro-conditioning, as `(height, width)` and `(top, left)` pairs in pixels
+/// (diffusers' `original_size`, `crops_coords_top_left`, `target_size` and their `negative_`
+/// counterparts). `None` sizes take the output size.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct MicroConditioning {
+    pub original_size: Option<(i64, i64)>,
+    pub crops_coords_top_left: (i64, i64),
+    pub target_size: Option<(i64, i64)>,
+    /// Used for the unconditional pass only when both negative sizes are given (diffusers);
+    /// otherwise the unconditional pass gets the positive values.
+    pub negative_original_size: Option<(i64, i64)>,
+    pub negative_crops_coords_top_left: (i64, i64),
+    pub negative_target_size: Option<(i64, i64)>,
+}
+
+/// Largest value of a micro-conditioning size or offset: far beyond any image, small enough
+/// that its sinusoidal embedding stays exact in float32.
+pub const MAX_MICRO_CONDITIONING: i64 = 1 << 20;
+
+impl MicroConditioning {
+    /// The positive and negative time ids, `[orig_h, orig_w, top, left, target_h, target_w]`.
+    fn time_ids(&self, height: i64, width: i64) -> ([f64; 6], [f64; 6]) {
+        let ids = |orig: (i64, i64), crop: (i64, i64), target: (i64, i64)| {
+            [orig.0, orig.1, crop.0, crop.1, target.0, target.1].map(|v| v as f64)
+        };
+        let output = (height, width);
+        let positive = ids(
+            self.original_size.unwrap_or(output),
+            self.crops_coords_top_left,
+            self.target_size.unwrap_or(output),
+        );
+        let negative = match (self.negative_original_size, self.negative_target_size) {
+            (Some(orig), Some(target)) => ids(orig, self.negative_crops_coords_top_left, target),
+            _ => positive,
+        };
+        (positive, negative)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let pairs = [
+            ("original_size", self.original_size),
+            ("crops_coords_top_left", Some(self.crops_coords_top_left)),
+            ("target_size", self.target_size),
+            ("negative_original_size", self.negative_original_size),
+            (
+                "negative_crops_coords_top_left",
+                Some(self.negative_crops_coords_top_left),
+            ),
+            ("negative_target_size", self.negative_target_size),
+        ];
+        for (name, pair) in pairs {
+            if let Some((a, b)) = pair {
+                if !(0..=MAX_MICRO_CONDITIONING).contains(&a)
+                    || !(0..=MAX_MICRO_CONDITIONING).contains(&b)
+                {
+                    return Err(Error::invalid(format!(
+                        "{name} ({a}, {b}) must lie in 0..={MAX_MICRO_CONDITIONING}"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Largest token merging ratio: ToMe keeps one token of each 2x2 cell.
@@ -94,6 +170,7 @@ impl Default for GenerateParams {
             negative_prompt: None,
             steps: 50,
             guidance: 7.5,
+            guidance_rescale: 0.0,
             seed: 0,
             width: None,
             height: None,
@@ -106,6 +183,9 @@ impl Default for GenerateParams {
             strength: None,
             paste_back: false,
             fast: FastModes::default(),
+            prompt_2: None,
+            negative_prompt_2: None,
+            micro: MicroConditioning::default(),
         }
     }
 }
@@ -174,6 +254,11 @@ pub struct StableDiffusion {
     pub unet: Box<dyn Denoiser>,
     pub vae: Box<dyn Autoencoder>,
     pub scheduler_config: SchedulerConfig,
+    /// SDXL's second text encoder (OpenCLIP ViT-bigG with projection) and its tokenizer.
+    pub text_encoder_2: Option<(ClipTokenizer, Box<dyn TextEncoder>)>,
+    /// SDXL: an absent negative prompt conditions the unconditional pass on zeros instead of
+    /// the empty text (`model_index.json`'s `force_zeros_for_empty_prompt`).
+    pub force_zeros_for_empty_prompt: bool,
     device: Device,
     kind: Kind,
     logger: Option<Logger>,
@@ -209,6 +294,8 @@ impl StableDiffusion {
             unet,
             vae,
             scheduler_config,
+            text_encoder_2: None,
+            force_zeros_for_empty_prompt: false,
             device: options.device,
             kind: options.kind,
             logger: None,
@@ -259,8 +346,15 @@ impl StableDiffusion {
     /// longer than the tokenizer's `max_length` is cut (with a warning to the logger); the
     /// tokenizer stops as soon as it has enough tokens, so a long prompt costs no more.
     pub fn encode_prompt(&self, prompt: &str, batch: usize, clip_skip: usize) -> Result<Tensor> {
+        let ids = self.token_ids(&self.tokenizer, prompt)?;
+        let hidden = self.text_encoder.forward(&ids, clip_skip)?;
+        Ok(hidden.f_repeat([batch as i64, 1, 1])?)
+    }
+
+    /// Token ids `[1, max_length]` of `prompt`, cut (with a warning to the logger) when longer.
+    fn token_ids(&self, tokenizer: &ClipTokenizer, prompt: &str) -> Result<Tensor> {
         check_prompt("prompt", prompt)?;
-        let (ids, truncated) = self.tokenizer.encode_padded_checked(prompt);
+        let (ids, truncated) = tokenizer.encode_padded_checked(prompt);
         if truncated {
             self.log(LogLevel::Warn, || {
                 format!(
@@ -270,11 +364,44 @@ impl StableDiffusion {
                 )
             });
         }
-        let ids = Tensor::from_slice(&ids)
+        Ok(Tensor::from_slice(&ids)
             .f_unsqueeze(0)?
-            .f_to_device(self.device)?;
-        let hidden = self.text_encoder.forward(&ids, clip_skip)?;
-        Ok(hidden.f_repeat([batch as i64, 1, 1])?)
+            .f_to_device(self.device)?)
+    }
+
+    /// SDXL's text conditioning for one prompt pair, repeated `batch` times: both encoders'
+    /// hidden states `clip_skip + 1` layers before the last, joined along the features, and
+    /// the second encoder's pooled output `[batch, dim]`.
+    pub fn encode_prompt_sdxl(
+        &self,
+        prompt: &str,
+        prompt_2: &str,
+        batch: usize,
+        clip_skip: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let Some((tokenizer_2, encoder_2)) = &self.text_encoder_2 else {
+            return Err(Error::invalid(
+                "this model has one text encoder: SDXL prompts need two",
+            ));
+        };
+        let first = self.text_encoder.forward_penultimate(
+            &self.token_ids(&self.tokenizer, prompt)?,
+            clip_skip,
+            false,
+        )?;
+        let second = encoder_2.forward_penultimate(
+            &self.token_ids(tokenizer_2, prompt_2)?,
+            clip_skip,
+            true,
+        )?;
+        let pooled = second.pooled.ok_or_else(|| {
+            Error::Internal("the second text encoder gave no pooled output".into())
+        })?;
+        let b = batch as i64;
+        Ok((
+            Tensor::f_cat(&[first.hidden, second.hidden], -1)?.f_repeat([b, 1, 1])?,
+            pooled.f_repeat([b, 1])?,
+        ))
     }
 
     /// What [`StableDiffusion::generate`] checks before it runs, detached from the model: the
@@ -286,7 +413,10 @@ impl StableDiffusion {
             vae_scale: self.vae_scale_factor(),
             unet_in: self.unet.in_channels(),
             latent_channels: self.vae.latent_channels(),
-            text_layers: self.text_encoder.num_layers(),
+            text_layers: match (&self.text_encoder_2, self.text_encoder.num_layers()) {
+                (Some((_, second)), Some(first)) => second.num_layers().map(|n| n.min(first)),
+                (_, first) => first,
+            },
             skip_connections: self.unet.skip_connections(),
             device: self.device,
             kind: self.kind,
@@ -449,7 +579,7 @@ impl StableDiffusion {
         }
 
         let cfg = params.guidance > 1.0;
-        let context = self.text_context(params, cfg, &stop)?;
+        let (context, added) = self.text_context(params, cfg, width, height, &stop)?;
         stop()?;
         let double = |t: &Tensor| -> Result<Tensor> {
             Ok(if cfg {
@@ -484,13 +614,16 @@ impl StableDiffusion {
                 int8_linear: fast.int8_linear,
             };
             unet_calls += 1;
-            let mut pred = self
-                .unet
-                .forward_fast(&model_input, t, &context, &mut pass)?;
+            let mut pred =
+                self.unet
+                    .forward_fast(&model_input, t, &context, added.as_ref(), &mut pass)?;
             if cfg {
                 let parts = pred.f_chunk(2, 0)?;
                 let (uncond, cond) = (&parts[0], &parts[1]);
                 pred = uncond.f_add(&cond.f_sub(uncond)?.f_mul_scalar(params.guidance)?)?;
+                if params.guidance_rescale > 0.0 {
+                    pred = rescale_guidance(&pred, cond, params.guidance_rescale)?;
+                }
             }
             latents = scheduler.step(&pred, t, &latents, &mut noise_source)?;
             // An ordinary UNet inpaints by putting back the known region, noised to the level
@@ -517,29 +650,87 @@ impl StableDiffusion {
             }
         }
         stop()?;
-        drop((cache, context, unet_extra));
+        drop((cache, context, added, unet_extra));
         crate::runtime::release_cached_memory();
         let images = self.finish(&latents, params, mask.as_ref(), init.as_ref(), cancelled);
         crate::runtime::release_cached_memory();
         images
     }
 
-    /// Prompt embeddings, preceded by the negative prompt's when guidance is on.
+    /// Prompt embeddings, preceded by the negative prompt's when guidance is on, and SDXL's
+    /// added conditions in the same order.
     fn text_context(
         &self,
         params: &GenerateParams,
         cfg: bool,
+        width: i64,
+        height: i64,
         stop: &dyn Fn() -> Result<()>,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Option<AddedConditions>)> {
+        if self.text_encoder_2.is_some() {
+            return self.sdxl_context(params, cfg, width, height, stop);
+        }
         let cond = self.encode_prompt(&params.prompt, params.batch, params.clip_skip)?;
         if !cfg {
-            return Ok(cond);
+            return Ok((cond, None));
         }
         stop()?;
         let negative = params.negative_prompt.as_deref().unwrap_or("");
         // diffusers applies clip_skip to the prompt only, not to the negative prompt.
         let uncond = self.encode_prompt(negative, params.batch, 0)?;
-        Ok(Tensor::f_cat(&[uncond, cond], 0)?)
+        Ok((Tensor::f_cat(&[uncond, cond], 0)?, None))
+    }
+
+    /// SDXL's conditioning, as diffusers' StableDiffusionXLPipeline: both prompts' embeddings,
+    /// the pooled embedding and the micro-conditioning time ids, unconditional first.
+    fn sdxl_context(
+        &self,
+        params: &GenerateParams,
+        cfg: bool,
+        width: i64,
+        height: i64,
+        stop: &dyn Fn() -> Result<()>,
+    ) -> Result<(Tensor, Option<AddedConditions>)> {
+        let batch = params.batch;
+        let prompt_2 = params.prompt_2.as_deref().unwrap_or(&params.prompt);
+        let (context, pooled) =
+            self.encode_prompt_sdxl(&params.prompt, prompt_2, batch, params.clip_skip)?;
+        let (positive_ids, negative_ids) = params.micro.time_ids(height, width);
+        let time_ids = |ids: [f64; 6]| -> Result<Tensor> {
+            Ok(Tensor::f_from_slice(&ids)?
+                .f_to_kind(self.kind)?
+                .f_to_device(self.device)?
+                .f_unsqueeze(0)?
+                .f_repeat([batch as i64, 1])?)
+        };
+        let positive = AddedConditions {
+            text_embeds: pooled,
+            time_ids: time_ids(positive_ids)?,
+        };
+        if !cfg {
+            return Ok((context, Some(positive)));
+        }
+        stop()?;
+        let (negative_context, negative_pooled) =
+            if params.negative_prompt.is_none() && self.force_zeros_for_empty_prompt {
+                (
+                    context.f_zeros_like()?,
+                    positive.text_embeds.f_zeros_like()?,
+                )
+            } else {
+                let negative = params.negative_prompt.as_deref().unwrap_or("");
+                let negative_2 = params.negative_prompt_2.as_deref().unwrap_or(negative);
+                // As for SD 1.x, clip_skip applies to the prompt only.
+                self.encode_prompt_sdxl(negative, negative_2, batch, 0)?
+            };
+        let negative = AddedConditions {
+            text_embeds: negative_pooled,
+            time_ids: time_ids(negative_ids)?,
+        };
+        Ok((
+            Tensor::f_cat(&[negative_context, context], 0)?,
+            Some(AddedConditions::cat(&[&negative, &positive])?),
+        ))
     }
 
     /// Decodes, then (inpainting with `paste_back`) restores the original pixels outside the mask.
@@ -639,6 +830,18 @@ pub fn check_prompt(what: &str, text: &str) -> Result<()> {
     Ok(())
 }
 
+/// `r * guided * std(cond) / std(guided) + (1 - r) * guided`, each standard deviation (with
+/// Bessel's correction, as torch's `std`) taken per batch item over all its other dimensions:
+/// diffusers' `rescale_noise_cfg`.
+pub fn rescale_guidance(guided: &Tensor, cond: &Tensor, rescale: f64) -> Result<Tensor> {
+    let dims: Vec<i64> = (1..guided.dim() as i64).collect();
+    let std = |t: &Tensor| t.f_std_dim(dims.as_slice(), true, true);
+    let rescaled = guided.f_mul(&std(cond)?.f_div(&std(guided)?)?)?;
+    Ok(rescaled
+        .f_mul_scalar(rescale)?
+        .f_add(&guided.f_mul_scalar(1.0 - rescale)?)?)
+}
+
 /// What a pipeline checks before it runs a request, without the model itself (see
 /// [`StableDiffusion::validator`]). Cheap to clone; `Send` and `Sync`.
 #[derive(Debug, Clone)]
@@ -675,6 +878,13 @@ impl Validator {
         if let Some(negative) = &p.negative_prompt {
             check_prompt("negative prompt", negative)?;
         }
+        if let Some(prompt_2) = &p.prompt_2 {
+            check_prompt("prompt_2", prompt_2)?;
+        }
+        if let Some(negative_2) = &p.negative_prompt_2 {
+            check_prompt("negative prompt_2", negative_2)?;
+        }
+        p.micro.validate()?;
         // Editing modes take their default size from the init image, rounded down to 8.
         let from_image = |side: u32| (side as i64) / 8 * 8;
         let width = p
@@ -719,6 +929,12 @@ impl Validator {
             return Err(Error::invalid(format!(
                 "guidance must be a finite number, got {}",
                 p.guidance
+            )));
+        }
+        if !(0.0..=1.0).contains(&p.guidance_rescale) {
+            return Err(Error::invalid(format!(
+                "guidance_rescale must be in [0, 1], got {}",
+                p.guidance_rescale
             )));
         }
         if !p.eta.is_finite() || p.eta < 0.0 {

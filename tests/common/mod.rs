@@ -275,3 +275,35 @@ pub fn random_unet(rng: &mut Rng) -> serde_json::Value {
         "sample_size": 8,
     })
 }
+
+/// Runs txt2img and checks it against a fixture case: the timesteps the step callback saw
+/// equal the case's `timesteps`, and the image is within 1e-3 of `refs`' `pipe_<name>`.
+pub fn check_txt2img_case(
+    what: &str,
+    sd: &stable_diffusion::pipeline::StableDiffusion,
+    params: &stable_diffusion::pipeline::GenerateParams,
+    case: &serde_json::Value,
+    refs: &Refs,
+) {
+    use stable_diffusion::pipeline::{Control, StepInfo};
+    let mut seen = Vec::new();
+    let mut on_step = |info: &StepInfo| {
+        seen.push(info.timestep);
+        Control::Continue
+    };
+    let images = sd
+        .txt2img(params, Some(&mut on_step))
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(
+        seen,
+        f64s(&case["timesteps"]),
+        "{what}: timesteps seen by the callback"
+    );
+    let name = case["name"].as_str().unwrap();
+    assert_close(
+        what,
+        &images.pixels,
+        &refs.get(&format!("pipe_{name}")),
+        1e-3,
+    );
+}

@@ -1,0 +1,352 @@
+//! SDXL against diffusers' StableDiffusionXLPipeline on the tiny random-initialised SDXL
+//! folder that tools/fixtures/sdxl.py saves with its reference outputs: both text encoders
+//! (penultimate states, pooled projection), the `text_time` UNet, and whole txt2img runs with
+//! the second prompts, zeroed negatives and micro-conditioning.
+mod common;
+
+use common::{assert_close, cases, err_text, fixtures, Refs};
+use stable_diffusion::models::AddedConditions;
+use stable_diffusion::pipeline::{GenerateParams, LoadOptions, MicroConditioning, StableDiffusion};
+use stable_diffusion::Error;
+
+const MODEL: &str = "tiny-sdxl";
+const TOL: f64 = 1e-4;
+
+fn load() -> StableDiffusion {
+    StableDiffusion::load(&fixtures().join(MODEL), &LoadOptions::default())
+        .unwrap_or_else(|e| panic!("{MODEL}: {e}"))
+}
+
+#[test]
+fn both_tokenizers_match_transformers() {
+    let sd = load();
+    let refs = Refs::open(MODEL);
+    let prompts = cases(MODEL)["text_prompts"].as_array().unwrap().clone();
+    let (tokenizer_2, _) = sd.text_encoder_2.as_ref().expect("a second encoder");
+    for (i, p) in prompts.iter().enumerate() {
+        let p = p.as_str().unwrap();
+        let want: Vec<i64> = Vec::try_from(refs.get("text_ids").get(i as i64)).unwrap();
+        assert_eq!(sd.tokenizer.encode_padded(p), want, "tokenizer, prompt {i}");
+        let want: Vec<i64> = Vec::try_from(refs.get("text_ids_2").get(i as i64)).unwrap();
+        assert_eq!(
+            tokenizer_2.encode_padded(p),
+            want,
+            "tokenizer_2, prompt {i}"
+        );
+    }
+}
+
+#[test]
+fn text_encoders_give_diffusers_penultimate_states_and_pooled_projection() {
+    let _g = tch::no_grad_guard();
+    let sd = load();
+    let refs = Refs::open(MODEL);
+    let (_, encoder_2) = sd.text_encoder_2.as_ref().unwrap();
+    for (skip, suffix) in [(0, "penultimate"), (1, "skip1")] {
+        let first = sd
+            .text_encoder
+            .forward_penultimate(&refs.get("text_ids"), skip, false)
+            .unwrap();
+        assert!(first.pooled.is_none());
+        assert_close(
+            &format!("te1_{suffix}"),
+            &first.hidden,
+            &refs.get(&format!("te1_{suffix}")),
+            TOL,
+        );
+        let second = encoder_2
+            .forward_penultimate(&refs.get("text_ids_2"), skip, true)
+            .unwrap();
+        assert_close(
+            &format!("te2_{suffix}"),
+            &second.hidden,
+            &refs.get(&format!("te2_{suffix}")),
+            TOL,
+        );
+        // The pooled output comes from the last layer whatever clip_skip is.
+        assert_close(
+            "te2_pooled",
+            &second.pooled.unwrap(),
+            &refs.get("te2_pooled"),
+            TOL,
+        );
+    }
+    // The final-normed last layer is what the plain forward gives.
+    let last = encoder_2.forward(&refs.get("text_ids_2"), 0).unwrap();
+    assert_close("te2_last", &last, &refs.get("te2_last"), TOL);
+    let layers = encoder_2.num_layers().unwrap();
+    let err = encoder_2
+        .forward_penultimate(&refs.get("text_ids_2"), layers, true)
+        .unwrap_err();
+    assert!(err.to_string().contains("clip_skip"), "{err}");
+}
+
+fn added(refs: &Refs, prefix: &str) -> AddedConditions {
+    AddedConditions {
+        text_embeds: refs.get(&format!("{prefix}_text_embeds")),
+        time_ids: refs.get(&format!("{prefix}_time_ids")),
+    }
+}
+
+#[test]
+fn text_time_unet_matches_diffusers() {
+    let _g = tch::no_grad_guard();
+    let sd = load();
+    let refs = Refs::open(MODEL);
+    let all = cases(MODEL);
+    for (prefix, t) in [("unet", "unet_timestep"), ("unet_odd", "unet_odd_timestep")] {
+        let t = all[t].as_f64().unwrap();
+        let out = sd
+            .unet
+            .forward_fast(
+                &refs.get(&format!("{prefix}_sample")),
+                t,
+                &refs.get(&format!("{prefix}_ehs")),
+                Some(&added(&refs, prefix)),
+                &mut Default::default(),
+            )
+            .unwrap();
+        assert_close(prefix, &out, &refs.get(&format!("{prefix}_out")), TOL);
+    }
+}
+
+#[test]
+fn text_time_unet_names_missing_or_misshapen_conditions() {
+    let _g = tch::no_grad_guard();
+    let sd = load();
+    let refs = Refs::open(MODEL);
+    let (sample, ehs) = (refs.get("unet_sample"), refs.get("unet_ehs"));
+    let err = err_text(sd.unet.forward(&sample, 10.0, &ehs));
+    assert!(err.contains("added conditions"), "{err}");
+    let good = added(&refs, "unet");
+    let bad = [
+        AddedConditions {
+            text_embeds: good.text_embeds.narrow(1, 0, 5),
+            time_ids: good.time_ids.shallow_clone(),
+        },
+        AddedConditions {
+            text_embeds: good.text_embeds.shallow_clone(),
+            time_ids: good.time_ids.narrow(0, 0, 1),
+        },
+        AddedConditions {
+            text_embeds: good.text_embeds.unsqueeze(0),
+            time_ids: good.time_ids.shallow_clone(),
+        },
+    ];
+    for (i, b) in bad.iter().enumerate() {
+        let r = sd
+            .unet
+            .forward_fast(&sample, 10.0, &ehs, Some(b), &mut Default::default());
+        let err = err_text(r);
+        assert!(
+            err.contains("text_embeds")
+                || err.contains("time_ids")
+                || err.contains("add_embedding"),
+            "case {i}: {err}"
+        );
+    }
+    // An SD 1.x UNet refuses them.
+    let sd1 = StableDiffusion::load(&fixtures().join("tiny-sd1"), &LoadOptions::default()).unwrap();
+    let s1 = Refs::open("tiny-sd1");
+    let r = sd1.unet.forward_fast(
+        &s1.get("unet_sample"),
+        10.0,
+        &s1.get("unet_ehs"),
+        Some(&good),
+        &mut Default::default(),
+    );
+    assert!(err_text(r).contains("no added conditions"));
+}
+
+#[test]
+fn vae_with_sdxl_scaling_matches_diffusers() {
+    let _g = tch::no_grad_guard();
+    let sd = load();
+    let refs = Refs::open(MODEL);
+    assert_eq!(sd.vae.scaling_factor(), 0.13025);
+    let decoded = sd.vae.decode(&refs.get("vae_latents")).unwrap();
+    assert_close("vae_decoded", &decoded, &refs.get("vae_decoded"), TOL);
+}
+
+fn pair(v: &serde_json::Value) -> Option<(i64, i64)> {
+    let a = v.as_array()?;
+    Some((a.first()?.as_i64()?, a.get(1)?.as_i64()?))
+}
+
+fn params_of(case: &serde_json::Value) -> GenerateParams {
+    let text = |k: &str| case[k].as_str().map(String::from);
+    GenerateParams {
+        prompt: text("prompt").unwrap(),
+        negative_prompt: text("negative_prompt"),
+        prompt_2: text("prompt_2"),
+        negative_prompt_2: text("negative_prompt_2"),
+        steps: case["steps"].as_u64().unwrap() as usize,
+        guidance: case["guidance"].as_f64().unwrap(),
+        guidance_rescale: case["guidance_rescale"].as_f64().unwrap_or(0.0),
+        seed: case["seed"].as_u64().unwrap(),
+        width: case["width"].as_i64(),
+        height: case["height"].as_i64(),
+        batch: case["batch"].as_u64().unwrap_or(1) as usize,
+        scheduler: text("scheduler"),
+        clip_skip: case["clip_skip"].as_u64().unwrap_or(0) as usize,
+        micro: MicroConditioning {
+            original_size: pair(&case["original_size"]),
+            crops_coords_top_left: pair(&case["crops_coords_top_left"]).unwrap_or((0, 0)),
+            target_size: pair(&case["target_size"]),
+            negative_original_size: pair(&case["negative_original_size"]),
+            negative_crops_coords_top_left: pair(&case["negative_crops_coords_top_left"])
+                .unwrap_or((0, 0)),
+            negative_target_size: pair(&case["negative_target_size"]),
+        },
+        ..Default::default()
+    }
+}
+
+#[test]
+fn txt2img_matches_diffusers_sdxl_pipeline() {
+    let sd = load();
+    assert!(sd.force_zeros_for_empty_prompt);
+    let refs = Refs::open(MODEL);
+    let all = cases(MODEL);
+    let list = all["cases"].as_array().unwrap();
+    assert!(list.len() >= 6, "expected the fixture's SDXL cases");
+    for case in list {
+        let name = case["name"].as_str().unwrap();
+        let params = params_of(case);
+        // A case may change the scheduler config's DDIM flags (diffusers' `from_config`
+        // overrides).
+        let mut with_overrides = None;
+        if let Some(o) = case["scheduler_overrides"]
+            .as_object()
+            .filter(|o| !o.is_empty())
+        {
+            let mut other = load();
+            let flag = |k: &str| o.get(k).and_then(|v| v.as_bool());
+            if let Some(v) = flag("clip_sample") {
+                other.scheduler_config.clip_sample = Some(v);
+            }
+            if let Some(v) = flag("set_alpha_to_one") {
+                other.scheduler_config.set_alpha_to_one = Some(v);
+            }
+            with_overrides = Some(other);
+        }
+        let sd = with_overrides.as_ref().unwrap_or(&sd);
+        common::check_txt2img_case(name, sd, &params, case, &refs);
+    }
+}
+
+/// The zeroed negative differs from the encoded empty prompt, so the choice is observable:
+/// the same request with `negative_prompt: Some("")` must give another image than `None`.
+#[test]
+fn absent_and_empty_negative_prompts_differ_as_in_diffusers() {
+    let sd = load();
+    let base = GenerateParams {
+        prompt: "a red circle".into(),
+        steps: 2,
+        guidance: 5.0,
+        width: Some(32),
+        height: Some(32),
+        ..Default::default()
+    };
+    let absent = sd.txt2img(&base, None).unwrap().pixels;
+    let empty = sd
+        .txt2img(
+            &GenerateParams {
+                negative_prompt: Some(String::new()),
+                ..base.clone()
+            },
+            None,
+        )
+        .unwrap()
+        .pixels;
+    let diff = (&absent - &empty).abs().max().double_value(&[]);
+    assert!(
+        diff > 1e-4,
+        "zeroed and encoded negatives gave the same image"
+    );
+}
+
+#[test]
+fn micro_conditioning_out_of_range_is_named() {
+    let sd = load();
+    for (name, micro) in [
+        (
+            "original_size",
+            MicroConditioning {
+                original_size: Some((-1, 32)),
+                ..Default::default()
+            },
+        ),
+        (
+            "negative_target_size",
+            MicroConditioning {
+                negative_target_size: Some((32, i64::MAX)),
+                ..Default::default()
+            },
+        ),
+    ] {
+        let r = sd.txt2img(
+            &GenerateParams {
+                prompt: "x".into(),
+                steps: 1,
+                micro,
+                ..Default::default()
+            },
+            None,
+        );
+        match r {
+            Err(Error::InvalidArgument(msg)) => assert!(msg.contains(name), "{msg}"),
+            Err(e) => panic!("{name}: {e}"),
+            Ok(_) => panic!("{name}: accepted"),
+        }
+    }
+}
+
+#[test]
+fn folder_checks_name_what_does_not_fit() {
+    let root = std::env::temp_dir().join(format!("sd-sdxl-checks-{}", std::process::id()));
+    let base = fixtures().join(MODEL);
+    // A second encoder without projection cannot give the pooled embedding.
+    let dir = root.join("no-projection");
+    common::copy_dir(&base, &dir);
+    let cfg_path = dir.join("text_encoder_2/config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["architectures"] = serde_json::json!(["CLIPTextModel"]);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let err = err_text(StableDiffusion::load(&dir, &LoadOptions::default()));
+    assert!(err.contains("CLIPTextModelWithProjection"), "{err}");
+    // No tokenizer_2/.
+    let dir = root.join("no-tokenizer-2");
+    common::copy_dir(&base, &dir);
+    std::fs::remove_dir_all(dir.join("tokenizer_2")).unwrap();
+    let err = err_text(StableDiffusion::load(&dir, &LoadOptions::default()));
+    assert!(err.contains("tokenizer_2"), "{err}");
+    // No text_encoder_2/: the UNet's added conditions have no source.
+    let dir = root.join("no-encoder-2");
+    common::copy_dir(&base, &dir);
+    std::fs::remove_dir_all(dir.join("text_encoder_2")).unwrap();
+    let err = err_text(StableDiffusion::load(&dir, &LoadOptions::default()));
+    assert!(
+        err.contains("text_encoder_2") || err.contains("cross_attention_dim"),
+        "{err}"
+    );
+    // add_embedding sized for another number of time ids.
+    let dir = root.join("wrong-time-ids");
+    common::copy_dir(&base, &dir);
+    let cfg_path = dir.join("unet/config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let time = cfg["addition_time_embed_dim"].as_i64().unwrap();
+    let input = cfg["projection_class_embeddings_input_dim"]
+        .as_i64()
+        .unwrap();
+    cfg["projection_class_embeddings_input_dim"] = serde_json::json!(input - time);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let err = err_text(StableDiffusion::load(&dir, &LoadOptions::default()));
+    assert!(
+        err.contains("add_embedding") || err.contains("time ids"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
