@@ -471,6 +471,12 @@ typedef struct sd_generate_params {
    * `guidance_rescale`, A1111's CFG rescale), 0..=1; 0 (default) = off.
    */
   double guidance_rescale;
+  /**
+   * The SDXL refiner's aesthetic score for the conditional pass (default 6.0) and the
+   * unconditional one (default 2.5); other models ignore them.
+   */
+  double aesthetic_score;
+  double negative_aesthetic_score;
 } sd_generate_params;
 
 /**

@@ -1087,3 +1087,67 @@ fn generate_params_carry_sdxl_prompts_and_micro_conditioning() {
     assert!(images.is_null());
     unsafe { sd_pipeline_free(p) };
 }
+
+/// The SDXL refiner through the C ABI: img2img with the aesthetic-score fields gives diffusers'
+/// StableDiffusionXLImg2ImgPipeline image (fixture case b, batch 2) within 1 level, and an
+/// older caller's struct gets diffusers' default scores (6.0 / 2.5), not zeros.
+#[test]
+fn refiner_img2img_takes_the_aesthetic_scores() {
+    let all = common::cases("tiny-sdxl-refiner");
+    let case = all["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "b")
+        .unwrap()
+        .clone();
+    let refs = common::Refs::open("tiny-sdxl-refiner");
+    let pixels = refs.get(&format!("image_{}", case["image"].as_str().unwrap()));
+    let (h, w) = (pixels.size()[0] as u32, pixels.size()[1] as u32);
+    let rgb: Vec<u8> = Vec::try_from(pixels.flatten(0, -1)).unwrap();
+    let init = sd_image {
+        data: rgb.as_ptr(),
+        width: w,
+        height: h,
+        stride: 0,
+        channels: 3,
+    };
+    let text = |k: &str| CString::new(case[k].as_str().unwrap()).unwrap();
+    let (prompt, negative) = (text("prompt"), text("negative_prompt"));
+    let mut p = ptr::null_mut();
+    let path = fixture("tiny-sdxl-refiner");
+    let status = unsafe { sd_pipeline_load(path.as_ptr(), ptr::null(), &mut p) };
+    assert_eq!(status, sd_status::SD_OK, "{}", last_error());
+    let mut g = params(&prompt, case["steps"].as_u64().unwrap() as u32, 0);
+    g.seed = case["seed"].as_u64().unwrap();
+    g.guidance = case["guidance"].as_f64().unwrap();
+    (g.width, g.height) = (0, 0);
+    g.batch = case["batch"].as_u64().unwrap() as u32;
+    g.strength = case["strength"].as_f64().unwrap();
+    g.negative_prompt = negative.as_ptr();
+    g.init_image = &init;
+    g.aesthetic_score = case["aesthetic_score"].as_f64().unwrap();
+    g.negative_aesthetic_score = case["negative_aesthetic_score"].as_f64().unwrap();
+    let got = generate(p, &g).unwrap();
+    let want: Vec<f32> = Vec::try_from(refs.get("out_b").flatten(0, -1)).unwrap();
+    let bytes: Vec<u8> = got.iter().flat_map(|img| img.0.clone()).collect();
+    assert_eq!(bytes.len(), want.len());
+    let worst = bytes
+        .iter()
+        .zip(&want)
+        .map(|(&a, &b)| (a as f32 - (b * 255.0).round()).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        worst <= 1.0,
+        "refiner case b through C differs by {worst} levels"
+    );
+
+    let mut defaults = g;
+    (defaults.aesthetic_score, defaults.negative_aesthetic_score) = (6.0, 2.5);
+    let mut older = g;
+    older.struct_size = std::mem::offset_of!(sd_generate_params, aesthetic_score);
+    let from_older = generate(p, &older).unwrap()[0].0.clone();
+    assert_eq!(from_older, generate(p, &defaults).unwrap()[0].0);
+    assert_ne!(from_older, got[0].0);
+    unsafe { sd_pipeline_free(p) };
+}

@@ -878,6 +878,12 @@ fn fuzz_loaders() {
         n / 2,
         &mut failures,
     );
+    fuzz_folder_configs(
+        &mut rng,
+        &common::fixtures().join("tiny-sdxl-refiner"),
+        n / 4,
+        &mut failures,
+    );
 
     println!(
         "fuzz: {} cases, {} failures, {:.0} s in all",

@@ -17,12 +17,22 @@ fn load() -> StableDiffusion {
         .unwrap_or_else(|e| panic!("{MODEL}: {e}"))
 }
 
+fn second(
+    sd: &StableDiffusion,
+) -> &(
+    stable_diffusion::tokenizer::ClipTokenizer,
+    Box<dyn stable_diffusion::models::TextEncoder>,
+) {
+    let sdxl = sd.sdxl.as_ref().expect("an SDXL model");
+    sdxl.second.as_ref().expect("a second text encoder")
+}
+
 #[test]
 fn both_tokenizers_match_transformers() {
     let sd = load();
     let refs = Refs::open(MODEL);
     let prompts = cases(MODEL)["text_prompts"].as_array().unwrap().clone();
-    let (tokenizer_2, _) = sd.text_encoder_2.as_ref().expect("a second encoder");
+    let (tokenizer_2, _) = second(&sd);
     for (i, p) in prompts.iter().enumerate() {
         let p = p.as_str().unwrap();
         let want: Vec<i64> = Vec::try_from(refs.get("text_ids").get(i as i64)).unwrap();
@@ -41,7 +51,7 @@ fn text_encoders_give_diffusers_penultimate_states_and_pooled_projection() {
     let _g = tch::no_grad_guard();
     let sd = load();
     let refs = Refs::open(MODEL);
-    let (_, encoder_2) = sd.text_encoder_2.as_ref().unwrap();
+    let (_, encoder_2) = second(&sd);
     for (skip, suffix) in [(0, "penultimate"), (1, "skip1")] {
         let first = sd
             .text_encoder
@@ -197,6 +207,7 @@ fn params_of(case: &serde_json::Value) -> GenerateParams {
             negative_crops_coords_top_left: pair(&case["negative_crops_coords_top_left"])
                 .unwrap_or((0, 0)),
             negative_target_size: pair(&case["negative_target_size"]),
+            ..Default::default()
         },
         ..Default::default()
     }
@@ -205,7 +216,8 @@ fn params_of(case: &serde_json::Value) -> GenerateParams {
 #[test]
 fn txt2img_matches_diffusers_sdxl_pipeline() {
     let sd = load();
-    assert!(sd.force_zeros_for_empty_prompt);
+    let flags = sd.sdxl.as_ref().unwrap();
+    assert!(flags.force_zeros_for_empty_prompt && !flags.requires_aesthetics_score);
     let refs = Refs::open(MODEL);
     let all = cases(MODEL);
     let list = all["cases"].as_array().unwrap();
@@ -348,5 +360,114 @@ fn folder_checks_name_what_does_not_fit() {
         err.contains("add_embedding") || err.contains("time ids"),
         "{err}"
     );
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+const REFINER: &str = "tiny-sdxl-refiner";
+
+fn load_refiner() -> StableDiffusion {
+    StableDiffusion::load(&fixtures().join(REFINER), &LoadOptions::default())
+        .unwrap_or_else(|e| panic!("{REFINER}: {e}"))
+}
+
+/// The refiner's folder: one text encoder (with projection), five time ids ending in the
+/// aesthetic score, `force_zeros_for_empty_prompt: false`.
+#[test]
+fn refiner_unet_with_aesthetic_time_ids_matches_diffusers() {
+    let _g = tch::no_grad_guard();
+    let sd = load_refiner();
+    let flags = sd.sdxl.as_ref().expect("an SDXL model");
+    assert!(flags.second.is_none() && flags.requires_aesthetics_score);
+    assert!(!flags.force_zeros_for_empty_prompt);
+    let refs = Refs::open(REFINER);
+    let all = cases(REFINER);
+    for (prefix, t) in [
+        ("refiner_unet", "unet_timestep"),
+        ("refiner_unet_odd", "unet_odd_timestep"),
+    ] {
+        let out = sd
+            .unet
+            .forward_fast(
+                &refs.get(&format!("{prefix}_sample")),
+                all[t].as_f64().unwrap(),
+                &refs.get(&format!("{prefix}_ehs")),
+                Some(&added(&refs, prefix)),
+                &mut Default::default(),
+            )
+            .unwrap();
+        assert_close(prefix, &out, &refs.get(&format!("{prefix}_out")), TOL);
+    }
+}
+
+/// img2img with the refiner against diffusers' StableDiffusionXLImg2ImgPipeline: default and
+/// custom aesthetic scores, an encoded empty negative prompt, batch 2.
+#[test]
+fn refiner_img2img_matches_diffusers() {
+    let sd = load_refiner();
+    let refs = Refs::open(REFINER);
+    for case in cases(REFINER)["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let pixels = refs.get(&format!("image_{}", case["image"].as_str().unwrap()));
+        let (h, w) = (pixels.size()[0], pixels.size()[1]);
+        let rgb: Vec<u8> = Vec::try_from(pixels.flatten(0, -1)).unwrap();
+        let image = stable_diffusion::image_io::Image::new(w as u32, h as u32, rgb).unwrap();
+        let mut micro = MicroConditioning::default();
+        if let Some(a) = case["aesthetic_score"].as_f64() {
+            micro.aesthetic_score = a;
+        }
+        if let Some(a) = case["negative_aesthetic_score"].as_f64() {
+            micro.negative_aesthetic_score = a;
+        }
+        let params = GenerateParams {
+            prompt: case["prompt"].as_str().unwrap().into(),
+            negative_prompt: case["negative_prompt"].as_str().map(String::from),
+            steps: case["steps"].as_u64().unwrap() as usize,
+            guidance: case["guidance"].as_f64().unwrap(),
+            seed: case["seed"].as_u64().unwrap(),
+            batch: case["batch"].as_u64().unwrap() as usize,
+            strength: case["strength"].as_f64(),
+            scheduler: case["scheduler"].as_str().map(String::from),
+            init_image: Some(image),
+            micro,
+            ..Default::default()
+        };
+        let mut seen = Vec::new();
+        let mut on_step = |info: &stable_diffusion::pipeline::StepInfo| {
+            seen.push(info.timestep);
+            stable_diffusion::pipeline::Control::Continue
+        };
+        let images = sd
+            .generate(&params, Some(&mut on_step))
+            .unwrap_or_else(|e| panic!("refiner {name}: {e}"));
+        assert_eq!(seen, common::f64s(&case["timesteps"]), "refiner {name}");
+        assert_close(
+            &format!("refiner {name}"),
+            &images.pixels,
+            &refs.get(&format!("out_{name}")),
+            1e-3,
+        );
+    }
+}
+
+/// A refiner folder whose model_index.json says six time ids (or an SDXL base that says
+/// five) does not fit its UNet: refused at load, naming the flag.
+#[test]
+fn aesthetic_flag_that_contradicts_the_unet_is_named() {
+    let root = std::env::temp_dir().join(format!("sd-sdxl-flags-{}", std::process::id()));
+    for (model, value) in [(REFINER, false), (MODEL, true)] {
+        let dir = root.join(model);
+        common::copy_dir(&fixtures().join(model), &dir);
+        let index = dir.join("model_index.json");
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
+        json["requires_aesthetics_score"] = serde_json::json!(value);
+        std::fs::write(&index, json.to_string()).unwrap();
+        let err = err_text(StableDiffusion::load(&dir, &LoadOptions::default()));
+        assert!(err.contains("requires_aesthetics_score"), "{model}: {err}");
+        json["requires_aesthetics_score"] = serde_json::json!("yes");
+        std::fs::write(&index, json.to_string()).unwrap();
+        let err = err_text(StableDiffusion::load(&dir, &LoadOptions::default()));
+        assert!(err.contains("not a boolean"), "{model}: {err}");
+    }
     let _ = std::fs::remove_dir_all(&root);
 }

@@ -208,7 +208,9 @@ static const char *mutate(struct big_params *b, struct owned_image *images, int 
   static const uint32_t bad_micro[] = {(1u << 20) + 1, 0x7FFFFFFFu, 0xFFFFFFFFu};
   static const double good_rescale[] = {0.0, 0.3, 0.7, 1.0};
   const double bad_rescale[] = {NAN, INFINITY, -INFINITY, -0.1, 1.01, 1e300};
-  switch (below(21)) {
+  static const double good_score[] = {6.0, 2.5, 0.0, -3.0, 10.0};
+  const double bad_score[] = {NAN, INFINITY, -INFINITY, 1e300, -1e7};
+  switch (below(22)) {
     case 0:
       g->width = good ? PICK(good_sides) : PICK(bad_sides);
       return "width";
@@ -317,6 +319,14 @@ static const char *mutate(struct big_params *b, struct owned_image *images, int 
     case 19:
       g->guidance_rescale = good ? PICK(good_rescale) : PICK(bad_rescale);
       return "guidance_rescale";
+    case 20:
+      /* The SDXL refiner's aesthetic scores: any finite value up to 2^20 in size. */
+      if (chance(50)) {
+        g->aesthetic_score = good ? PICK(good_score) : PICK(bad_score);
+      } else {
+        g->negative_aesthetic_score = good ? PICK(good_score) : PICK(bad_score);
+      }
+      return "aesthetic_score";
     default:
       random_image(&images[0], good || chance(50));
       random_image(&images[1], good || chance(50));

@@ -230,6 +230,12 @@ struct CommonArgs {
     /// SDXL micro-conditioning: the target size, HEIGHTxWIDTH (default: the output size).
     #[arg(long, value_parser = parse_pair_x)]
     target_size: Option<(i64, i64)>,
+    /// SDXL refiner: the aesthetic score the image is conditioned on (diffusers' 6.0).
+    #[arg(long, default_value_t = 6.0)]
+    aesthetic_score: f64,
+    /// SDXL refiner: the aesthetic score of the unconditional pass (diffusers' 2.5).
+    #[arg(long, default_value_t = 2.5)]
+    negative_aesthetic_score: f64,
     #[arg(long, default_value_t = 30)]
     steps: usize,
     /// Classifier-free guidance scale (<= 1 disables guidance).
@@ -460,6 +466,8 @@ fn run(a: &CommonArgs, edit: Edit) -> Result<()> {
             original_size: a.original_size,
             crops_coords_top_left: a.crop.unwrap_or((0, 0)),
             target_size: a.target_size,
+            aesthetic_score: a.aesthetic_score,
+            negative_aesthetic_score: a.negative_aesthetic_score,
             ..Default::default()
         },
     };

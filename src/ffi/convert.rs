@@ -187,6 +187,11 @@ pub(crate) unsafe fn request(
         original_size: size_pair("original", c.original_width, c.original_height)?,
         crops_coords_top_left: (i64::from(c.crop_top), i64::from(c.crop_left)),
         target_size: size_pair("target", c.target_width, c.target_height)?,
+        aesthetic_score: check_number("aesthetic_score", c.aesthetic_score)?,
+        negative_aesthetic_score: check_number(
+            "negative_aesthetic_score",
+            c.negative_aesthetic_score,
+        )?,
         ..Default::default()
     };
     let params = GenerateParams {

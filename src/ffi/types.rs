@@ -187,6 +187,10 @@ pub struct sd_generate_params {
     /// Pulls the guided prediction's spread back toward the conditional one's (diffusers'
     /// `guidance_rescale`, A1111's CFG rescale), 0..=1; 0 (default) = off.
     pub guidance_rescale: f64,
+    /// The SDXL refiner's aesthetic score for the conditional pass (default 6.0) and the
+    /// unconditional one (default 2.5); other models ignore them.
+    pub aesthetic_score: f64,
+    pub negative_aesthetic_score: f64,
 }
 
 /// What the step callback sees. Owned by the library, valid during the callback only.
@@ -382,6 +386,8 @@ unsafe impl Versioned for sd_generate_params {
             target_width: 0,
             target_height: 0,
             guidance_rescale: d.guidance_rescale,
+            aesthetic_score: d.micro.aesthetic_score,
+            negative_aesthetic_score: d.micro.negative_aesthetic_score,
         }
     }
 }

@@ -2,7 +2,7 @@
 //! `tokenizer/`, `scheduler/`) or a single-file checkpoint in the original CompVis / A1111
 //! layout (`.safetensors` or `.ckpt`), told apart by content, or a TorchScript export folder
 //! (`manifest.json` from `tools/export_torchscript.py`).
-use super::StableDiffusion;
+use super::{SdxlText, StableDiffusion};
 use crate::limits::check_component_size;
 use crate::models::blocks::count_parameters;
 use crate::models::torchscript::{self, TorchScriptParts};
@@ -85,14 +85,14 @@ impl ModelFiles {
                     "{class} models (SD 1.x / 2.x and SDXL pipelines are supported)"
                 )));
             }
-            if sdxl && !root.join("text_encoder").is_dir() && root.join("text_encoder_2").is_dir() {
-                return Err(Error::Unsupported(format!(
-                    "{}: an SDXL folder with only text_encoder_2/ (the refiner)",
-                    root.display()
-                )));
-            }
         }
-        for part in ["unet", "vae", "text_encoder"] {
+        // SDXL's refiner has only the second text encoder.
+        let text = if root.join("text_encoder_2").is_dir() && !root.join("text_encoder").is_dir() {
+            "text_encoder_2"
+        } else {
+            "text_encoder"
+        };
+        for part in ["unet", "vae", text] {
             if !root.join(part).is_dir() {
                 return Err(Error::bad_model(format!(
                     "{} has no {part}/ folder: not a diffusers Stable Diffusion folder",
@@ -109,21 +109,18 @@ impl ModelFiles {
         self.root.join(name)
     }
 
-    /// `model_index.json`'s `force_zeros_for_empty_prompt`; diffusers' SDXL pipelines default
-    /// to true when it is absent.
-    fn force_zeros_for_empty_prompt(&self) -> Result<bool> {
+    /// A boolean of `model_index.json` (SDXL's `force_zeros_for_empty_prompt`,
+    /// `requires_aesthetics_score`), `default` when the file or the key is absent.
+    fn index_flag(&self, key: &str, default: bool) -> Result<bool> {
         let index = self.root.join("model_index.json");
         if !index.is_file() {
-            return Ok(true);
+            return Ok(default);
         }
         let json: serde_json::Value = crate::models::config::read_json(&index)?;
-        match json.get("force_zeros_for_empty_prompt") {
-            None => Ok(true),
+        match json.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(default),
             Some(v) => v.as_bool().ok_or_else(|| {
-                Error::bad_model(format!(
-                    "{}: force_zeros_for_empty_prompt is {v}, not a boolean",
-                    index.display()
-                ))
+                Error::bad_model(format!("{}: {key} is {v}, not a boolean", index.display()))
             }),
         }
     }
@@ -247,25 +244,7 @@ impl StableDiffusion {
         let files = ModelFiles::new(root)?;
         let mut mappings = Vec::new();
 
-        let tokenizer_dir = files.part("tokenizer");
-        let tokenizer = if tokenizer_dir.is_dir() {
-            ClipTokenizer::from_dir(&tokenizer_dir)?
-        } else {
-            ClipTokenizer::standard()?
-        };
-
-        let text_dir = files.part("text_encoder");
-        let text_config = ClipTextConfig::from_file(&text_dir.join("config.json"))?;
-        let text_encoder = load_component(
-            "text encoder",
-            &text_dir,
-            "model",
-            options,
-            |vs| ClipTextTransformer::new(vs, &text_config),
-            text_encoder_keys,
-            &mut mappings,
-        )?;
-
+        // SDXL's second encoder; without a first one (the refiner) it is the only encoder.
         let second_dir = files.part("text_encoder_2");
         let second = if second_dir.is_dir() {
             let config = ClipTextConfig::from_file(&second_dir.join("config.json"))?;
@@ -296,6 +275,31 @@ impl StableDiffusion {
         } else {
             None
         };
+
+        let text_dir = files.part("text_encoder");
+        let (tokenizer, text_encoder, second) = match second {
+            Some(only) if !text_dir.is_dir() => (only.0, only.1, None),
+            second => {
+                let tokenizer_dir = files.part("tokenizer");
+                let tokenizer = if tokenizer_dir.is_dir() {
+                    ClipTokenizer::from_dir(&tokenizer_dir)?
+                } else {
+                    ClipTokenizer::standard()?
+                };
+                let text_config = ClipTextConfig::from_file(&text_dir.join("config.json"))?;
+                let text_encoder = load_component(
+                    "text encoder",
+                    &text_dir,
+                    "model",
+                    options,
+                    |vs| ClipTextTransformer::new(vs, &text_config),
+                    text_encoder_keys,
+                    &mut mappings,
+                )?;
+                (tokenizer, text_encoder, second)
+            }
+        };
+        let refiner = !text_dir.is_dir();
 
         let unet_dir = files.part("unet");
         let unet_config = UNetConfig::from_file(&unet_dir.join("config.json"))?;
@@ -330,17 +334,21 @@ impl StableDiffusion {
                 sched_path.display()
             )));
         };
+        let sdxl = (second.is_some() || refiner).then_some(SdxlFlags {
+            refiner,
+            force_zeros_for_empty_prompt: files.index_flag("force_zeros_for_empty_prompt", true)?,
+            requires_aesthetics_score: files.index_flag("requires_aesthetics_score", refiner)?,
+        });
         let mut sd = Self::assemble(
             tokenizer,
             text_encoder,
             second,
+            sdxl,
             unet,
             vae,
             scheduler_config,
             options,
         )?;
-        sd.force_zeros_for_empty_prompt =
-            sd.text_encoder_2.is_some() && files.force_zeros_for_empty_prompt()?;
         sd.mapped_weights = mappings;
         Ok(sd)
     }
@@ -438,6 +446,7 @@ impl StableDiffusion {
             tokenizer,
             text_encoder,
             None,
+            None,
             unet,
             vae,
             configs.scheduler,
@@ -446,10 +455,12 @@ impl StableDiffusion {
     }
 
     /// Checks that the parts fit together.
+    #[allow(clippy::too_many_arguments)]
     fn assemble(
         tokenizer: ClipTokenizer,
         text_encoder: ClipTextTransformer,
         second: Option<(ClipTokenizer, ClipTextTransformer)>,
+        sdxl: Option<SdxlFlags>,
         unet: UNet2DConditionModel,
         vae: AutoencoderKL,
         scheduler_config: SchedulerConfig,
@@ -471,17 +482,29 @@ impl StableDiffusion {
                 "UNet cross_attention_dim {cross:?} does not match the text encoders' width {text_width}"
             )));
         }
-        match (&second, unet.added_input_dims()) {
+        // SDXL: the pooled text (the encoder with projection: the second, or the refiner's
+        // only one) and the time ids must fill the UNet's add_embedding exactly.
+        match (&sdxl, unet.added_input_dims()) {
             (None, None) => {}
-            (Some((_, e)), Some((input_dim, time_dim))) => {
-                let pooled = TextEncoder::pooled_width(e).unwrap_or(e.config().hidden_size);
-                // diffusers' SDXL base: six time ids (original size, crop, target size).
-                if pooled + 6 * time_dim != input_dim {
-                    return Err(Error::Unsupported(format!(
-                        "an SDXL UNet whose add_embedding takes {input_dim} values: the pooled \
-                         text ({pooled}) and six time ids x {time_dim} make {} (a refiner's \
-                         aesthetic-score conditioning takes five)",
-                        pooled + 6 * time_dim
+            (Some(flags), Some((input_dim, time_dim))) => {
+                let pooled_encoder = match &second {
+                    Some((_, e)) => e,
+                    None => &text_encoder,
+                };
+                let pooled = TextEncoder::pooled_width(pooled_encoder)
+                    .unwrap_or(pooled_encoder.config().hidden_size);
+                let (ids, what) = if flags.requires_aesthetics_score {
+                    (5, "five time ids (original size, crop, aesthetic score)")
+                } else {
+                    (6, "six time ids (original size, crop, target size)")
+                };
+                if pooled + ids * time_dim != input_dim {
+                    return Err(Error::bad_model(format!(
+                        "the UNet's add_embedding takes {input_dim} values, but the pooled text \
+                         ({pooled}) and {what} x {time_dim} make {} \
+                         (model_index.json's requires_aesthetics_score: {})",
+                        pooled + ids * time_dim,
+                        flags.requires_aesthetics_score
                     )));
                 }
             }
@@ -493,10 +516,15 @@ impl StableDiffusion {
             }
             (Some(_), None) => {
                 return Err(Error::bad_model(
-                    "the model has a second text encoder but its UNet takes no added \
+                    "the model has SDXL's text encoders but its UNet takes no added \
                      conditions (addition_embed_type)",
                 ))
             }
+        }
+        if sdxl.as_ref().is_some_and(|f| f.refiner) && !text_encoder.config().has_projection() {
+            return Err(Error::bad_model(
+                "the refiner's text encoder must be a CLIPTextModelWithProjection",
+            ));
         }
         if unet_config.out_channels != vae_config.latent_channels {
             return Err(Error::bad_model(format!(
@@ -512,9 +540,21 @@ impl StableDiffusion {
             scheduler_config,
             options,
         );
-        sd.text_encoder_2 = second.map(|(t, e)| (t, Box::new(e) as Box<dyn TextEncoder>));
+        sd.sdxl = sdxl.map(|flags| SdxlText {
+            second: second.map(|(t, e)| (t, Box::new(e) as Box<dyn TextEncoder>)),
+            force_zeros_for_empty_prompt: flags.force_zeros_for_empty_prompt,
+            requires_aesthetics_score: flags.requires_aesthetics_score,
+        });
         Ok(sd)
     }
+}
+
+/// What `model_index.json` and the folder's layout say about an SDXL model.
+struct SdxlFlags {
+    /// Only `text_encoder_2/`: the refiner.
+    refiner: bool,
+    force_zeros_for_empty_prompt: bool,
+    requires_aesthetics_score: bool,
 }
 
 /// The tokenizer of a single file that comes without one: the standard CLIP vocabulary with

@@ -55,7 +55,8 @@ pub struct GenerateParams {
     /// Inpainting: white = repaint, black = keep (binarised at 0.5 after grey conversion).
     pub mask: Option<Image>,
     /// How much noise is added to the init image, in [0, 1]: the first `int(steps * (1 - strength))`
-    /// steps are skipped. `None`: 0.8 for img2img, 1.0 for inpainting (diffusers' defaults).
+    /// steps are skipped. `None`: diffusers' defaults, 0.8 for img2img and 1.0 for inpainting,
+    /// with SDXL models 0.3 and 0.9999.
     pub strength: Option<f64>,
     /// Inpainting: copy the original pixels back outside the mask after decoding.
     pub paste_back: bool,
@@ -72,7 +73,7 @@ pub struct GenerateParams {
 /// SDXL's micro-conditioning, as `(height, width)` and `(top, left)` pairs in pixels
 /// (diffusers' `original_size`, `crops_coords_top_left`, `target_size` and their `negative_`
 /// counterparts). `None` sizes take the output size.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MicroConditioning {
     pub original_size: Option<(i64, i64)>,
     pub crops_coords_top_left: (i64, i64),
@@ -82,6 +83,25 @@ pub struct MicroConditioning {
     pub negative_original_size: Option<(i64, i64)>,
     pub negative_crops_coords_top_left: (i64, i64),
     pub negative_target_size: Option<(i64, i64)>,
+    /// The SDXL refiner's aesthetic score for the conditional pass (diffusers' default 6.0)
+    /// and the unconditional one (2.5); other models ignore them.
+    pub aesthetic_score: f64,
+    pub negative_aesthetic_score: f64,
+}
+
+impl Default for MicroConditioning {
+    fn default() -> Self {
+        Self {
+            original_size: None,
+            crops_coords_top_left: (0, 0),
+            target_size: None,
+            negative_original_size: None,
+            negative_crops_coords_top_left: (0, 0),
+            negative_target_size: None,
+            aesthetic_score: 6.0,
+            negative_aesthetic_score: 2.5,
+        }
+    }
 }
 
 /// Largest value of a micro-conditioning size or offset: far beyond any image, small enough
@@ -89,12 +109,37 @@ pub struct MicroConditioning {
 pub const MAX_MICRO_CONDITIONING: i64 = 1 << 20;
 
 impl MicroConditioning {
-    /// The positive and negative time ids, `[orig_h, orig_w, top, left, target_h, target_w]`.
-    fn time_ids(&self, height: i64, width: i64) -> ([f64; 6], [f64; 6]) {
-        let ids = |orig: (i64, i64), crop: (i64, i64), target: (i64, i64)| {
-            [orig.0, orig.1, crop.0, crop.1, target.0, target.1].map(|v| v as f64)
-        };
+    /// The positive and negative time ids, `[orig_h, orig_w, top, left, target_h, target_w]`,
+    /// or with `aesthetics` (the refiner) `[orig_h, orig_w, top, left, score]`.
+    fn time_ids(&self, height: i64, width: i64, aesthetics: bool) -> (Vec<f64>, Vec<f64>) {
         let output = (height, width);
+        if aesthetics {
+            // diffusers' img2img rule: the negative sizes default one by one, and the
+            // negative pass takes the negative crop.
+            let ids = |orig: (i64, i64), crop: (i64, i64), score: f64| {
+                vec![
+                    orig.0 as f64,
+                    orig.1 as f64,
+                    crop.0 as f64,
+                    crop.1 as f64,
+                    score,
+                ]
+            };
+            let original = self.original_size.unwrap_or(output);
+            return (
+                ids(original, self.crops_coords_top_left, self.aesthetic_score),
+                ids(
+                    self.negative_original_size.unwrap_or(original),
+                    self.negative_crops_coords_top_left,
+                    self.negative_aesthetic_score,
+                ),
+            );
+        }
+        let ids = |orig: (i64, i64), crop: (i64, i64), target: (i64, i64)| {
+            [orig.0, orig.1, crop.0, crop.1, target.0, target.1]
+                .map(|v| v as f64)
+                .to_vec()
+        };
         let positive = ids(
             self.original_size.unwrap_or(output),
             self.crops_coords_top_left,
@@ -102,7 +147,7 @@ impl MicroConditioning {
         );
         let negative = match (self.negative_original_size, self.negative_target_size) {
             (Some(orig), Some(target)) => ids(orig, self.negative_crops_coords_top_left, target),
-            _ => positive,
+            _ => positive.clone(),
         };
         (positive, negative)
     }
@@ -119,6 +164,17 @@ impl MicroConditioning {
             ),
             ("negative_target_size", self.negative_target_size),
         ];
+        for (name, score) in [
+            ("aesthetic_score", self.aesthetic_score),
+            ("negative_aesthetic_score", self.negative_aesthetic_score),
+        ] {
+            if !score.is_finite() || score.abs() > MAX_MICRO_CONDITIONING as f64 {
+                return Err(Error::invalid(format!(
+                    "{name} {score} must be a finite number of at most \
+                     {MAX_MICRO_CONDITIONING} in size"
+                )));
+            }
+        }
         for (name, pair) in pairs {
             if let Some((a, b)) = pair {
                 if !(0..=MAX_MICRO_CONDITIONING).contains(&a)
@@ -254,17 +310,27 @@ pub struct StableDiffusion {
     pub unet: Box<dyn Denoiser>,
     pub vae: Box<dyn Autoencoder>,
     pub scheduler_config: SchedulerConfig,
-    /// SDXL's second text encoder (OpenCLIP ViT-bigG with projection) and its tokenizer.
-    pub text_encoder_2: Option<(ClipTokenizer, Box<dyn TextEncoder>)>,
-    /// SDXL: an absent negative prompt conditions the unconditional pass on zeros instead of
-    /// the empty text (`model_index.json`'s `force_zeros_for_empty_prompt`).
-    pub force_zeros_for_empty_prompt: bool,
+    /// SDXL's conditioning; `None` for SD 1.x / 2.x.
+    pub sdxl: Option<SdxlText>,
     device: Device,
     kind: Kind,
     logger: Option<Logger>,
     /// The file maps that weights point into (see [`LoadOptions::copy_weights`]): declared
     /// after the models, so that they are dropped after them.
     mapped_weights: Vec<crate::weights::MappingOwner>,
+}
+
+/// What an SDXL model conditions on besides the first text encoder.
+pub struct SdxlText {
+    /// The second text encoder (OpenCLIP ViT-bigG with projection) and its tokenizer. `None`
+    /// for the refiner, whose only encoder, that one, is the pipeline's `text_encoder`.
+    pub second: Option<(ClipTokenizer, Box<dyn TextEncoder>)>,
+    /// An absent negative prompt conditions the unconditional pass on zeros instead of the
+    /// empty text (`model_index.json`'s `force_zeros_for_empty_prompt`).
+    pub force_zeros_for_empty_prompt: bool,
+    /// The refiner's time ids: original size, crop and an aesthetic score (five), instead of
+    /// original size, crop and target size (six) (`requires_aesthetics_score`).
+    pub requires_aesthetics_score: bool,
 }
 
 /// How much a log message matters.
@@ -294,8 +360,7 @@ impl StableDiffusion {
             unet,
             vae,
             scheduler_config,
-            text_encoder_2: None,
-            force_zeros_for_empty_prompt: false,
+            sdxl: None,
             device: options.device,
             kind: options.kind,
             logger: None,
@@ -379,10 +444,22 @@ impl StableDiffusion {
         batch: usize,
         clip_skip: usize,
     ) -> Result<(Tensor, Tensor)> {
-        let Some((tokenizer_2, encoder_2)) = &self.text_encoder_2 else {
-            return Err(Error::invalid(
-                "this model has one text encoder: SDXL prompts need two",
-            ));
+        let b = batch as i64;
+        let Some(sdxl) = &self.sdxl else {
+            return Err(Error::invalid("SDXL prompts need an SDXL model"));
+        };
+        let Some((tokenizer_2, encoder_2)) = &sdxl.second else {
+            // The refiner: the one encoder's states and pooled projection, of `prompt` (as
+            // diffusers pairs the prompts with the encoders it has).
+            let states = self.text_encoder.forward_penultimate(
+                &self.token_ids(&self.tokenizer, prompt)?,
+                clip_skip,
+                true,
+            )?;
+            let pooled = states
+                .pooled
+                .ok_or_else(|| Error::Internal("the text encoder gave no pooled output".into()))?;
+            return Ok((states.hidden.f_repeat([b, 1, 1])?, pooled.f_repeat([b, 1])?));
         };
         let first = self.text_encoder.forward_penultimate(
             &self.token_ids(&self.tokenizer, prompt)?,
@@ -397,7 +474,6 @@ impl StableDiffusion {
         let pooled = second.pooled.ok_or_else(|| {
             Error::Internal("the second text encoder gave no pooled output".into())
         })?;
-        let b = batch as i64;
         Ok((
             Tensor::f_cat(&[first.hidden, second.hidden], -1)?.f_repeat([b, 1, 1])?,
             pooled.f_repeat([b, 1])?,
@@ -413,7 +489,10 @@ impl StableDiffusion {
             vae_scale: self.vae_scale_factor(),
             unet_in: self.unet.in_channels(),
             latent_channels: self.vae.latent_channels(),
-            text_layers: match (&self.text_encoder_2, self.text_encoder.num_layers()) {
+            text_layers: match (
+                self.sdxl.as_ref().and_then(|x| x.second.as_ref()),
+                self.text_encoder.num_layers(),
+            ) {
                 (Some((_, second)), Some(first)) => second.num_layers().map(|n| n.min(first)),
                 (_, first) => first,
             },
@@ -511,7 +590,13 @@ impl StableDiffusion {
         let all_timesteps = scheduler.timesteps().to_vec();
         let strength = params
             .strength
-            .unwrap_or(if mask.is_some() { 1.0 } else { 0.8 });
+            .unwrap_or(match (mask.is_some(), self.sdxl.is_some()) {
+                // diffusers' defaults: SD's Inpaint / Img2Img, then SDXL's.
+                (true, false) => 1.0,
+                (false, false) => 0.8,
+                (true, true) => 0.9999,
+                (false, true) => 0.3,
+            });
         let t_start = match &init {
             None => 0,
             Some(_) => {
@@ -667,8 +752,8 @@ impl StableDiffusion {
         height: i64,
         stop: &dyn Fn() -> Result<()>,
     ) -> Result<(Tensor, Option<AddedConditions>)> {
-        if self.text_encoder_2.is_some() {
-            return self.sdxl_context(params, cfg, width, height, stop);
+        if let Some(sdxl) = &self.sdxl {
+            return self.sdxl_context(sdxl, params, cfg, width, height, stop);
         }
         let cond = self.encode_prompt(&params.prompt, params.batch, params.clip_skip)?;
         if !cfg {
@@ -685,6 +770,7 @@ impl StableDiffusion {
     /// the pooled embedding and the micro-conditioning time ids, unconditional first.
     fn sdxl_context(
         &self,
+        sdxl: &SdxlText,
         params: &GenerateParams,
         cfg: bool,
         width: i64,
@@ -695,8 +781,11 @@ impl StableDiffusion {
         let prompt_2 = params.prompt_2.as_deref().unwrap_or(&params.prompt);
         let (context, pooled) =
             self.encode_prompt_sdxl(&params.prompt, prompt_2, batch, params.clip_skip)?;
-        let (positive_ids, negative_ids) = params.micro.time_ids(height, width);
-        let time_ids = |ids: [f64; 6]| -> Result<Tensor> {
+        let (positive_ids, negative_ids) =
+            params
+                .micro
+                .time_ids(height, width, sdxl.requires_aesthetics_score);
+        let time_ids = |ids: Vec<f64>| -> Result<Tensor> {
             Ok(Tensor::f_from_slice(&ids)?
                 .f_to_kind(self.kind)?
                 .f_to_device(self.device)?
@@ -712,7 +801,7 @@ impl StableDiffusion {
         }
         stop()?;
         let (negative_context, negative_pooled) =
-            if params.negative_prompt.is_none() && self.force_zeros_for_empty_prompt {
+            if params.negative_prompt.is_none() && sdxl.force_zeros_for_empty_prompt {
                 (
                     context.f_zeros_like()?,
                     positive.text_embeds.f_zeros_like()?,
