@@ -102,21 +102,29 @@ fn added(refs: &Refs, prefix: &str) -> AddedConditions {
 fn text_time_unet_matches_diffusers() {
     let _g = tch::no_grad_guard();
     let sd = load();
-    let refs = Refs::open(MODEL);
-    let all = cases(MODEL);
-    for (prefix, t) in [("unet", "unet_timestep"), ("unet_odd", "unet_odd_timestep")] {
-        let t = all[t].as_f64().unwrap();
+    check_added_unet(&sd, MODEL, "unet");
+}
+
+/// The UNet on a fixture's `{prefix}_*` and `{prefix}_odd_*` inputs (sample, timestep from
+/// the cases file, text states, added conditions) against diffusers' outputs.
+fn check_added_unet(sd: &StableDiffusion, model: &str, prefix: &str) {
+    let refs = Refs::open(model);
+    let all = cases(model);
+    for (prefix, t) in [
+        (prefix.to_string(), "unet_timestep"),
+        (format!("{prefix}_odd"), "unet_odd_timestep"),
+    ] {
         let out = sd
             .unet
             .forward_fast(
                 &refs.get(&format!("{prefix}_sample")),
-                t,
+                all[t].as_f64().unwrap(),
                 &refs.get(&format!("{prefix}_ehs")),
-                Some(&added(&refs, prefix)),
+                Some(&added(&refs, &prefix)),
                 &mut Default::default(),
             )
             .unwrap();
-        assert_close(prefix, &out, &refs.get(&format!("{prefix}_out")), TOL);
+        assert_close(&prefix, &out, &refs.get(&format!("{prefix}_out")), TOL);
     }
 }
 
@@ -379,24 +387,7 @@ fn refiner_unet_with_aesthetic_time_ids_matches_diffusers() {
     let flags = sd.sdxl.as_ref().expect("an SDXL model");
     assert!(flags.second.is_none() && flags.requires_aesthetics_score);
     assert!(!flags.force_zeros_for_empty_prompt);
-    let refs = Refs::open(REFINER);
-    let all = cases(REFINER);
-    for (prefix, t) in [
-        ("refiner_unet", "unet_timestep"),
-        ("refiner_unet_odd", "unet_odd_timestep"),
-    ] {
-        let out = sd
-            .unet
-            .forward_fast(
-                &refs.get(&format!("{prefix}_sample")),
-                all[t].as_f64().unwrap(),
-                &refs.get(&format!("{prefix}_ehs")),
-                Some(&added(&refs, prefix)),
-                &mut Default::default(),
-            )
-            .unwrap();
-        assert_close(prefix, &out, &refs.get(&format!("{prefix}_out")), TOL);
-    }
+    check_added_unet(&sd, REFINER, "refiner_unet");
 }
 
 /// img2img with the refiner against diffusers' StableDiffusionXLImg2ImgPipeline: default and
