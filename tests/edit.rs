@@ -4,7 +4,7 @@
 //! has no diffusers counterpart: paste-back, strength 0, argument errors and resizing.
 mod common;
 
-use common::{cases, fixtures, max_abs_diff, Refs};
+use common::{cases, fixtures, image_of, max_abs_diff, Refs};
 use stable_diffusion::image_io::Image;
 use stable_diffusion::pipeline::{Control, GenerateParams, LoadOptions, StableDiffusion, StepInfo};
 use std::collections::BTreeMap;
@@ -15,16 +15,6 @@ const TOLERANCE: f64 = 1e-3;
 fn load(model: &str) -> StableDiffusion {
     StableDiffusion::load(&fixtures().join(model), &LoadOptions::default())
         .unwrap_or_else(|e| panic!("{model}: {e}"))
-}
-
-/// A uint8 `[H, W, 3]` reference tensor as an [`Image`].
-fn image_of(t: &Tensor) -> Image {
-    let size = t.size();
-    assert_eq!(size.len(), 3, "image tensor shape {size:?}");
-    assert_eq!(size[2], 3);
-    assert_eq!(t.kind(), Kind::Uint8);
-    let rgb = Vec::<u8>::try_from(t.reshape([-1])).unwrap();
-    Image::new(size[1] as u32, size[0] as u32, rgb).unwrap()
 }
 
 /// A deterministic picture (not one of the fixtures' images): a gradient with a dark bar.

@@ -6,7 +6,9 @@ mod common;
 
 use common::{assert_close, cases, err_text, fixtures, Refs};
 use stable_diffusion::models::AddedConditions;
-use stable_diffusion::pipeline::{GenerateParams, LoadOptions, MicroConditioning, StableDiffusion};
+use stable_diffusion::pipeline::{
+    Control, GenerateParams, Images, LoadOptions, MicroConditioning, StableDiffusion, StepInfo,
+};
 use stable_diffusion::Error;
 
 const MODEL: &str = "tiny-sdxl";
@@ -398,10 +400,8 @@ fn refiner_img2img_matches_diffusers() {
     let refs = Refs::open(REFINER);
     for case in cases(REFINER)["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
-        let pixels = refs.get(&format!("image_{}", case["image"].as_str().unwrap()));
-        let (h, w) = (pixels.size()[0], pixels.size()[1]);
-        let rgb: Vec<u8> = Vec::try_from(pixels.flatten(0, -1)).unwrap();
-        let image = stable_diffusion::image_io::Image::new(w as u32, h as u32, rgb).unwrap();
+        let image =
+            common::image_of(&refs.get(&format!("image_{}", case["image"].as_str().unwrap())));
         let mut micro = MicroConditioning::default();
         if let Some(a) = case["aesthetic_score"].as_f64() {
             micro.aesthetic_score = a;
@@ -461,4 +461,186 @@ fn aesthetic_flag_that_contradicts_the_unet_is_named() {
         assert!(err.contains("not a boolean"), "{model}: {err}");
     }
     let _ = std::fs::remove_dir_all(&root);
+}
+
+// ---------------------------------------------------------------------------------------------
+// img2img and inpainting with the base and the 9-channel model, base + refiner ensembles, and
+// Turbo (tests/fixtures/tiny-sdxl-edit-cases.json)
+
+const EDIT: &str = "tiny-sdxl-edit";
+
+/// `model` loaded with a case's scheduler `from_config` overrides (DDIM's flags).
+fn load_for(model: &str, case: &serde_json::Value) -> StableDiffusion {
+    let mut sd = StableDiffusion::load(&fixtures().join(model), &LoadOptions::default())
+        .unwrap_or_else(|e| panic!("{model}: {e}"));
+    if let Some(o) = case["scheduler_overrides"].as_object() {
+        let flag = |k: &str| o.get(k).and_then(|v| v.as_bool());
+        if let Some(v) = flag("clip_sample") {
+            sd.scheduler_config.clip_sample = Some(v);
+        }
+        if let Some(v) = flag("set_alpha_to_one") {
+            sd.scheduler_config.set_alpha_to_one = Some(v);
+        }
+    }
+    sd
+}
+
+/// The request of an edit-file case: its images from the refs, the scheduler by name except
+/// on the Turbo folder (its own).
+fn edit_params(case: &serde_json::Value, refs: &Refs) -> GenerateParams {
+    let mut params = params_of(case);
+    let image = |k: &str| {
+        case[k]
+            .as_str()
+            .map(|name| common::image_of(&refs.get(&format!("{k}_{name}"))))
+    };
+    params.init_image = image("image");
+    params.mask = image("mask");
+    params.strength = case["strength"].as_f64();
+    if params.init_image.is_some() {
+        // editing takes its size from the image
+        params.width = None;
+        params.height = None;
+    }
+    if case["model"] == "tiny-sdxl-turbo" {
+        params.scheduler = None;
+    }
+    params
+}
+
+/// Runs `run` with a callback that records the timesteps, checks them and the images.
+fn check_edit_case(
+    case: &serde_json::Value,
+    refs: &Refs,
+    run: impl FnOnce(&mut dyn FnMut(&StepInfo) -> Control) -> stable_diffusion::Result<Images>,
+) {
+    let name = case["name"].as_str().unwrap();
+    let mut seen = Vec::new();
+    let mut steps = Vec::new();
+    let mut on_step = |info: &StepInfo| {
+        seen.push(info.timestep);
+        steps.push((info.step, info.total));
+        Control::Continue
+    };
+    let images = run(&mut on_step).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let want = common::f64s(&case["timesteps"]);
+    assert_eq!(seen, want, "{name}: timesteps");
+    let n = want.len();
+    assert_eq!(
+        steps,
+        (1..=n).map(|i| (i, n)).collect::<Vec<_>>(),
+        "{name}: step numbers"
+    );
+    assert_close(
+        name,
+        &images.pixels,
+        &refs.get(&format!("out_{name}")),
+        1e-3,
+    );
+}
+
+/// img2img and inpainting with the SDXL base (4-channel blend) and the 9-channel inpainting
+/// model against StableDiffusionXL{Img2Img,Inpaint}Pipeline: SDXL's default strengths, the
+/// editing pipelines' rule for negative time ids, Euler a, DDIM, strength 1, batch 2.
+#[test]
+fn img2img_and_inpainting_match_diffusers_sdxl_pipelines() {
+    let refs = Refs::open(EDIT);
+    let all = cases(EDIT);
+    let list = all["edit"].as_array().unwrap();
+    assert!(list.len() >= 6);
+    for case in list {
+        let sd = load_for(case["model"].as_str().unwrap(), case);
+        let params = edit_params(case, &refs);
+        check_edit_case(case, &refs, |cb| sd.generate(&params, Some(cb)));
+    }
+}
+
+/// Base + refiner as an ensemble of experts (diffusers' `denoising_end` / `denoising_start`,
+/// latents handed over without a decode), from text, from an image and inpainting.
+#[test]
+fn base_and_refiner_ensemble_matches_diffusers() {
+    let refs = Refs::open(EDIT);
+    let all = cases(EDIT);
+    let list = all["ensemble"].as_array().unwrap();
+    assert_eq!(list.len(), 3);
+    for case in list {
+        let base = load_for(MODEL, case);
+        let refiner = load_for(REFINER, case);
+        let params = edit_params(case, &refs);
+        let start = case["refiner_start"].as_f64().unwrap();
+        check_edit_case(case, &refs, |cb| {
+            base.generate_with_refiner(&refiner, &params, start, Some(cb), &|| false)
+        });
+    }
+}
+
+/// Few-step runs as SDXL-Turbo is used: its own scheduler config (Euler a, trailing), one to
+/// four steps, guidance 0 (a single UNet pass per step).
+#[test]
+fn turbo_steps_without_guidance_match_diffusers() {
+    let refs = Refs::open(EDIT);
+    let all = cases(EDIT);
+    for case in all["turbo"].as_array().unwrap() {
+        let sd = load_for("tiny-sdxl-turbo", case);
+        assert_eq!(
+            sd.scheduler_config.class_name.as_deref(),
+            Some("EulerAncestralDiscreteScheduler")
+        );
+        let params = edit_params(case, &refs);
+        assert!(params.guidance <= 1.0);
+        check_edit_case(case, &refs, |cb| sd.generate(&params, Some(cb)));
+    }
+}
+
+/// What the ensemble and the refiner refuse, with the argument named.
+#[test]
+fn refiner_misuse_is_named() {
+    let base = load();
+    let refiner = load_refiner();
+    let params = GenerateParams {
+        prompt: "a red circle".into(),
+        steps: 4,
+        width: Some(32),
+        height: Some(32),
+        ..Default::default()
+    };
+    let err = err_text(refiner.generate(&params, None));
+    assert!(
+        err.contains("refiner") && err.contains("text alone"),
+        "{err}"
+    );
+    for bad in [0.0, 1.0, -0.5, 1.5, f64::NAN, f64::INFINITY] {
+        let err = err_text(base.generate_with_refiner(&refiner, &params, bad, None, &|| false));
+        assert!(err.contains("refiner_start"), "{bad}: {err}");
+    }
+    // An inpainting UNet cannot continue another model's latents (refused as a text-to-image
+    // request here, and by the ensemble itself when it gets a mask).
+    let inpaint = StableDiffusion::load(
+        &fixtures().join("tiny-sdxl-inpaint"),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let err = err_text(base.generate_with_refiner(&inpaint, &params, 0.5, None, &|| false));
+    assert!(err.contains("inpainting"), "{err}");
+    let image = stable_diffusion::image_io::Image::new(32, 32, vec![128; 32 * 32 * 3]).unwrap();
+    let masked = GenerateParams {
+        init_image: Some(image.clone()),
+        mask: Some(image),
+        ..params.clone()
+    };
+    let err = err_text(base.generate_with_refiner(&inpaint, &masked, 0.5, None, &|| false));
+    assert!(err.contains("inpainting UNet"), "{err}");
+    // Cancelling in the refiner's phase stops the whole run.
+    let mut calls = 0;
+    let mut on_step = |info: &StepInfo| {
+        calls += 1;
+        if info.step > 3 {
+            Control::Cancel
+        } else {
+            Control::Continue
+        }
+    };
+    let r = base.generate_with_refiner(&refiner, &params, 0.5, Some(&mut on_step), &|| false);
+    assert!(matches!(r, Err(Error::Cancelled)), "{:?}", r.err());
+    assert_eq!(calls, 4);
 }

@@ -30,9 +30,10 @@ enum Command {
         /// The image to start from (PNG or JPEG; resized to --width/--height if given).
         #[arg(long)]
         init: PathBuf,
-        /// How much the image may change, in [0, 1].
-        #[arg(long, default_value_t = 0.8)]
-        strength: f64,
+        /// How much the image may change, in [0, 1] (default: the model family's, as diffusers:
+        /// 0.8, SDXL 0.3).
+        #[arg(long)]
+        strength: Option<f64>,
     },
     /// Repaint the white region of a mask.
     Inpaint {
@@ -43,8 +44,10 @@ enum Command {
         /// White = repaint, black = keep.
         #[arg(long)]
         mask: PathBuf,
-        #[arg(long, default_value_t = 1.0)]
-        strength: f64,
+        /// How much the masked region may change, in [0, 1] (default: the model family's, as
+        /// diffusers: 1.0, SDXL 0.9999).
+        #[arg(long)]
+        strength: Option<f64>,
         /// Copy the original pixels back outside the mask.
         #[arg(long)]
         paste_back: bool,
@@ -236,6 +239,13 @@ struct CommonArgs {
     /// SDXL refiner: the aesthetic score of the unconditional pass (diffusers' 2.5).
     #[arg(long, default_value_t = 2.5)]
     negative_aesthetic_score: f64,
+    /// SDXL: a refiner model that takes over the base model's latents for the last part of
+    /// the schedule (the ensemble of experts; the two share the steps).
+    #[arg(long)]
+    refiner: Option<PathBuf>,
+    /// With --refiner: the fraction of the schedule where the base hands over, in (0, 1).
+    #[arg(long, default_value_t = 0.8)]
+    refiner_start: f64,
     #[arg(long, default_value_t = 30)]
     steps: usize,
     /// Classifier-free guidance scale (<= 1 disables guidance).
@@ -383,6 +393,17 @@ fn a1111_parameters(
     if a.clip_skip > 0 {
         s.push_str(&format!(", Clip skip: {}", a.clip_skip + 1));
     }
+    if let Some(refiner) = &a.refiner {
+        // A1111's own keys for its SDXL refiner.
+        let name = refiner
+            .file_stem()
+            .and_then(|n| n.to_str())
+            .unwrap_or("refiner");
+        s.push_str(&format!(
+            ", Refiner: {name}, Refiner switch at: {}",
+            a.refiner_start
+        ));
+    }
     if a.batch > 1 {
         s.push_str(&format!(", Batch size: {}", a.batch));
     }
@@ -442,6 +463,16 @@ fn run(a: &CommonArgs, edit: Edit) -> Result<()> {
         use_ema: a.ema,
     };
     let sd = StableDiffusion::load_with(&a.model, &options, &overrides)?;
+    let refiner = match &a.refiner {
+        Some(path) => {
+            stable_diffusion::pipeline::check_denoising_fraction(
+                "--refiner-start",
+                a.refiner_start,
+            )?;
+            Some(StableDiffusion::load(path, &options)?)
+        }
+        None => None,
+    };
     let params = GenerateParams {
         init_image,
         mask,
@@ -493,7 +524,16 @@ fn run(a: &CommonArgs, edit: Edit) -> Result<()> {
         bar.set_message(format!("t={}", info.timestep));
         Control::Continue
     };
-    let images = sd.generate(&params, Some(&mut on_step))?;
+    let images = match &refiner {
+        Some(refiner) => sd.generate_with_refiner(
+            refiner,
+            &params,
+            a.refiner_start,
+            Some(&mut on_step),
+            &|| false,
+        )?,
+        None => sd.generate(&params, Some(&mut on_step))?,
+    };
     bar.finish_and_clear();
     let model_name = a
         .model
@@ -543,7 +583,7 @@ fn main() {
             common,
             Edit {
                 init: Some(init.clone()),
-                strength: Some(*strength),
+                strength: *strength,
                 ..Default::default()
             },
         ),
@@ -558,7 +598,7 @@ fn main() {
             Edit {
                 init: Some(init.clone()),
                 mask: Some(mask.clone()),
-                strength: Some(*strength),
+                strength: *strength,
                 paste_back: *paste_back,
             },
         ),

@@ -11,7 +11,7 @@ use crate::models::fast::{DeepCache, FastPass, TokenMerging, NEEDS_NATIVE_UNET};
 use crate::models::traits::{Autoencoder, Denoiser, TextEncoder};
 use crate::models::AddedConditions;
 use crate::rng::{NoiseSource, PredrawnNoise};
-use crate::schedulers::{self, Scheduler, SchedulerConfig};
+use crate::schedulers::{self, PredictionType, Scheduler, SchedulerConfig};
 use crate::tokenizer::ClipTokenizer;
 use crate::{Error, Result};
 use tch::{Device, Kind, Tensor};
@@ -111,7 +111,18 @@ pub const MAX_MICRO_CONDITIONING: i64 = 1 << 20;
 impl MicroConditioning {
     /// The positive and negative time ids, `[orig_h, orig_w, top, left, target_h, target_w]`,
     /// or with `aesthetics` (the refiner) `[orig_h, orig_w, top, left, score]`.
-    fn time_ids(&self, height: i64, width: i64, aesthetics: bool) -> (Vec<f64>, Vec<f64>) {
+    ///
+    /// `editing` (img2img, inpainting, a refiner phase) takes diffusers' editing pipelines'
+    /// rule for the negative ids: each negative size defaults to its positive one on its own,
+    /// and the negative pass takes the positive crop; text-to-image uses the negative values
+    /// only when both negative sizes are given, with the negative crop.
+    fn time_ids(
+        &self,
+        height: i64,
+        width: i64,
+        aesthetics: bool,
+        editing: bool,
+    ) -> (Vec<f64>, Vec<f64>) {
         let output = (height, width);
         if aesthetics {
             // diffusers' img2img rule: the negative sizes default one by one, and the
@@ -145,9 +156,23 @@ impl MicroConditioning {
             self.crops_coords_top_left,
             self.target_size.unwrap_or(output),
         );
-        let negative = match (self.negative_original_size, self.negative_target_size) {
-            (Some(orig), Some(target)) => ids(orig, self.negative_crops_coords_top_left, target),
-            _ => positive.clone(),
+        let negative = if editing {
+            ids(
+                self.negative_original_size
+                    .or(self.original_size)
+                    .unwrap_or(output),
+                self.crops_coords_top_left,
+                self.negative_target_size
+                    .or(self.target_size)
+                    .unwrap_or(output),
+            )
+        } else {
+            match (self.negative_original_size, self.negative_target_size) {
+                (Some(orig), Some(target)) => {
+                    ids(orig, self.negative_crops_coords_top_left, target)
+                }
+                _ => positive.clone(),
+            }
         };
         (positive, negative)
     }
@@ -333,6 +358,52 @@ pub struct SdxlText {
     pub requires_aesthetics_score: bool,
 }
 
+/// Which kind of model a pipeline holds, as an engine's UI needs to know it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelFamily {
+    /// SD 1.x: one CLIP text encoder whose tokenizer pads with its end token.
+    Sd1,
+    /// SD 2.x: one OpenCLIP text encoder whose tokenizer pads with `!`.
+    Sd2,
+    /// SDXL base (also its inpainting and Turbo variants): two text encoders.
+    Sdxl,
+    /// The SDXL refiner: one text encoder with projection, aesthetic-score conditioning; it
+    /// refines images and latents, it does not start from text alone.
+    SdxlRefiner,
+}
+
+impl ModelFamily {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sd1 => "sd1",
+            Self::Sd2 => "sd2",
+            Self::Sdxl => "sdxl",
+            Self::SdxlRefiner => "sdxl-refiner",
+        }
+    }
+}
+
+/// What a loaded pipeline is, for a caller that adapts to it (see [`StableDiffusion::info`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PipelineInfo {
+    pub family: ModelFamily,
+    /// The size generated when the caller gives none, in pixels (square).
+    pub native_size: i64,
+    pub prediction_type: PredictionType,
+    /// UNet input channels: the latent channels, or 2 x latent + 1 for an inpainting model.
+    pub unet_in_channels: i64,
+    pub latent_channels: i64,
+    /// Pixels per latent cell on each side.
+    pub vae_scale_factor: i64,
+    /// The largest `clip_skip` accepted (`None`: the text encoder does not say, e.g.
+    /// TorchScript).
+    pub max_clip_skip: Option<usize>,
+    /// The scheduler a request without one runs (a diffusers class name).
+    pub default_scheduler: Option<String>,
+    pub kind: Kind,
+    pub device: Device,
+}
+
 /// How much a log message matters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum LogLevel {
@@ -343,6 +414,47 @@ pub enum LogLevel {
 
 /// Receives the pipeline's log messages (e.g. a prompt cut at 77 tokens, a scheduler fallback).
 pub type Logger = std::sync::Arc<dyn Fn(LogLevel, &str) + Send + Sync>;
+
+/// Where one denoising run starts and stops within its schedule: the whole of it, or a phase
+/// of SDXL's base + refiner ensemble.
+struct Phase<'a> {
+    /// Latents handed over by an earlier phase, and the fraction of the schedule that phase
+    /// covered (diffusers' `denoising_start`).
+    start: Option<(&'a Tensor, f64)>,
+    /// Stop once this fraction of the schedule is done (diffusers' `denoising_end`).
+    end: Option<f64>,
+    /// Steps reported to `on_step` are numbered after `offset`, out of `total` (0: this
+    /// phase's own count).
+    offset: usize,
+    total: usize,
+}
+
+impl Phase<'_> {
+    const WHOLE: Phase<'static> = Phase {
+        start: None,
+        end: None,
+        offset: 0,
+        total: 0,
+    };
+}
+
+/// What a denoising run leaves for the decode.
+struct Denoised {
+    latents: Tensor,
+    mask: Option<Tensor>,
+    init: Option<Tensor>,
+}
+
+/// A hand-over point of the base + refiner ensemble must lie strictly inside the schedule.
+pub fn check_denoising_fraction(name: &str, fraction: f64) -> Result<()> {
+    if fraction.is_finite() && fraction > 0.0 && fraction < 1.0 {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "{name} must be a fraction of the schedule strictly between 0 and 1, got {fraction}"
+        )))
+    }
+}
 
 impl StableDiffusion {
     /// A pipeline from its parts: native modules, TorchScript modules or a mix.
@@ -390,6 +502,42 @@ impl StableDiffusion {
     /// Pixels per latent cell on each side.
     pub fn vae_scale_factor(&self) -> i64 {
         self.vae.spatial_scale()
+    }
+
+    /// The model family (from the parts loaded: the encoders, the tokenizer's padding).
+    pub fn family(&self) -> ModelFamily {
+        match &self.sdxl {
+            Some(sdxl) if sdxl.second.is_none() => ModelFamily::SdxlRefiner,
+            Some(_) => ModelFamily::Sdxl,
+            None if self.tokenizer.pad_id() != self.tokenizer.eos_id() => ModelFamily::Sd2,
+            None => ModelFamily::Sd1,
+        }
+    }
+
+    /// What this pipeline is: family, native size, prediction type, channels, valid
+    /// `clip_skip`, default scheduler, dtype and device.
+    pub fn info(&self) -> PipelineInfo {
+        let validator = self.validator();
+        PipelineInfo {
+            family: self.family(),
+            native_size: self.default_size(),
+            prediction_type: self
+                .scheduler_config
+                .prediction_type
+                .unwrap_or(PredictionType::Epsilon),
+            unet_in_channels: self.unet.in_channels(),
+            latent_channels: self.vae.latent_channels(),
+            vae_scale_factor: self.vae_scale_factor(),
+            max_clip_skip: validator.text_layers.map(|n| n.saturating_sub(1)),
+            // The class a request without a scheduler runs: DDIM when the config's is unknown.
+            default_scheduler: match validator.scheduler(None) {
+                Ok((_, Some(_))) => Some("DDIMScheduler".into()),
+                Ok((_, None)) => self.scheduler_config.class_name.clone(),
+                Err(_) => None,
+            },
+            kind: self.kind,
+            device: self.device,
+        }
     }
 
     /// The image size used when the caller gives none: the UNet's sample size in pixels.
@@ -500,6 +648,10 @@ impl StableDiffusion {
             device: self.device,
             kind: self.kind,
             scheduler_config: self.scheduler_config.clone(),
+            refiner: self
+                .sdxl
+                .as_ref()
+                .is_some_and(|x| x.requires_aesthetics_score),
         }
     }
 
@@ -544,12 +696,139 @@ impl StableDiffusion {
         mut on_step: Option<&mut dyn FnMut(&StepInfo) -> Control>,
         cancelled: &dyn Fn() -> bool,
     ) -> Result<Images> {
+        let validated = self.validate(params)?;
+        let run = self.denoise(params, validated, &Phase::WHOLE, &mut on_step, cancelled)?;
+        self.decode_run(run, params, cancelled)
+    }
+
+    /// SDXL's "ensemble of expert denoisers": this (base) model denoises the first
+    /// `refiner_start` of the schedule (diffusers' `denoising_end`), then `refiner` takes its
+    /// latents, without a decode, through the rest (`denoising_start`) and decodes them.
+    /// Both phases run `params` (text-to-image, image-to-image or inpainting on this model;
+    /// the refiner continues in the same mode) with their own scheduler of the same name; the
+    /// refiner's noise comes from a generator seeded again with `params.seed`. `on_step`
+    /// counts the steps of both phases.
+    pub fn generate_with_refiner(
+        &self,
+        refiner: &StableDiffusion,
+        params: &GenerateParams,
+        refiner_start: f64,
+        mut on_step: Option<&mut dyn FnMut(&StepInfo) -> Control>,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Images> {
+        check_denoising_fraction("refiner_start", refiner_start)?;
+        let base = self.validate(params)?;
+        let second = refiner.validator().validate_phase(params, true)?;
+        if (second.width, second.height) != (base.width, base.height)
+            || refiner.vae.latent_channels() != self.vae.latent_channels()
+            || refiner.vae_scale_factor() != self.vae_scale_factor()
+        {
+            return Err(Error::invalid(
+                "the refiner's latents do not match the base model's (latent channels or \
+                 VAE scale factor differ)",
+            ));
+        }
+        if refiner.unet.in_channels() != refiner.vae.latent_channels() {
+            return Err(Error::Unsupported(
+                "an inpainting UNet as the refiner of an ensemble".into(),
+            ));
+        }
+        let first_steps = self
+            .plan(params, &*base.scheduler, None, Some(refiner_start))
+            .1
+            .len();
+        let last_steps = refiner
+            .plan(params, &*second.scheduler, Some(refiner_start), None)
+            .1
+            .len();
+        let total = first_steps + last_steps;
+        let first = Phase {
+            start: None,
+            end: Some(refiner_start),
+            offset: 0,
+            total,
+        };
+        let handed = self.denoise(params, base, &first, &mut on_step, cancelled)?;
+        let second_phase = Phase {
+            start: Some((&handed.latents, refiner_start)),
+            end: None,
+            offset: first_steps,
+            total,
+        };
+        let run = refiner.denoise(params, second, &second_phase, &mut on_step, cancelled)?;
+        drop(handed);
+        refiner.decode_run(run, params, cancelled)
+    }
+
+    /// Which of the scheduler's timesteps a run takes, and the index of the first: editing
+    /// skips the first ones by strength (diffusers' `get_timesteps`), a handed-over phase
+    /// begins where `denoising_start` puts it, and `denoising_end` stops early (diffusers'
+    /// cut-offs, `round(T - fraction * T)`, with its second-order adjustment).
+    fn plan(
+        &self,
+        params: &GenerateParams,
+        scheduler: &dyn Scheduler,
+        start: Option<f64>,
+        end: Option<f64>,
+    ) -> (usize, Vec<f64>) {
+        let all = scheduler.timesteps();
+        let order = scheduler.order();
+        let train = self.scheduler_config.num_train_timesteps.unwrap_or(1000) as f64;
+        let cutoff = |fraction: f64| (train - fraction * train).round_ties_even();
+        let begin = match (start, params.init_image.is_some()) {
+            (Some(fraction), _) => {
+                let cutoff = cutoff(fraction);
+                let mut n = all.iter().filter(|&&t| t < cutoff).count();
+                if order == 2 && n % 2 == 0 {
+                    n += 1;
+                }
+                all.len().saturating_sub(n)
+            }
+            (None, true) => {
+                let strength = self.strength(params);
+                let init_steps = ((params.steps as f64 * strength) as usize).min(params.steps);
+                ((params.steps - init_steps) * order).min(all.len())
+            }
+            (None, false) => 0,
+        };
+        let mut timesteps = all[begin..].to_vec();
+        if let Some(fraction) = end {
+            let cutoff = cutoff(fraction);
+            let n = timesteps.iter().filter(|&&t| t >= cutoff).count();
+            timesteps.truncate(n);
+        }
+        (begin, timesteps)
+    }
+
+    /// The strength of an editing request: the caller's, else diffusers' default for the mode
+    /// and the model family.
+    fn strength(&self, params: &GenerateParams) -> f64 {
+        params
+            .strength
+            .unwrap_or(match (params.mask.is_some(), self.sdxl.is_some()) {
+                // diffusers' defaults: SD's Inpaint / Img2Img, then SDXL's.
+                (true, false) => 1.0,
+                (false, false) => 0.8,
+                (true, true) => 0.9999,
+                (false, true) => 0.3,
+            })
+    }
+
+    /// The denoising loop of one phase (see [`Phase`]), up to the final latents.
+    fn denoise(
+        &self,
+        params: &GenerateParams,
+        validated: Validated,
+        phase: &Phase,
+        on_step: &mut Option<&mut dyn FnMut(&StepInfo) -> Control>,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Denoised> {
         let Validated {
             width,
             height,
             mut scheduler,
             fallback,
-        } = self.validate(params)?;
+        } = validated;
         if let Some(why) = fallback {
             self.log(LogLevel::Warn, || why);
         }
@@ -568,6 +847,15 @@ impl StableDiffusion {
         let latent_c = self.vae.latent_channels();
         let shape = vec![batch, latent_c, height / vsf, width / vsf];
         let single = vec![1, latent_c, height / vsf, width / vsf];
+        let handed = phase.start.map(|(latents, _)| latents);
+        if let Some(latents) = handed {
+            if latents.size() != shape {
+                return Err(Error::invalid(format!(
+                    "handed-over latents of shape {:?}, expected {shape:?}",
+                    latents.size()
+                )));
+            }
+        }
 
         // The editing inputs, at the output size.
         let init = match &params.init_image {
@@ -586,47 +874,42 @@ impl StableDiffusion {
         stop()?;
         let inpaint_unet = self.unet.in_channels() != latent_c;
 
-        // Which timesteps run: editing modes skip the first ones (diffusers' get_timesteps).
-        let all_timesteps = scheduler.timesteps().to_vec();
-        let strength = params
-            .strength
-            .unwrap_or(match (mask.is_some(), self.sdxl.is_some()) {
-                // diffusers' defaults: SD's Inpaint / Img2Img, then SDXL's.
-                (true, false) => 1.0,
-                (false, false) => 0.8,
-                (true, true) => 0.9999,
-                (false, true) => 0.3,
-            });
-        let t_start = match &init {
-            None => 0,
-            Some(_) => {
-                let init_steps = ((params.steps as f64 * strength) as usize).min(params.steps);
-                params.steps - init_steps
-            }
-        };
-        let order = scheduler.order();
-        let timesteps = all_timesteps[(t_start * order).min(all_timesteps.len())..].to_vec();
-        if let Some(init) = &init {
-            if timesteps.is_empty() {
+        let (begin, timesteps) =
+            self.plan(params, &*scheduler, phase.start.map(|(_, f)| f), phase.end);
+        if begin > 0 || handed.is_some() {
+            scheduler.set_begin_index(begin);
+        }
+        // The noise level an edit starts from: the first timestep after the strength cut,
+        // whatever `denoising_end` keeps (as diffusers takes it before that cut).
+        let first_timestep = scheduler.timesteps().get(begin).copied();
+        if let (Some(init), None) = (&init, handed) {
+            if first_timestep.is_none() {
                 // Nothing to denoise: the encoded-decoded input (posterior mean).
                 let z = self.vae.scale_latents(&self.vae.encode(init)?.mean)?;
                 stop()?;
-                let z = z.f_repeat([batch, 1, 1, 1])?;
-                return self.finish(&z, params, mask.as_ref(), Some(init), cancelled);
+                return Ok(Denoised {
+                    latents: z.f_repeat([batch, 1, 1, 1])?,
+                    mask,
+                    init: Some(init.shallow_clone()),
+                });
             }
-            scheduler.set_begin_index(t_start * order);
         }
-        let strength_max = init.is_none() || (mask.is_some() && strength >= 1.0);
+        let strength_max = init.is_none() || (mask.is_some() && self.strength(params) >= 1.0);
 
-        // All noise of the run, drawn up front in diffusers' order.
+        // All noise of the run, drawn up front in diffusers' order. A handed-over phase draws
+        // nothing to start from (its latents are already noisy), but inpainting draws the
+        // noise that re-noises the known region.
         let mut shapes = Vec::new();
-        let needs_image_latents =
-            init.is_some() && (mask.is_none() || !inpaint_unet || !strength_max);
+        let needs_image_latents = handed.is_none()
+            && init.is_some()
+            && (mask.is_none() || !inpaint_unet || !strength_max);
         if needs_image_latents {
             shapes.push(single.clone());
         }
-        shapes.push(shape.clone());
-        if mask.is_some() {
+        if handed.is_none() || mask.is_some() {
+            shapes.push(shape.clone());
+        }
+        if mask.is_some() && handed.is_none() {
             shapes.push(single.clone());
         }
         shapes.extend(std::iter::repeat(shape.clone()).take(scheduler.noise_draws()));
@@ -638,33 +921,48 @@ impl StableDiffusion {
                 let z = self.vae.encode(init)?.sample(&mut noise_source)?;
                 Some(self.vae.scale_latents(&z)?.f_repeat([batch, 1, 1, 1])?)
             }
-            _ => None,
+            // diffusers' inpainting takes handed-over latents as its image latents.
+            _ => handed.filter(|_| mask.is_some()).map(|l| l.shallow_clone()),
         };
         stop()?;
-        let noise = noise_source.randn(&shape)?;
-        let mut latents = match (&image_latents, strength_max) {
-            (Some(z0), false) => scheduler.add_noise(z0, &noise, timesteps[0])?,
-            _ => noise.f_mul_scalar(scheduler.init_noise_sigma())?,
+        let noise = match (handed, &mask) {
+            (Some(_), None) => None,
+            _ => Some(noise_source.randn(&shape)?),
+        };
+        let mut latents = match (handed, &image_latents, &noise, strength_max) {
+            (Some(latents), _, _, _) => latents.shallow_clone(),
+            (None, Some(z0), Some(noise), false) => {
+                let t = first_timestep
+                    .ok_or_else(|| Error::Internal("an edit without timesteps".into()))?;
+                scheduler.add_noise(z0, noise, t)?
+            }
+            (None, _, Some(noise), _) => noise.f_mul_scalar(scheduler.init_noise_sigma())?,
+            (None, _, None, _) => return Err(Error::Internal("no initial noise".into())),
         };
 
         // Inpainting conditions: the mask at latent size and the masked image's latents.
         let mut inpaint = None;
         if let (Some(init), Some(mask)) = (&init, &mask) {
-            let keep = mask.f_lt(0.5)?.f_to_kind(self.kind)?;
-            let masked = init.f_mul(&keep)?;
-            let masked_latents = self
-                .vae
-                .scale_latents(&self.vae.encode(&masked)?.sample(&mut noise_source)?)?;
-            stop()?;
-            let small = mask.f_upsample_nearest2d([height / vsf, width / vsf], None, None)?;
-            inpaint = Some((
-                small.f_repeat([batch, 1, 1, 1])?,
-                masked_latents.f_repeat([batch, 1, 1, 1])?,
-            ));
+            let small = mask
+                .f_upsample_nearest2d([height / vsf, width / vsf], None, None)?
+                .f_repeat([batch, 1, 1, 1])?;
+            let masked_latents = if handed.is_none() {
+                let keep = mask.f_lt(0.5)?.f_to_kind(self.kind)?;
+                let masked = init.f_mul(&keep)?;
+                let z = self
+                    .vae
+                    .scale_latents(&self.vae.encode(&masked)?.sample(&mut noise_source)?)?;
+                stop()?;
+                Some(z.f_repeat([batch, 1, 1, 1])?)
+            } else {
+                None
+            };
+            inpaint = Some((small, masked_latents));
         }
 
         let cfg = params.guidance > 1.0;
-        let (context, added) = self.text_context(params, cfg, width, height, &stop)?;
+        let editing = init.is_some() || handed.is_some();
+        let (context, added) = self.text_context(params, cfg, width, height, editing, &stop)?;
         stop()?;
         let double = |t: &Tensor| -> Result<Tensor> {
             Ok(if cfg {
@@ -674,14 +972,18 @@ impl StableDiffusion {
             })
         };
         let unet_extra = match (&inpaint, inpaint_unet) {
-            (Some((m, z)), true) => Some((double(m)?, double(z)?)),
+            (Some((m, Some(z))), true) => Some((double(m)?, double(z)?)),
+            (Some((_, None)), true) => {
+                return Err(Error::Unsupported(
+                    "an inpainting UNet continuing handed-over latents".into(),
+                ))
+            }
             _ => None,
         };
 
         let fast = params.fast;
         let mut cache = (fast.cache_interval > 1).then(|| DeepCache::new(fast.cache_branch));
         let mut unet_calls = 0usize;
-        let total = timesteps.len();
         for (i, &t) in timesteps.iter().enumerate() {
             stop()?;
             let mut model_input = scheduler.scale_model_input(&double(&latents)?, t)?;
@@ -713,9 +1015,11 @@ impl StableDiffusion {
             latents = scheduler.step(&pred, t, &latents, &mut noise_source)?;
             // An ordinary UNet inpaints by putting back the known region, noised to the level
             // of the next step.
-            if let (Some((m, _)), false, Some(z0)) = (&inpaint, inpaint_unet, &image_latents) {
+            if let (Some((m, _)), false, Some(z0), Some(noise)) =
+                (&inpaint, inpaint_unet, &image_latents, &noise)
+            {
                 let known = match timesteps.get(i + 1) {
-                    Some(&next) => scheduler.add_noise(z0, &noise, next)?,
+                    Some(&next) => scheduler.add_noise(z0, noise, next)?,
                     None => z0.shallow_clone(),
                 };
                 latents = known
@@ -724,8 +1028,12 @@ impl StableDiffusion {
             }
             if let Some(cb) = on_step.as_mut() {
                 let info = StepInfo {
-                    step: i + 1,
-                    total,
+                    step: phase.offset + i + 1,
+                    total: if phase.total == 0 {
+                        timesteps.len()
+                    } else {
+                        phase.total
+                    },
                     timestep: t,
                     latents: &latents,
                 };
@@ -736,8 +1044,28 @@ impl StableDiffusion {
         }
         stop()?;
         drop((cache, context, added, unet_extra));
+        Ok(Denoised {
+            latents,
+            mask,
+            init,
+        })
+    }
+
+    /// Decodes a finished run (see [`StableDiffusion::finish`]).
+    fn decode_run(
+        &self,
+        run: Denoised,
+        params: &GenerateParams,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Images> {
         crate::runtime::release_cached_memory();
-        let images = self.finish(&latents, params, mask.as_ref(), init.as_ref(), cancelled);
+        let images = self.finish(
+            &run.latents,
+            params,
+            run.mask.as_ref(),
+            run.init.as_ref(),
+            cancelled,
+        );
         crate::runtime::release_cached_memory();
         images
     }
@@ -750,10 +1078,11 @@ impl StableDiffusion {
         cfg: bool,
         width: i64,
         height: i64,
+        editing: bool,
         stop: &dyn Fn() -> Result<()>,
     ) -> Result<(Tensor, Option<AddedConditions>)> {
         if let Some(sdxl) = &self.sdxl {
-            return self.sdxl_context(sdxl, params, cfg, width, height, stop);
+            return self.sdxl_context(sdxl, params, cfg, width, height, editing, stop);
         }
         let cond = self.encode_prompt(&params.prompt, params.batch, params.clip_skip)?;
         if !cfg {
@@ -775,6 +1104,7 @@ impl StableDiffusion {
         cfg: bool,
         width: i64,
         height: i64,
+        editing: bool,
         stop: &dyn Fn() -> Result<()>,
     ) -> Result<(Tensor, Option<AddedConditions>)> {
         let batch = params.batch;
@@ -784,7 +1114,7 @@ impl StableDiffusion {
         let (positive_ids, negative_ids) =
             params
                 .micro
-                .time_ids(height, width, sdxl.requires_aesthetics_score);
+                .time_ids(height, width, sdxl.requires_aesthetics_score, editing);
         let time_ids = |ids: Vec<f64>| -> Result<Tensor> {
             Ok(Tensor::f_from_slice(&ids)?
                 .f_to_kind(self.kind)?
@@ -945,6 +1275,8 @@ pub struct Validator {
     device: Device,
     kind: Kind,
     scheduler_config: SchedulerConfig,
+    /// An SDXL refiner: it refines latents or an image, it does not start from text alone.
+    refiner: bool,
 }
 
 /// A request [`Validator::validate`] accepted: its output size and its scheduler, ready to
@@ -963,6 +1295,17 @@ impl Validator {
     /// numbers, strength, the images, the model kind, clip_skip, and the scheduler (its name,
     /// eta and step count). The errors name the parameter at fault.
     pub fn validate(&self, p: &GenerateParams) -> Result<Validated> {
+        self.validate_phase(p, false)
+    }
+
+    /// [`Validator::validate`] for a run that may continue latents handed over by another
+    /// model (`handed_over`), which a refiner accepts without an init image.
+    pub fn validate_phase(&self, p: &GenerateParams, handed_over: bool) -> Result<Validated> {
+        if self.refiner && p.init_image.is_none() && !handed_over {
+            return Err(Error::invalid(
+                "this model is an SDXL refiner: it refines an image (img2img, inpainting) or a                  base model's latents (a refiner with refiner_start), it does not generate                  from text alone",
+            ));
+        }
         check_prompt("prompt", &p.prompt)?;
         if let Some(negative) = &p.negative_prompt {
             check_prompt("negative prompt", negative)?;

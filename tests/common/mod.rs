@@ -307,3 +307,13 @@ pub fn check_txt2img_case(
         1e-3,
     );
 }
+
+/// A uint8 `[H, W, 3]` reference tensor as an [`Image`](stable_diffusion::image_io::Image).
+pub fn image_of(t: &Tensor) -> stable_diffusion::image_io::Image {
+    let size = t.size();
+    assert_eq!(size.len(), 3, "image tensor shape {size:?}");
+    assert_eq!(size[2], 3);
+    assert_eq!(t.kind(), tch::Kind::Uint8);
+    let rgb = Vec::<u8>::try_from(t.reshape([-1])).unwrap();
+    stable_diffusion::image_io::Image::new(size[1] as u32, size[0] as u32, rgb).unwrap()
+}
