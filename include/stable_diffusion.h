@@ -57,6 +57,11 @@
 #define SD_STEP_CANCEL 1
 
 /**
+ * Where the base hands over to the refiner unless told (diffusers' documented 0.8).
+ */
+#define SD_DEFAULT_REFINER_START 0.8
+
+/**
  * What a call did. `SD_OK` (0) is success; any other value is a failure whose message
  * `sd_last_error()` returns on the same thread. New codes may be added at the end: treat an
  * unknown non-zero code as a failure.
@@ -477,6 +482,19 @@ typedef struct sd_generate_params {
    */
   double aesthetic_score;
   double negative_aesthetic_score;
+  /**
+   * SDXL: a refiner pipeline (another `sd_pipeline`, e.g. stable-diffusion-xl-refiner)
+   * that takes over this pipeline's latents, without a decode, for the last part of the
+   * schedule (diffusers' ensemble of experts: `denoising_end` here, `denoising_start`
+   * there) and decodes them. NULL (default) = none. Borrowed for the call; a job keeps it
+   * alive until it finishes. The two pipelines are both held while the call runs.
+   */
+  const struct sd_pipeline *refiner;
+  /**
+   * With `refiner`: the fraction of the schedule after which the refiner takes over,
+   * strictly between 0 and 1 (default 0.8).
+   */
+  double refiner_start;
 } sd_generate_params;
 
 /**
@@ -486,6 +504,71 @@ typedef struct sd_generate_params {
  * exception, no longjmp) and must not call `sd_generate` on the same pipeline.
  */
 typedef void (*sd_log_fn)(sd_log_level level, const char *message, void *user_data);
+
+/**
+ * Model families (`sd_pipeline_info.family`).
+ */
+typedef int32_t sd_family;
+
+/**
+ * What the UNet predicts (`sd_pipeline_info.prediction_type`).
+ */
+typedef int32_t sd_prediction;
+
+/**
+ * Kinds of device (`sd_pipeline_info.device_type`).
+ */
+typedef int32_t sd_device_type;
+
+/**
+ * What a pipeline loaded, so that an engine can adapt its UI (sizes, modes, sliders). Set
+ * `struct_size = sizeof(sd_pipeline_info)` and call `sd_pipeline_get_info`; fields may be appended
+ * in later versions.
+ */
+typedef struct sd_pipeline_info {
+  size_t struct_size;
+  /**
+   * One of the `SD_FAMILY_*` values.
+   */
+  sd_family family;
+  /**
+   * The size generated when `width` / `height` are 0, in pixels.
+   */
+  uint32_t native_width;
+  uint32_t native_height;
+  /**
+   * One of the `SD_PREDICTION_*` values.
+   */
+  sd_prediction prediction_type;
+  /**
+   * UNet input channels: `latent_channels` (4) for ordinary models, 2 x latent + 1 (9)
+   * for inpainting models, which need an init image and a mask.
+   */
+  uint32_t unet_in_channels;
+  uint32_t latent_channels;
+  /**
+   * Pixels per latent cell on each side (8): `width` and `height` must be multiples of it.
+   */
+  uint32_t vae_scale_factor;
+  /**
+   * The largest `clip_skip` accepted; -1 when the text encoder does not say (TorchScript).
+   */
+  int32_t max_clip_skip;
+  /**
+   * The scheduler a request without one runs (a diffusers class name, UTF-8). Owned by the
+   * pipeline, valid until `sd_pipeline_free`; "" when unknown.
+   */
+  const char *default_scheduler;
+  /**
+   * The `SD_DTYPE_*` the weights are held in.
+   */
+  sd_dtype dtype;
+  /**
+   * One of the `SD_DEVICE_*` values, and the device's index (CUDA; else 0).
+   */
+  sd_device_type device_type;
+  int32_t device_index;
+} sd_pipeline_info;
 
 /**
  * A job's progress, as `sd_job_poll` reports it. Set `struct_size` to `sizeof(sd_job_progress)` before
@@ -522,6 +605,49 @@ typedef struct sd_job_progress {
  * bfloat16: halves memory; CPUs with bf16 support and recent GPUs.
  */
 #define SD_DTYPE_BF16 2
+
+/**
+ * Stable Diffusion 1.x (CLIP ViT-L text encoder; native 512x512).
+ */
+#define SD_FAMILY_SD1 1
+
+/**
+ * Stable Diffusion 2.x (OpenCLIP ViT-H text encoder; native 512 or 768).
+ */
+#define SD_FAMILY_SD2 2
+
+/**
+ * SDXL base and its fine-tunes, inpainting and Turbo variants (two text encoders; native
+ * 1024x1024).
+ */
+#define SD_FAMILY_SDXL 3
+
+/**
+ * The SDXL refiner: refines images, or a base pipeline's latents as `sd_generate_params.refiner`;
+ * it does not generate from text alone.
+ */
+#define SD_FAMILY_SDXL_REFINER 4
+
+/**
+ * The added noise (epsilon).
+ */
+#define SD_PREDICTION_EPSILON 0
+
+/**
+ * The velocity (v-prediction, e.g. SD 2.x 768 models).
+ */
+#define SD_PREDICTION_V 1
+
+/**
+ * The clean sample.
+ */
+#define SD_PREDICTION_SAMPLE 2
+
+#define SD_DEVICE_CPU 0
+
+#define SD_DEVICE_CUDA 1
+
+#define SD_DEVICE_MPS 2
 
 #ifdef __cplusplus
 extern "C" {
@@ -642,6 +768,20 @@ sd_status sd_pipeline_set_log_callback(struct sd_pipeline *pipeline,
 sd_status sd_generate(struct sd_pipeline *pipeline,
                       const struct sd_generate_params *params,
                       struct sd_images **out_images);
+
+/**
+ * Fills `*info` with what `pipeline` loaded: family, native size, prediction type, UNet
+ * input and latent channels, VAE scale factor, the largest `clip_skip`, default scheduler,
+ * dtype and device. Set `info->struct_size = sizeof(sd_pipeline_info)` first.
+ *
+ * Threading: thread-safe and never waits, even while the pipeline is generating.
+ * Errors: `SD_ERR_INVALID_ARGUMENT` when a pointer is NULL or `struct_size` is too small
+ * (then `*info` is not written).
+ *
+ * Pointers: `pipeline` is NULL or live; `info` is NULL or valid for `info->struct_size`
+ * bytes.
+ */
+sd_status sd_pipeline_get_info(const struct sd_pipeline *pipeline, struct sd_pipeline_info *info);
 
 /**
  * Inside the step callback: stores in `*out_image` (NULL on failure) a cheap RGB preview of

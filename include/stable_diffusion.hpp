@@ -125,6 +125,13 @@ struct Params {
   const sd_image* init_image = nullptr;  // borrowed for the call
   const sd_image* mask = nullptr;        // borrowed for the call
   bool paste_back;
+  std::string prompt_2;           // SDXL's second encoder; empty: `prompt`
+  std::string negative_prompt_2;  // empty: `negative_prompt`
+  double guidance_rescale;
+  /// SDXL: a refiner pipeline (Pipeline::get()) that finishes the last part of the schedule
+  /// from this pipeline's latents; nullptr: none. Borrowed for the call.
+  const sd_pipeline* refiner = nullptr;
+  double refiner_start;  // the fraction where the refiner takes over, in (0, 1)
 
   Params() {
     sd_generate_params d;
@@ -140,6 +147,8 @@ struct Params {
     eta = d.eta;
     seed = d.seed;
     paste_back = d.paste_back != 0;
+    guidance_rescale = d.guidance_rescale;
+    refiner_start = d.refiner_start;
   }
 
   /// The C struct; its strings point into this object.
@@ -162,6 +171,11 @@ struct Params {
     c.init_image = init_image;
     c.mask = mask;
     c.paste_back = paste_back ? 1 : 0;
+    c.prompt_2 = detail::c_str_or_null(prompt_2);
+    c.negative_prompt_2 = detail::c_str_or_null(negative_prompt_2);
+    c.guidance_rescale = guidance_rescale;
+    c.refiner = refiner;
+    c.refiner_start = refiner_start;
     return c;
   }
 };
@@ -326,6 +340,15 @@ class Pipeline {
     sd_job* job = nullptr;
     detail::check(sd_job_submit(pipeline_.get(), &c, &job));
     return Job(job, std::move(state));
+  }
+
+  /// What was loaded: family, native size, prediction type, channels, clip_skip range,
+  /// default scheduler (valid while this Pipeline lives), dtype, device.
+  sd_pipeline_info info() const {
+    sd_pipeline_info i{};
+    i.struct_size = sizeof i;
+    detail::check(sd_pipeline_get_info(pipeline_.get(), &i));
+    return i;
   }
 
   sd_pipeline* get() const { return pipeline_.get(); }

@@ -1151,3 +1151,183 @@ fn refiner_img2img_takes_the_aesthetic_scores() {
     assert_ne!(from_older, got[0].0);
     unsafe { sd_pipeline_free(p) };
 }
+
+/// Loads a fixture folder through the C ABI.
+fn load_fixture(name: &str) -> *mut sd_pipeline {
+    let mut p = ptr::null_mut();
+    let path = fixture(name);
+    let status = unsafe { sd_pipeline_load(path.as_ptr(), ptr::null(), &mut p) };
+    assert_eq!(status, sd_status::SD_OK, "{name}: {}", last_error());
+    p
+}
+
+/// The base + refiner ensemble through `sd_generate_params.refiner`: diffusers' images of the
+/// fixture's text-to-image ensemble within 1 level, by `sd_generate` and by a job; the
+/// refiner given as the pipeline itself, freed, or with `refiner_start` outside (0, 1) is
+/// refused with the field named; an older caller's struct runs without a refiner.
+#[test]
+fn generate_params_carry_a_refiner() {
+    let all = common::cases("tiny-sdxl-edit");
+    let case = all["ensemble"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "ensemble_txt2img")
+        .unwrap()
+        .clone();
+    let refs = common::Refs::open("tiny-sdxl-edit");
+    let base = load_fixture("tiny-sdxl");
+    let refiner = load_fixture("tiny-sdxl-refiner");
+    let prompt = CString::new(case["prompt"].as_str().unwrap()).unwrap();
+    let mut g = params(&prompt, case["steps"].as_u64().unwrap() as u32, 0);
+    g.seed = case["seed"].as_u64().unwrap();
+    g.guidance = case["guidance"].as_f64().unwrap();
+    g.width = case["width"].as_u64().unwrap() as u32;
+    g.height = case["height"].as_u64().unwrap() as u32;
+    g.refiner = refiner;
+    g.refiner_start = case["refiner_start"].as_f64().unwrap();
+    let want: Vec<f32> = Vec::try_from(refs.get("out_ensemble_txt2img").flatten(0, -1)).unwrap();
+    let got = generate(base, &g).unwrap()[0].0.clone();
+    assert_eq!(got.len(), want.len());
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(&a, &b)| (a as f32 - (b * 255.0).round()).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst <= 1.0, "ensemble through C differs by {worst} levels");
+
+    // The same through a job, with the step count of both phases.
+    let mut job = ptr::null_mut();
+    let status = unsafe { sd_job_submit(base, &g, &mut job) };
+    assert_eq!(status, SD_OK, "{}", last_error());
+    assert_eq!(unsafe { sd_job_wait(job, -1) }, SD_OK, "{}", last_error());
+    let mut progress = sd_job_progress {
+        struct_size: size_of::<sd_job_progress>(),
+        state: sd_job_state::SD_JOB_QUEUED,
+        step: 0,
+        total: 0,
+        elapsed_seconds: 0.0,
+    };
+    assert_eq!(unsafe { sd_job_poll(job, &mut progress) }, SD_OK);
+    let n = common::f64s(&case["timesteps"]).len() as u32;
+    assert_eq!((progress.step, progress.total), (n, n));
+    let mut images = ptr::null_mut();
+    assert_eq!(unsafe { sd_job_take_images(job, &mut images) }, SD_OK);
+    assert_eq!(take(images)[0].0, got);
+    unsafe { sd_job_free(job) };
+
+    for bad in [0.0, 1.0, -1.0, f64::NAN] {
+        let mut b = g;
+        b.refiner_start = bad;
+        let mut out = ptr::null_mut();
+        expect(
+            unsafe { sd_generate(base, &b, &mut out) },
+            SD_ERR_INVALID_ARGUMENT,
+            "refiner_start",
+        );
+        assert!(out.is_null());
+    }
+    let mut own = g;
+    own.refiner = base;
+    let mut out = ptr::null_mut();
+    expect(
+        unsafe { sd_generate(base, &own, &mut out) },
+        SD_ERR_INVALID_ARGUMENT,
+        "params->refiner is the pipeline itself",
+    );
+    // The refiner cannot run from text alone, but as a refiner it can.
+    let mut alone = g;
+    alone.refiner = ptr::null();
+    expect(
+        unsafe { sd_generate(refiner, &alone, &mut out) },
+        SD_ERR_INVALID_ARGUMENT,
+        "SDXL refiner",
+    );
+    let mut older = g;
+    older.struct_size = std::mem::offset_of!(sd_generate_params, refiner);
+    let plain = generate(base, &older).unwrap()[0].0.clone();
+    assert_ne!(plain, got);
+    unsafe { sd_pipeline_free(refiner) };
+    let mut freed = g;
+    freed.refiner = ptr::null();
+    freed.refiner_start = 0.5;
+    assert_eq!(generate(base, &freed).unwrap()[0].0, plain);
+    unsafe { sd_pipeline_free(base) };
+}
+
+/// `sd_pipeline_get_info` tells each fixture apart: family, native size, channels, the
+/// largest clip_skip, the default scheduler; it checks its arguments.
+#[test]
+fn pipeline_info_describes_what_was_loaded() {
+    // (fixture, family, UNet input channels); the rest is read from the folder's configs.
+    let expected = [
+        ("tiny-sd1", SD_FAMILY_SD1, 4),
+        ("tiny-sd2", SD_FAMILY_SD2, 4),
+        ("tiny-sd1-inpaint", SD_FAMILY_SD1, 9),
+        ("tiny-sdxl", SD_FAMILY_SDXL, 4),
+        ("tiny-sdxl-inpaint", SD_FAMILY_SDXL, 9),
+        ("tiny-sdxl-refiner", SD_FAMILY_SDXL_REFINER, 4),
+        ("tiny-sdxl-turbo", SD_FAMILY_SDXL, 4),
+    ];
+    for (name, family, channels) in expected {
+        let p = load_fixture(name);
+        let mut info: sd_pipeline_info = unsafe { std::mem::zeroed() };
+        info.struct_size = size_of::<sd_pipeline_info>();
+        assert_eq!(unsafe { sd_pipeline_get_info(p, &mut info) }, SD_OK);
+        assert_eq!(info.family, family, "{name}");
+        assert_eq!(info.unet_in_channels, channels, "{name}");
+        assert_eq!(info.latent_channels, 4, "{name}");
+        let dir = common::fixtures().join(name);
+        let json = |f: &str| -> serde_json::Value {
+            serde_json::from_str(&std::fs::read_to_string(dir.join(f)).unwrap()).unwrap()
+        };
+        let unet = json("unet/config.json");
+        let vae = json("vae/config.json");
+        let scale = 1u32 << (vae["block_out_channels"].as_array().unwrap().len() - 1);
+        assert_eq!(info.vae_scale_factor, scale, "{name}");
+        let native = unet["sample_size"].as_u64().unwrap() as u32 * scale;
+        assert_eq!((info.native_width, info.native_height), (native, native));
+        let encoder = if family == SD_FAMILY_SDXL_REFINER {
+            "text_encoder_2/config.json"
+        } else {
+            "text_encoder/config.json"
+        };
+        let layers = json(encoder)["num_hidden_layers"].as_i64().unwrap() as i32;
+        assert_eq!(info.max_clip_skip, layers - 1, "{name}");
+        let scheduler = json("scheduler/scheduler_config.json");
+        let got = unsafe { CStr::from_ptr(info.default_scheduler) };
+        assert_eq!(
+            got.to_str().unwrap(),
+            scheduler["_class_name"].as_str().unwrap()
+        );
+        let prediction = match scheduler["prediction_type"].as_str() {
+            Some("v_prediction") => SD_PREDICTION_V,
+            _ => SD_PREDICTION_EPSILON,
+        };
+        assert_eq!(info.prediction_type, prediction, "{name}");
+        assert_eq!(
+            (info.dtype, info.device_type),
+            (SD_DTYPE_FP32, SD_DEVICE_CPU)
+        );
+        // Bad arguments: NULL info, a too small struct_size (not written), NULL pipeline.
+        expect(
+            unsafe { sd_pipeline_get_info(p, ptr::null_mut()) },
+            SD_ERR_INVALID_ARGUMENT,
+            "info is NULL",
+        );
+        let mut small: sd_pipeline_info = unsafe { std::mem::zeroed() };
+        small.struct_size = 8;
+        expect(
+            unsafe { sd_pipeline_get_info(p, &mut small) },
+            SD_ERR_INVALID_ARGUMENT,
+            "struct_size",
+        );
+        assert_eq!(small.family, 0);
+        expect(
+            unsafe { sd_pipeline_get_info(ptr::null(), &mut info) },
+            SD_ERR_INVALID_ARGUMENT,
+            "pipeline is NULL",
+        );
+        unsafe { sd_pipeline_free(p) };
+    }
+}

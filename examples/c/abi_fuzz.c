@@ -160,6 +160,8 @@ struct big_params {
 };
 
 static const char *const bad_utf8 = "\xc3\x28 broken";
+static sd_pipeline *fuzz_pipe;     /* the pipeline every case runs on */
+static sd_pipeline *fuzz_refiner;  /* a second pipeline, for params->refiner */
 static char *long_prompt;   /* 65537 bytes: over the limit */
 static char *limit_prompt;  /* 65536 bytes of words: at the limit */
 static char *long_name;     /* a 10 KB scheduler name */
@@ -210,7 +212,9 @@ static const char *mutate(struct big_params *b, struct owned_image *images, int 
   const double bad_rescale[] = {NAN, INFINITY, -INFINITY, -0.1, 1.01, 1e300};
   static const double good_score[] = {6.0, 2.5, 0.0, -3.0, 10.0};
   const double bad_score[] = {NAN, INFINITY, -INFINITY, 1e300, -1e7};
-  switch (below(22)) {
+  static const double good_start[] = {0.5, 0.8, 1e-9, 0.999999};
+  const double bad_start[] = {NAN, INFINITY, -INFINITY, 0.0, 1.0, -0.5, 1.5};
+  switch (below(23)) {
     case 0:
       g->width = good ? PICK(good_sides) : PICK(bad_sides);
       return "width";
@@ -327,6 +331,20 @@ static const char *mutate(struct big_params *b, struct owned_image *images, int 
         g->negative_aesthetic_score = good ? PICK(good_score) : PICK(bad_score);
       }
       return "aesthetic_score";
+    case 21:
+      /* A refiner: another pipeline with a start strictly inside (0, 1); NULL ignores the
+         start; the pipeline itself is refused. */
+      if (good) {
+        g->refiner = chance(50) ? NULL : fuzz_refiner;
+        g->refiner_start = chance(50) ? PICK(good_start) : PICK(bad_start);
+        if (g->refiner) g->refiner_start = PICK(good_start);
+      } else if (chance(30)) {
+        g->refiner = fuzz_pipe;
+      } else {
+        g->refiner = fuzz_refiner;
+        g->refiner_start = PICK(bad_start);
+      }
+      return "refiner";
     default:
       random_image(&images[0], good || chance(50));
       random_image(&images[1], good || chance(50));
@@ -561,10 +579,12 @@ int main(int argc, char **argv) {
   memset(long_name, 'q', 10000);
   long_name[10000] = '\0';
 
-  if (sd_pipeline_load(model, NULL, &pipe) != SD_OK) {
+  if (sd_pipeline_load(model, NULL, &pipe) != SD_OK ||
+      sd_pipeline_load(model, NULL, &fuzz_refiner) != SD_OK) {
     fprintf(stderr, "cannot load %s: %s\n", model, sd_last_error());
     return 1;
   }
+  fuzz_pipe = pipe;
   real_runs(pipe, light);
   for (n = 0; n < cases; n++) {
     struct big_params b;
@@ -593,6 +613,7 @@ int main(int argc, char **argv) {
     accessor_checks(pipe, &counts);
   }
   sd_pipeline_free(pipe);
+  sd_pipeline_free(fuzz_refiner);
   free(long_prompt);
   free(limit_prompt);
   free(long_name);

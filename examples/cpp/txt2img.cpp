@@ -51,6 +51,13 @@ int main(int argc, char** argv) {
   }
 
   sd::Pipeline pipe(model);
+  // What was loaded: an engine sizes its UI from this.
+  sd_pipeline_info info = pipe.info();
+  std::cout << "family " << info.family << ", native " << info.native_width << "x"
+            << info.native_height << ", scheduler " << info.default_scheduler << "\n";
+  expect(info.family == SD_FAMILY_SD1 && info.unet_in_channels == 4 && info.native_width > 0 &&
+             info.vae_scale_factor > 0 && info.native_width % info.vae_scale_factor == 0,
+         "pipeline info");
   std::atomic<int> logs{0};
   pipe.set_logger([&](sd_log_level, const std::string& message) {
     ++logs;

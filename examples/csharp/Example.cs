@@ -53,6 +53,9 @@ static class Example
         {
             int logs = 0;
             pipe.SetLogger((level, message) => { Interlocked.Increment(ref logs); Console.Error.WriteLine("[sd " + level + "] " + message); });
+            var info = pipe.Info;
+            Console.WriteLine("family " + info.Family + ", native " + info.NativeWidth + "x" + info.NativeHeight + ", scheduler " + info.DefaultScheduler);
+            Expect(info.Family == Family.Sd1 && info.UnetInChannels == 4 && info.NativeWidth > 0 && info.DefaultScheduler.Length > 0, "pipeline info");
 
             var options = new GenerateOptions { Prompt = "a red circle on a white background", Steps = 4, Seed = 42, Width = 32, Height = 32 };
             int steps = 0, previewWidth = 0;

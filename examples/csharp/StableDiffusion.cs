@@ -81,6 +81,48 @@ namespace StableDiffusion
         public IntPtr Scheduler, InitImage, Mask;
         public int PasteBack;
         public IntPtr OnStep, StepUserData;
+        public uint CacheInterval, CacheBranch;
+        public double TokenMerging;
+        public int Int8Linear;
+        public IntPtr Prompt2, NegativePrompt2;
+        public uint OriginalWidth, OriginalHeight, CropLeft, CropTop, TargetWidth, TargetHeight;
+        public double GuidanceRescale, AestheticScore, NegativeAestheticScore;
+        public IntPtr Refiner;
+        public double RefinerStart;
+    }
+
+    public enum Family : int { Unknown = 0, Sd1 = 1, Sd2 = 2, Sdxl = 3, SdxlRefiner = 4 }
+    public enum Prediction : int { Epsilon = 0, V = 1, Sample = 2 }
+    public enum DeviceType : int { Cpu = 0, Cuda = 1, Mps = 2 }
+
+    /// <summary>sd_pipeline_info: what a pipeline loaded.</summary>
+    [StructLayout(LayoutKind.Sequential)]
+    internal struct PipelineInfoNative
+    {
+        public UIntPtr StructSize;
+        public Family Family;
+        public uint NativeWidth, NativeHeight;
+        public Prediction PredictionType;
+        public uint UnetInChannels, LatentChannels, VaeScaleFactor;
+        public int MaxClipSkip;
+        public IntPtr DefaultScheduler;
+        public DType DType;
+        public DeviceType DeviceType;
+        public int DeviceIndex;
+    }
+
+    /// <summary>What a pipeline loaded, to adapt a UI to it.</summary>
+    public sealed class PipelineInfo
+    {
+        public Family Family;
+        public uint NativeWidth, NativeHeight, UnetInChannels, LatentChannels, VaeScaleFactor;
+        public Prediction PredictionType;
+        /// <summary>The largest clip skip accepted; -1 when unknown.</summary>
+        public int MaxClipSkip;
+        public string DefaultScheduler;
+        public DType DType;
+        public DeviceType DeviceType;
+        public int DeviceIndex;
     }
 
     [UnmanagedFunctionPointer(CallingConvention.Cdecl)]
@@ -103,6 +145,7 @@ namespace StableDiffusion
         [DllImport(Lib)] public static extern void sd_pipeline_free(IntPtr p);
         [DllImport(Lib)] public static extern Status sd_pipeline_set_log_callback(PipelineHandle p, IntPtr fn, IntPtr user);
         [DllImport(Lib)] public static extern Status sd_generate(PipelineHandle p, ref GenerateParamsNative g, out ImagesHandle images);
+        [DllImport(Lib)] public static extern Status sd_pipeline_get_info(PipelineHandle p, ref PipelineInfoNative info);
         [DllImport(Lib)] public static extern Status sd_step_preview(IntPtr info, uint index, out IntPtr image);
         [DllImport(Lib)] public static extern Status sd_images_count(ImagesHandle images, out UIntPtr count);
         [DllImport(Lib)] public static extern Status sd_images_get(ImagesHandle images, UIntPtr index, out IntPtr image);
@@ -224,6 +267,13 @@ namespace StableDiffusion
         public uint Steps, Batch, Width, Height, ClipSkip, OutputChannels;
         public double Guidance, Strength, Eta;
         public ulong Seed;
+        /// <summary>SDXL: the second encoder's prompts (null: the first ones).</summary>
+        public string Prompt2, NegativePrompt2;
+        public double GuidanceRescale;
+        /// <summary>SDXL: a refiner pipeline that finishes the schedule from
+        /// `RefinerStart` on (null: none); it must outlive the call or job.</summary>
+        public Pipeline Refiner;
+        public double RefinerStart;
 
         public GenerateOptions()
         {
@@ -231,6 +281,7 @@ namespace StableDiffusion
             Steps = d.Steps; Batch = d.Batch; Width = d.Width; Height = d.Height;
             ClipSkip = d.ClipSkip; OutputChannels = d.OutputChannels;
             Guidance = d.Guidance; Strength = d.Strength; Eta = d.Eta; Seed = d.Seed;
+            GuidanceRescale = d.GuidanceRescale; RefinerStart = d.RefinerStart;
         }
 
         static GenerateParamsNative Defaults()
@@ -259,7 +310,12 @@ namespace StableDiffusion
                 p.ClipSkip = ClipSkip; p.OutputChannels = OutputChannels;
                 p.Guidance = Guidance; p.Strength = Strength; p.Eta = Eta; p.Seed = Seed;
                 p.OnStep = onStep; p.StepUserData = user;
-                return body(p);
+                p.Prompt2 = pin(Prompt2); p.NegativePrompt2 = pin(NegativePrompt2);
+                p.GuidanceRescale = GuidanceRescale; p.RefinerStart = RefinerStart;
+                p.Refiner = Refiner == null ? IntPtr.Zero : Refiner.RawHandle;
+                var result = body(p);
+                GC.KeepAlive(Refiner);
+                return result;
             }
             finally
             {
@@ -365,6 +421,28 @@ namespace StableDiffusion
             {
                 if (dev.IsAllocated) dev.Free();
                 if (sch.IsAllocated) sch.Free();
+            }
+        }
+
+        /// <summary>The native handle, for `GenerateOptions.Refiner`.</summary>
+        internal IntPtr RawHandle { get { return handle.DangerousGetHandle(); } }
+
+        /// <summary>What was loaded: family, native size, prediction type, channels, clip skip
+        /// range, default scheduler, dtype and device.</summary>
+        public PipelineInfo Info
+        {
+            get
+            {
+                var n = new PipelineInfoNative { StructSize = new UIntPtr((uint)Marshal.SizeOf(typeof(PipelineInfoNative))) };
+                SdException.Check(Native.sd_pipeline_get_info(handle, ref n));
+                return new PipelineInfo
+                {
+                    Family = n.Family, NativeWidth = n.NativeWidth, NativeHeight = n.NativeHeight,
+                    PredictionType = n.PredictionType, UnetInChannels = n.UnetInChannels,
+                    LatentChannels = n.LatentChannels, VaeScaleFactor = n.VaeScaleFactor,
+                    MaxClipSkip = n.MaxClipSkip, DefaultScheduler = Native.Utf8ToString(n.DefaultScheduler),
+                    DType = n.DType, DeviceType = n.DeviceType, DeviceIndex = n.DeviceIndex,
+                };
             }
         }
 

@@ -1,12 +1,15 @@
 //! C inputs to Rust values: strings, images and the generate parameters, each checked with a
 //! message that names the argument at fault.
+use super::pipeline::{inner_named, PipelineInner};
 use super::status::Fail;
 use super::types::{read_versioned, sd_generate_params, sd_image, sd_step_fn, sd_step_info};
 use crate::image_io::Image;
 use crate::pipeline::{
-    check_prompt, FastModes, GenerateParams, MicroConditioning, MAX_BATCH, MAX_SIDE, MAX_STEPS,
+    check_denoising_fraction, check_prompt, FastModes, GenerateParams, MicroConditioning,
+    MAX_BATCH, MAX_SIDE, MAX_STEPS,
 };
 use std::ffi::{c_char, c_void, CStr};
+use std::sync::Arc;
 
 /// The largest side of an input image (it is resized to the output size anyway).
 const MAX_INPUT_SIDE: u32 = 16384;
@@ -103,6 +106,8 @@ unsafe impl Send for StepCallback {}
 /// A generate request, owning all its data (so that a job can outlive the caller's buffers).
 pub(crate) struct Request {
     pub params: GenerateParams,
+    /// The refiner pipeline and where it takes over (`params->refiner`, `refiner_start`).
+    pub refiner: Option<(Arc<PipelineInner>, f64)>,
     /// 3 (RGB) or 4 (RGBA) channels in the returned images.
     pub channels: u32,
     pub on_step: Option<StepCallback>,
@@ -228,8 +233,16 @@ pub(crate) unsafe fn request(
             "params->mask is set but params->init_image is NULL: inpainting needs both",
         ));
     }
+    let refiner = if c.refiner.is_null() {
+        None
+    } else {
+        let start = check_number("refiner_start", c.refiner_start)?;
+        check_denoising_fraction("params->refiner_start", start)?;
+        Some((inner_named(c.refiner, "params->refiner")?, start))
+    };
     Ok(Request {
         params,
+        refiner,
         channels: c.output_channels,
         on_step: step_callback(c.on_step, c.step_user_data),
     })

@@ -7,10 +7,15 @@ use super::job::JobShared;
 use super::status::{clear_out, guard, guard_void, sd_status, Fail};
 use super::step;
 use super::types::{
-    read_versioned, sd_generate_params, sd_load_options, sd_log_fn, sd_log_level, Versioned,
-    SD_DTYPE_BF16, SD_DTYPE_FP16, SD_DTYPE_FP32,
+    read_versioned, sd_generate_params, sd_load_options, sd_log_fn, sd_log_level, sd_pipeline_info,
+    write_versioned, Versioned, SD_DEVICE_CPU, SD_DEVICE_CUDA, SD_DEVICE_MPS, SD_DTYPE_BF16,
+    SD_DTYPE_FP16, SD_DTYPE_FP32, SD_FAMILY_SD1, SD_FAMILY_SD2, SD_FAMILY_SDXL,
+    SD_FAMILY_SDXL_REFINER, SD_PREDICTION_EPSILON, SD_PREDICTION_SAMPLE, SD_PREDICTION_V,
 };
-use crate::pipeline::{Control, LoadOptions, LogLevel, StableDiffusion, StepInfo, Validator};
+use crate::pipeline::{
+    Control, LoadOptions, LogLevel, ModelFamily, PipelineInfo, StableDiffusion, StepInfo, Validator,
+};
+use crate::schedulers::PredictionType;
 use crate::weights::single_file::ModelOverrides;
 use parking_lot::{Mutex, MutexGuard};
 use std::cell::RefCell;
@@ -47,6 +52,10 @@ pub(crate) struct PipelineInner {
     default_scheduler: Option<String>,
     /// The model's checks of a request, usable while a call holds the model.
     validator: Validator,
+    /// What `sd_pipeline_get_info` reports, taken at load (the model never changes after).
+    info: PipelineInfo,
+    /// The default scheduler's name as `sd_pipeline_get_info` hands it out.
+    default_scheduler_text: CString,
     jobs: Mutex<Vec<Weak<JobShared>>>,
 }
 
@@ -119,7 +128,20 @@ impl PipelineInner {
     /// (image preparation, VAE encodes, prompt encodings, steps, each image's decode).
     pub fn run(&self, req: &Request, job: Option<&JobShared>) -> Result<Box<sd_images>, Fail> {
         let cancelled = || job.is_some_and(|j| j.is_cancelled());
-        let model = self.lock(job.map(|_| &cancelled as &dyn Fn() -> bool))?;
+        let wait = job.map(|_| &cancelled as &dyn Fn() -> bool);
+        // With a refiner both models are held, always locked in the same (address) order so
+        // that two calls refining each other's pipelines cannot deadlock.
+        let (model, refiner) = match &req.refiner {
+            None => (self.lock(wait)?, None),
+            Some((r, start)) if self.key() < r.key() => {
+                let model = self.lock(wait)?;
+                (model, Some((r.lock(wait)?, *start)))
+            }
+            Some((r, start)) => {
+                let refiner = r.lock(wait)?;
+                (self.lock(wait)?, Some((refiner, *start)))
+            }
+        };
         if cancelled() {
             return Err(Fail::cancelled());
         }
@@ -141,10 +163,21 @@ impl PipelineInner {
                 Control::Continue
             }
         };
-        let images =
-            model
-                .model
-                .generate_cancellable(&req.params, Some(&mut on_step), &cancelled)?;
+        let images = match &refiner {
+            Some((r, start)) => model.model.generate_with_refiner(
+                &r.model,
+                &req.params,
+                *start,
+                Some(&mut on_step),
+                &cancelled,
+            )?,
+            None => {
+                model
+                    .model
+                    .generate_cancellable(&req.params, Some(&mut on_step), &cancelled)?
+            }
+        };
+        drop(refiner);
         drop(model);
         sd_images::from_images(&images, req.channels)
     }
@@ -197,10 +230,23 @@ fn forward(slot: &Mutex<Option<LogSink>>, level: LogLevel, message: &str) {
 /// # Safety
 /// `p` is NULL or a live pipeline pointer.
 pub(crate) unsafe fn inner_of(p: *const sd_pipeline) -> Result<Arc<PipelineInner>, Fail> {
+    inner_named(p, "pipeline")
+}
+
+/// [`inner_of`] for a pipeline argument called `what` in the errors.
+///
+/// # Safety
+/// `p` is NULL or a live pipeline pointer.
+pub(crate) unsafe fn inner_named(
+    p: *const sd_pipeline,
+    what: &str,
+) -> Result<Arc<PipelineInner>, Fail> {
     match p.as_ref() {
         Some(h) if h.magic == PIPELINE_MAGIC => Ok(h.inner.clone()),
-        Some(_) => Err(Fail::invalid("pipeline is not a live sd_pipeline handle")),
-        None => Err(Fail::invalid("pipeline is NULL")),
+        Some(_) => Err(Fail::invalid(format!(
+            "{what} is not a live sd_pipeline handle"
+        ))),
+        None => Err(Fail::invalid(format!("{what} is NULL"))),
     }
 }
 
@@ -288,10 +334,18 @@ unsafe fn load(
         forward(&slot, level, message)
     })));
     let validator = model.validator();
+    let info = model.info();
+    let default_scheduler_text = scheduler
+        .clone()
+        .or(info.default_scheduler.clone())
+        .and_then(|name| CString::new(name).ok())
+        .unwrap_or_default();
     Ok(sd_pipeline {
         magic: PIPELINE_MAGIC,
         inner: Arc::new(PipelineInner {
             model: Mutex::new(model),
+            info,
+            default_scheduler_text,
             log,
             default_scheduler: scheduler,
             validator,
@@ -416,5 +470,79 @@ pub(crate) unsafe fn request_for(
 ) -> Result<Request, Fail> {
     let req = request(params, inner.default_scheduler.as_deref())?;
     inner.validator.validate(&req.params)?;
+    if let Some((refiner, _)) = &req.refiner {
+        if refiner.key() == inner.key() {
+            return Err(Fail::invalid(
+                "params->refiner is the pipeline itself: give another pipeline",
+            ));
+        }
+        refiner.validator.validate_phase(&req.params, true)?;
+    }
     Ok(req)
+}
+
+/// The C view of a pipeline's [`PipelineInfo`]; `default_scheduler` points into `text`.
+fn info_of(info: &PipelineInfo, text: &CString) -> sd_pipeline_info {
+    let to_u32 = |v: i64| u32::try_from(v).unwrap_or(0);
+    let (device_type, device_index) = match info.device {
+        Device::Cuda(i) => (SD_DEVICE_CUDA, i32::try_from(i).unwrap_or(0)),
+        Device::Mps => (SD_DEVICE_MPS, 0),
+        _ => (SD_DEVICE_CPU, 0),
+    };
+    sd_pipeline_info {
+        struct_size: std::mem::size_of::<sd_pipeline_info>(),
+        family: match info.family {
+            ModelFamily::Sd1 => SD_FAMILY_SD1,
+            ModelFamily::Sd2 => SD_FAMILY_SD2,
+            ModelFamily::Sdxl => SD_FAMILY_SDXL,
+            ModelFamily::SdxlRefiner => SD_FAMILY_SDXL_REFINER,
+        },
+        native_width: to_u32(info.native_size),
+        native_height: to_u32(info.native_size),
+        prediction_type: match info.prediction_type {
+            PredictionType::Epsilon => SD_PREDICTION_EPSILON,
+            PredictionType::VPrediction => SD_PREDICTION_V,
+            PredictionType::Sample => SD_PREDICTION_SAMPLE,
+        },
+        unet_in_channels: to_u32(info.unet_in_channels),
+        latent_channels: to_u32(info.latent_channels),
+        vae_scale_factor: to_u32(info.vae_scale_factor),
+        max_clip_skip: info
+            .max_clip_skip
+            .map_or(-1, |n| i32::try_from(n).unwrap_or(i32::MAX)),
+        default_scheduler: text.as_ptr(),
+        dtype: match info.kind {
+            Kind::Half => SD_DTYPE_FP16,
+            Kind::BFloat16 => SD_DTYPE_BF16,
+            _ => SD_DTYPE_FP32,
+        },
+        device_type,
+        device_index,
+    }
+}
+
+/// Fills `*info` with what `pipeline` loaded: family, native size, prediction type, UNet
+/// input and latent channels, VAE scale factor, the largest `clip_skip`, default scheduler,
+/// dtype and device. Set `info->struct_size = sizeof(sd_pipeline_info)` first.
+///
+/// Threading: thread-safe and never waits, even while the pipeline is generating.
+/// Errors: `SD_ERR_INVALID_ARGUMENT` when a pointer is NULL or `struct_size` is too small
+/// (then `*info` is not written).
+///
+/// Pointers: `pipeline` is NULL or live; `info` is NULL or valid for `info->struct_size`
+/// bytes.
+#[no_mangle]
+pub unsafe extern "C" fn sd_pipeline_get_info(
+    pipeline: *const sd_pipeline,
+    info: *mut sd_pipeline_info,
+) -> sd_status {
+    guard(|| {
+        if info.is_null() {
+            return Err(Fail::invalid("info is NULL"));
+        }
+        let caller_size = (info as *const usize).read_unaligned();
+        let inner = inner_of(pipeline)?;
+        let value = info_of(&inner.info, &inner.default_scheduler_text);
+        write_versioned(info, caller_size, value, "info")
+    })
 }

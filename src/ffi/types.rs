@@ -1,5 +1,6 @@
 //! The plain structs and callback types of the C ABI, their `*_init` functions, and the
 //! `struct_size` versioning that lets fields be appended without breaking older binaries.
+use super::pipeline::sd_pipeline;
 use super::status::{guard, sd_status, Fail};
 use crate::pipeline::GenerateParams;
 use std::ffi::{c_char, c_void};
@@ -191,6 +192,15 @@ pub struct sd_generate_params {
     /// unconditional one (default 2.5); other models ignore them.
     pub aesthetic_score: f64,
     pub negative_aesthetic_score: f64,
+    /// SDXL: a refiner pipeline (another `sd_pipeline`, e.g. stable-diffusion-xl-refiner)
+    /// that takes over this pipeline's latents, without a decode, for the last part of the
+    /// schedule (diffusers' ensemble of experts: `denoising_end` here, `denoising_start`
+    /// there) and decodes them. NULL (default) = none. Borrowed for the call; a job keeps it
+    /// alive until it finishes. The two pipelines are both held while the call runs.
+    pub refiner: *const sd_pipeline,
+    /// With `refiner`: the fraction of the schedule after which the refiner takes over,
+    /// strictly between 0 and 1 (default 0.8).
+    pub refiner_start: f64,
 }
 
 /// What the step callback sees. Owned by the library, valid during the callback only.
@@ -347,6 +357,91 @@ unsafe impl Versioned for sd_load_options {
     }
 }
 
+/// Model families (`sd_pipeline_info.family`).
+pub type sd_family = i32;
+/// Stable Diffusion 1.x (CLIP ViT-L text encoder; native 512x512).
+pub const SD_FAMILY_SD1: sd_family = 1;
+/// Stable Diffusion 2.x (OpenCLIP ViT-H text encoder; native 512 or 768).
+pub const SD_FAMILY_SD2: sd_family = 2;
+/// SDXL base and its fine-tunes, inpainting and Turbo variants (two text encoders; native
+/// 1024x1024).
+pub const SD_FAMILY_SDXL: sd_family = 3;
+/// The SDXL refiner: refines images, or a base pipeline's latents as `sd_generate_params.refiner`;
+/// it does not generate from text alone.
+pub const SD_FAMILY_SDXL_REFINER: sd_family = 4;
+
+/// What the UNet predicts (`sd_pipeline_info.prediction_type`).
+pub type sd_prediction = i32;
+/// The added noise (epsilon).
+pub const SD_PREDICTION_EPSILON: sd_prediction = 0;
+/// The velocity (v-prediction, e.g. SD 2.x 768 models).
+pub const SD_PREDICTION_V: sd_prediction = 1;
+/// The clean sample.
+pub const SD_PREDICTION_SAMPLE: sd_prediction = 2;
+
+/// Kinds of device (`sd_pipeline_info.device_type`).
+pub type sd_device_type = i32;
+pub const SD_DEVICE_CPU: sd_device_type = 0;
+pub const SD_DEVICE_CUDA: sd_device_type = 1;
+pub const SD_DEVICE_MPS: sd_device_type = 2;
+
+/// What a pipeline loaded, so that an engine can adapt its UI (sizes, modes, sliders). Set
+/// `struct_size = sizeof(sd_pipeline_info)` and call `sd_pipeline_get_info`; fields may be appended
+/// in later versions.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct sd_pipeline_info {
+    pub struct_size: usize,
+    /// One of the `SD_FAMILY_*` values.
+    pub family: sd_family,
+    /// The size generated when `width` / `height` are 0, in pixels.
+    pub native_width: u32,
+    pub native_height: u32,
+    /// One of the `SD_PREDICTION_*` values.
+    pub prediction_type: sd_prediction,
+    /// UNet input channels: `latent_channels` (4) for ordinary models, 2 x latent + 1 (9)
+    /// for inpainting models, which need an init image and a mask.
+    pub unet_in_channels: u32,
+    pub latent_channels: u32,
+    /// Pixels per latent cell on each side (8): `width` and `height` must be multiples of it.
+    pub vae_scale_factor: u32,
+    /// The largest `clip_skip` accepted; -1 when the text encoder does not say (TorchScript).
+    pub max_clip_skip: i32,
+    /// The scheduler a request without one runs (a diffusers class name, UTF-8). Owned by the
+    /// pipeline, valid until `sd_pipeline_free`; "" when unknown.
+    pub default_scheduler: *const c_char,
+    /// The `SD_DTYPE_*` the weights are held in.
+    pub dtype: sd_dtype,
+    /// One of the `SD_DEVICE_*` values, and the device's index (CUDA; else 0).
+    pub device_type: sd_device_type,
+    pub device_index: i32,
+}
+
+unsafe impl Versioned for sd_pipeline_info {
+    const NAME: &'static str = "sd_pipeline_info";
+    const MIN_SIZE: usize = size_of::<Self>();
+    fn defaults() -> Self {
+        Self {
+            struct_size: size_of::<Self>(),
+            family: 0,
+            native_width: 0,
+            native_height: 0,
+            prediction_type: 0,
+            unet_in_channels: 0,
+            latent_channels: 0,
+            vae_scale_factor: 0,
+            max_clip_skip: -1,
+            default_scheduler: std::ptr::null(),
+            dtype: 0,
+            device_type: 0,
+            device_index: 0,
+        }
+    }
+}
+
+/// Where the base hands over to the refiner unless told (diffusers' documented 0.8).
+pub const SD_DEFAULT_REFINER_START: f64 = 0.8;
+
 unsafe impl Versioned for sd_generate_params {
     const NAME: &'static str = "sd_generate_params";
     const MIN_SIZE: usize =
@@ -388,6 +483,8 @@ unsafe impl Versioned for sd_generate_params {
             guidance_rescale: d.guidance_rescale,
             aesthetic_score: d.micro.aesthetic_score,
             negative_aesthetic_score: d.micro.negative_aesthetic_score,
+            refiner: std::ptr::null(),
+            refiner_start: SD_DEFAULT_REFINER_START,
         }
     }
 }
