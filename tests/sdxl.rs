@@ -644,3 +644,57 @@ fn refiner_misuse_is_named() {
     assert!(matches!(r, Err(Error::Cancelled)), "{:?}", r.err());
     assert_eq!(calls, 4);
 }
+
+/// `force_upcast`: a float16 SDXL pipeline holds its VAE in float32, as diffusers' SDXL
+/// pipelines run it (SDXL's VAE overflows in float16): the VAE gives the float32 VAE's result
+/// on the same inputs, and a whole float16 run stays close to diffusers' float32 image. An SD
+/// 1.x VAE (diffusers' SD pipelines never upcast) and an SDXL VAE whose config says
+/// `force_upcast: false` stay in float16.
+#[test]
+fn force_upcast_runs_the_sdxl_vae_in_float32() {
+    let _g = tch::no_grad_guard();
+    let half = LoadOptions {
+        kind: tch::Kind::Half,
+        ..Default::default()
+    };
+    let sd16 = StableDiffusion::load(&fixtures().join(MODEL), &half).unwrap();
+    let sd32 = load();
+    let refs = Refs::open(MODEL);
+    let latents = refs.get("vae_latents").to_kind(tch::Kind::Half);
+    let up = sd16.vae.decode(&latents).unwrap();
+    assert_eq!(up.kind(), tch::Kind::Float);
+    let want = sd32.vae.decode(&latents.to_kind(tch::Kind::Float)).unwrap();
+    assert_close("upcast decode", &up, &want, 1e-6);
+    let images = refs.get("vae_input");
+    let dist = sd16.vae.encode(&images.to_kind(tch::Kind::Half)).unwrap();
+    assert_eq!(dist.mean.kind(), tch::Kind::Half);
+    let want = sd32
+        .vae
+        .encode(&images.to_kind(tch::Kind::Half).to_kind(tch::Kind::Float));
+    assert_close(
+        "upcast encode",
+        &dist.mean.to_kind(tch::Kind::Float),
+        &want.unwrap().mean,
+        1e-3,
+    );
+    // A whole run in float16, against diffusers' float32 image.
+    let all = cases(MODEL);
+    let case = &all["cases"][0];
+    let images = sd16.txt2img(&params_of(case), None).unwrap();
+    assert_close("float16 case a", &images.pixels, &refs.get("pipe_a"), 2e-2);
+
+    // Without the flag, and for SD 1.x, the VAE is float16.
+    let dir = std::env::temp_dir().join(format!("sd-sdxl-upcast-{}", std::process::id()));
+    common::copy_dir(&fixtures().join(MODEL), &dir);
+    let config = dir.join("vae/config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    json["force_upcast"] = serde_json::json!(false);
+    std::fs::write(&config, json.to_string()).unwrap();
+    let plain = StableDiffusion::load(&dir, &half).unwrap();
+    assert_eq!(plain.vae.decode(&latents).unwrap().kind(), tch::Kind::Half);
+    let _ = std::fs::remove_dir_all(&dir);
+    let sd1 = StableDiffusion::load(&fixtures().join("tiny-sd1"), &half).unwrap();
+    let z = tch::Tensor::zeros([1, 4, 8, 8], (tch::Kind::Half, tch::Device::Cpu));
+    assert_eq!(sd1.vae.decode(&z).unwrap().kind(), tch::Kind::Half);
+}

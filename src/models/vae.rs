@@ -43,6 +43,10 @@ pub struct VaeConfig {
     pub use_post_quant_conv: bool,
     #[serde(default = "d_true")]
     pub mid_block_add_attention: bool,
+    /// Run this VAE in float32 inside a float16 SDXL pipeline (diffusers' default true:
+    /// SDXL's VAE overflows in float16).
+    #[serde(default = "d_true")]
+    pub force_upcast: bool,
 }
 
 fn d_three() -> i64 {
@@ -386,6 +390,8 @@ pub struct AutoencoderKL {
     quant_conv: Option<Conv2d>,
     post_quant_conv: Option<Conv2d>,
     config: VaeConfig,
+    /// The type its weights are held in.
+    kind: tch::Kind,
 }
 
 impl AutoencoderKL {
@@ -402,11 +408,17 @@ impl AutoencoderKL {
                 .use_post_quant_conv
                 .then(|| Conv2d::new(&vs / "post_quant_conv", l, l, 1, 1, 0)),
             config: config.clone(),
+            kind: vs.kind(),
         })
     }
 
     pub fn config(&self) -> &VaeConfig {
         &self.config
+    }
+
+    /// The type its weights are held in.
+    pub fn kind(&self) -> tch::Kind {
+        self.kind
     }
 
     /// Images `[b, 3, h, w]` in [-1, 1] to the latent distribution (unscaled latents).
@@ -425,5 +437,48 @@ impl AutoencoderKL {
             None => latents.shallow_clone(),
         };
         self.decoder.forward(&z)
+    }
+}
+
+/// A VAE held in a wider type than the pipeline around it (diffusers' `force_upcast`: SDXL's VAE
+/// overflows in float16, so a float16 pipeline runs it in float32): its inputs are cast to the
+/// VAE's type, the latent distribution back to the pipeline's; decoded images stay in the VAE's
+/// type (the pipeline converts them to float32 anyway).
+pub struct UpcastVae {
+    inner: AutoencoderKL,
+    pipeline_kind: tch::Kind,
+}
+
+impl UpcastVae {
+    pub fn new(inner: AutoencoderKL, pipeline_kind: tch::Kind) -> Self {
+        Self {
+            inner,
+            pipeline_kind,
+        }
+    }
+}
+
+impl super::traits::Autoencoder for UpcastVae {
+    fn encode(&self, images: &Tensor) -> Result<DiagonalGaussian> {
+        let d = self.inner.encode(&images.f_to_kind(self.inner.kind())?)?;
+        Ok(DiagonalGaussian {
+            mean: d.mean.f_to_kind(self.pipeline_kind)?,
+            logvar: d.logvar.f_to_kind(self.pipeline_kind)?,
+        })
+    }
+    fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        self.inner.decode(&latents.f_to_kind(self.inner.kind())?)
+    }
+    fn latent_channels(&self) -> i64 {
+        self.inner.config().latent_channels
+    }
+    fn spatial_scale(&self) -> i64 {
+        self.inner.config().scale_factor()
+    }
+    fn scaling_factor(&self) -> f64 {
+        self.inner.config().scaling_factor
+    }
+    fn shift_factor(&self) -> Option<f64> {
+        self.inner.config().shift_factor
     }
 }

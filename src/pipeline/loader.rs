@@ -6,7 +6,8 @@ use super::{SdxlText, StableDiffusion};
 use crate::limits::check_component_size;
 use crate::models::blocks::count_parameters;
 use crate::models::torchscript::{self, TorchScriptParts};
-use crate::models::traits::TextEncoder;
+use crate::models::traits::{Autoencoder, TextEncoder};
+use crate::models::vae::UpcastVae;
 use crate::models::{
     AutoencoderKL, ClipTextConfig, ClipTextTransformer, UNet2DConditionModel, UNetConfig, VaeConfig,
 };
@@ -165,6 +166,17 @@ fn load_component<T>(
     Ok(model)
 }
 
+/// The type a VAE is held in: float32 for an SDXL pipeline in float16 when its config asks for
+/// it (`force_upcast`, as diffusers' SDXL pipelines upcast it; bfloat16 has float32's range and
+/// needs no upcast), else the pipeline's.
+pub(crate) fn vae_kind(kind: Kind, sdxl: bool, config: &VaeConfig) -> Kind {
+    if sdxl && kind == Kind::Half && config.force_upcast {
+        Kind::Float
+    } else {
+        kind
+    }
+}
+
 /// The VAE keeps libtorch's plain kernels even where [`LoadOptions::plain_weights`] is off: it
 /// runs once per image, mostly on large activations, and packing its weights cost more in the
 /// one decode of a txt2img call than it saved there (`make bench`).
@@ -315,11 +327,15 @@ impl StableDiffusion {
 
         let vae_dir = files.part("vae");
         let vae_config = VaeConfig::from_file(&vae_dir.join("config.json"))?;
+        let vae_options = LoadOptions {
+            kind: vae_kind(options.kind, second.is_some() || refiner, &vae_config),
+            ..options.clone()
+        };
         let vae = load_component(
             "VAE",
             &vae_dir,
             "diffusion_pytorch_model",
-            options,
+            &vae_options,
             |vs| build_vae(vs, &vae_config),
             vae_keys,
             &mut mappings,
@@ -532,11 +548,16 @@ impl StableDiffusion {
                 unet_config.out_channels, vae_config.latent_channels
             )));
         }
+        let vae: Box<dyn Autoencoder> = if vae.kind() == options.kind {
+            Box::new(vae)
+        } else {
+            Box::new(UpcastVae::new(vae, options.kind))
+        };
         let mut sd = Self::from_parts(
             tokenizer,
             Box::new(text_encoder),
             Box::new(unet),
-            Box::new(vae),
+            vae,
             scheduler_config,
             options,
         );
