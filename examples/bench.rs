@@ -1,12 +1,13 @@
 //! Ours against diffusers on the real product path: `make bench`.
 //!
 //!     cargo run --release --example bench -- [--sizes 256,512] [--steps 20] [--rounds 2]
-//!         [--threads N] [--guidance 7] [--seed 42] [--dtype fp32|bf16] [--dir DIR] [--python PY]
-//!         [--ours-only] [--plain-weights]
+//!         [--threads N] [--guidance 7] [--seed 42] [--dtype fp32|bf16] [--family sd15|sdxl]
+//!         [--dir DIR] [--python PY] [--ours-only] [--plain-weights]
 //!
-//! Both sides load the same SD 1.5-size diffusers folder of seeded random weights (float32,
-//! written once by `tools/bench/diffusers_bench.py` into DIR, by default
-//! `~/.cache/stable-diffusion-bench/sd15-random`, outside git) in a fresh process and run
+//! Both sides load the same SD 1.5-size (or, with `--family sdxl`, SDXL-base-size) diffusers
+//! folder of seeded random weights (float32, written once by `tools/bench/diffusers_bench.py`
+//! into DIR, by default `~/.cache/stable-diffusion-bench/sd15-random` or `sdxl-random`, outside
+//! git) in a fresh process and run
 //! txt2img with its Euler scheduler and CFG on the CPU in float32, with the same number of
 //! intra-op threads (default: the physical cores). Each round runs both, in alternating order,
 //! each in a new process; the table gives medians over the rounds and the ratio ours/diffusers.
@@ -47,6 +48,7 @@ struct Options {
     guidance: f64,
     seed: u64,
     dtype: String,
+    family: String,
     dir: PathBuf,
     python: PathBuf,
     ours_only: bool,
@@ -64,10 +66,8 @@ fn parse_options(args: &[String]) -> Result<Options> {
         guidance: 7.0,
         seed: 42,
         dtype: "fp32".into(),
-        dir: std::env::var_os("SD_BENCH_DIR").map_or_else(
-            || home.join(".cache/stable-diffusion-bench/sd15-random"),
-            PathBuf::from,
-        ),
+        family: "sd15".into(),
+        dir: PathBuf::new(),
         python: repo.join(".venv-fixtures/bin/python"),
         ours_only: false,
         plain_weights: false,
@@ -97,14 +97,23 @@ fn parse_options(args: &[String]) -> Result<Options> {
             "--seed" => o.seed = value.parse().map_err(|e| bad(&e))?,
             "--dtype" if value == "fp32" || value == "bf16" => o.dtype = value.clone(),
             "--dtype" => return Err(Error::invalid(format!("--dtype {value}: fp32 or bf16"))),
+            "--family" if value == "sd15" || value == "sdxl" => o.family = value.clone(),
+            "--family" => return Err(Error::invalid(format!("--family {value}: sd15 or sdxl"))),
             "--dir" => o.dir = PathBuf::from(value),
             "--python" => o.python = PathBuf::from(value),
             _ => return Err(Error::invalid(format!("unknown option {flag}"))),
         }
     }
-    if o.steps < 2 || o.rounds == 0 || o.threads == 0 || o.sizes.is_empty() {
+    if o.dir.as_os_str().is_empty() {
+        o.dir = std::env::var_os("SD_BENCH_DIR").map_or_else(
+            || home.join(format!(".cache/stable-diffusion-bench/{}-random", o.family)),
+            PathBuf::from,
+        );
+    }
+    // One step is the few-step (Turbo) case: its "one step" row is then the first step.
+    if o.steps == 0 || o.rounds == 0 || o.threads == 0 || o.sizes.is_empty() {
         return Err(Error::invalid(
-            "--steps must be at least 2, --rounds, --threads and --sizes not empty",
+            "--steps, --rounds and --threads must be at least 1, --sizes not empty",
         ));
     }
     if let Some(s) = o.sizes.iter().find(|&&s| s < 64 || s % 8 != 0) {
@@ -168,20 +177,30 @@ fn child(args: &[String]) -> Result<()> {
         .map(|_| {
             let t = Instant::now();
             let _g = tch::no_grad_guard();
-            let _ = (
-                sd.encode_prompt(PROMPT, 1, 0)?,
-                sd.encode_prompt(NEGATIVE, 1, 0)?,
-            );
+            if sd.sdxl.is_some() {
+                let _ = (
+                    sd.encode_prompt_sdxl(PROMPT, PROMPT, 1, 0)?,
+                    sd.encode_prompt_sdxl(NEGATIVE, NEGATIVE, 1, 0)?,
+                );
+            } else {
+                let _ = (
+                    sd.encode_prompt(PROMPT, 1, 0)?,
+                    sd.encode_prompt(NEGATIVE, 1, 0)?,
+                );
+            }
             Ok(t.elapsed().as_secs_f64())
         })
         .collect::<Result<_>>()?;
-    let gaps: Vec<f64> = marks
-        .windows(2)
-        .map(|w| (w[1] - w[0]).as_secs_f64())
-        .collect();
     let first = marks
         .first()
         .ok_or_else(|| Error::Internal("no step callback".into()))?;
+    let mut gaps: Vec<f64> = marks
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_secs_f64())
+        .collect();
+    if gaps.is_empty() {
+        gaps.push((*first - t0).as_secs_f64()); // one step: as diffusers_bench.py counts it
+    }
     let last = marks.last().unwrap_or(first);
     let result = serde_json::json!({
         "load_s": load_s,
@@ -267,6 +286,7 @@ fn main() -> Result<()> {
         .arg(&script)
         .arg("make-folder")
         .arg(&o.dir)
+        .arg(&o.family)
         .status()
         .map_err(|e| Error::Internal(format!("cannot run {}: {e}", o.python.display())))?;
     if !status.success() {
@@ -274,7 +294,7 @@ fn main() -> Result<()> {
             "writing the model folder failed: {status}"
         )));
     }
-    let weight_bytes: u64 = ["unet", "vae", "text_encoder"]
+    let weight_bytes: u64 = ["unet", "vae", "text_encoder", "text_encoder_2"]
         .iter()
         .filter_map(|c| std::fs::read_dir(o.dir.join(c)).ok())
         .flatten()
@@ -295,10 +315,11 @@ fn main() -> Result<()> {
         })
         .unwrap_or_else(|| "unknown CPU".into());
     println!(
-        "bench: {}; {} threads each; {}{}; {} steps, Euler, guidance {}, seed {}; {} round(s); \
-         weights {:.2} GiB (fp32 files); load average at start {}",
+        "bench: {}; {} threads each; {} {}{}; {} steps, Euler, guidance {}, seed {}; {} \
+         round(s); weights {:.2} GiB (fp32 files); load average at start {}",
         cpu,
         o.threads,
+        o.family,
         o.dtype,
         if o.plain_weights {
             ", plain weights"

@@ -1,8 +1,9 @@
 """diffusers' side of `make bench` (examples/bench.rs runs it; not needed to build or run us).
 
-    python tools/bench/diffusers_bench.py make-folder DIR
-        Writes an SD 1.5-size diffusers folder with seeded random weights (float32 safetensors,
-        about 4.3 GB) and the full CLIP vocabulary built from assets/, unless DIR/.complete exists.
+    python tools/bench/diffusers_bench.py make-folder DIR [sd15|sdxl]
+        Writes an SD 1.5-size (default; float32 safetensors, about 4.3 GB) or SDXL-size (the
+        base 1.0 configs: two text encoders, about 13.9 GB) diffusers folder with seeded random
+        weights and the full CLIP vocabulary built from assets/, unless DIR/.complete exists.
 
     python tools/bench/diffusers_bench.py run DIR SIZE STEPS GUIDANCE THREADS SEED IMAGE_OUT [DTYPE]
         One cold measurement, in this fresh process: load, txt2img (Euler, CFG), per-step times,
@@ -46,20 +47,38 @@ SD15_TEXT = dict(
     num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
     projection_dim=768, bos_token_id=0, eos_token_id=2, pad_token_id=1,
 )
+# stabilityai/stable-diffusion-xl-base-1.0's configs
+SDXL_UNET = dict(
+    act_fn="silu", addition_embed_type="text_time", addition_time_embed_dim=256,
+    attention_head_dim=(5, 10, 20), block_out_channels=(320, 640, 1280), cross_attention_dim=2048,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2, norm_num_groups=32,
+    out_channels=4, projection_class_embeddings_input_dim=2816, sample_size=128,
+    transformer_layers_per_block=(1, 2, 10),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    use_linear_projection=True,
+)
+SDXL_VAE = dict(SD15_VAE, scaling_factor=0.13025, force_upcast=True, sample_size=1024)
+SDXL_TEXT_2 = dict(
+    vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+    num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280,
+    bos_token_id=0, eos_token_id=2, pad_token_id=1,
+)
 SD15_SCHEDULER = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
     steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
 )
 
 
-def make_folder(folder: Path) -> None:
+def make_folder(folder: Path, family: str = "sd15") -> None:
     if (folder / ".complete").exists():
         print(f"{folder}: already written")
         return
     import torch
     from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline,
-                           UNet2DConditionModel)
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
+                              CLIPTokenizer)
 
     sys.path.insert(0, str(REPO / "tools" / "fixtures"))
     from models import EOS, truncated_clip_vocab, write_vocab_and_merges
@@ -71,6 +90,26 @@ def make_folder(folder: Path) -> None:
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir, pad_token=EOS, model_max_length=77)
     assert len(tokenizer) == 49408, len(tokenizer)
     torch.manual_seed(0)
+    if family == "sdxl":
+        tok_dir_2 = folder / "tokenizer_2"
+        write_vocab_and_merges(tok_dir_2, vocab, merges)
+        tokenizer_2 = CLIPTokenizer.from_pretrained(tok_dir_2, pad_token="!", model_max_length=77)
+        with torch.no_grad():
+            pipe = StableDiffusionXLPipeline(
+                vae=AutoencoderKL(**SDXL_VAE),
+                text_encoder=CLIPTextModel(CLIPTextConfig(**SD15_TEXT)),
+                text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2)),
+                tokenizer=tokenizer,
+                tokenizer_2=tokenizer_2,
+                unet=UNet2DConditionModel(**SDXL_UNET),
+                scheduler=EulerDiscreteScheduler(**SD15_SCHEDULER),
+                force_zeros_for_empty_prompt=True,
+                add_watermarker=False,
+            )
+        pipe.save_pretrained(folder, safe_serialization=True)
+        (folder / ".complete").write_text("written by tools/bench/diffusers_bench.py\n")
+        print(f"{folder}: written")
+        return
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL(**SD15_VAE),
         text_encoder=CLIPTextModel(CLIPTextConfig(**SD15_TEXT)),
@@ -97,15 +136,21 @@ def run(folder: Path, size: int, steps: int, guidance: float, threads: int, seed
     import torch
 
     torch.set_num_threads(threads)
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    xl = (folder / "text_encoder_2").is_dir()
     fast = (torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16"
             else contextlib.nullcontext())
     with torch.no_grad(), fast:
         t0 = time.perf_counter()
-        pipe = StableDiffusionPipeline.from_pretrained(
-            folder, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False
-        )
+        if xl:
+            pipe = StableDiffusionXLPipeline.from_pretrained(
+                folder, torch_dtype=torch.float32, add_watermarker=False)
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                folder, torch_dtype=torch.float32, safety_checker=None,
+                requires_safety_checker=False
+            )
         pipe.set_progress_bar_config(disable=True)
         load_s = time.perf_counter() - t0
 
@@ -129,7 +174,8 @@ def run(folder: Path, size: int, steps: int, guidance: float, threads: int, seed
         encode = []
         for _ in range(3):
             t = time.perf_counter()
-            pipe.encode_prompt(PROMPT, "cpu", 1, True, NEGATIVE)
+            pipe.encode_prompt(prompt=PROMPT, device="cpu", num_images_per_prompt=1,
+                               do_classifier_free_guidance=True, negative_prompt=NEGATIVE)
             encode.append(time.perf_counter() - t)
 
     gaps = [b - a for a, b in zip(marks, marks[1:])]
@@ -147,8 +193,8 @@ def run(folder: Path, size: int, steps: int, guidance: float, threads: int, seed
 
 
 def main() -> int:
-    if len(sys.argv) == 3 and sys.argv[1] == "make-folder":
-        make_folder(Path(sys.argv[2]))
+    if len(sys.argv) in (3, 4) and sys.argv[1] == "make-folder":
+        make_folder(Path(sys.argv[2]), sys.argv[3] if len(sys.argv) == 4 else "sd15")
         return 0
     if len(sys.argv) in (9, 10) and sys.argv[1] == "run":
         a = sys.argv[2:] + ["fp32"]
