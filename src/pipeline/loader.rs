@@ -401,7 +401,7 @@ impl StableDiffusion {
             "tokenizer"
         };
         let tokenizer =
-            single_file_tokenizer(config_dir, first, standard_tokenizer(layout.family))?;
+            single_file_tokenizer(config_dir, first, || standard_tokenizer(layout.family))?;
         let text_2 = configs.text_2.as_ref().filter(|_| layout.text_2.is_some());
 
         // Everything the configs describe must fit in the file before anything is built.
@@ -444,11 +444,8 @@ impl StableDiffusion {
                     same_key,
                 )?;
                 vs.freeze();
-                let tokenizer_2 = single_file_tokenizer(
-                    config_dir,
-                    "tokenizer_2",
-                    ClipTokenizer::standard_sd2(),
-                )?;
+                let tokenizer_2 =
+                    single_file_tokenizer(config_dir, "tokenizer_2", ClipTokenizer::standard_sd2)?;
                 Some((tokenizer_2, encoder))
             }
             None => None,
@@ -602,15 +599,15 @@ fn standard_tokenizer(family: Family) -> Result<ClipTokenizer> {
     }
 }
 
-/// A single file's tokenizer: `config_dir`'s `sub/` when it has one, else `standard`.
+/// A single file's tokenizer: `config_dir`'s `sub/` when it has one, else `standard()`.
 fn single_file_tokenizer(
     config_dir: Option<&Path>,
     sub: &str,
-    standard: Result<ClipTokenizer>,
+    standard: impl FnOnce() -> Result<ClipTokenizer>,
 ) -> Result<ClipTokenizer> {
     match config_dir.map(|d| d.join(sub)) {
         Some(dir) if dir.is_dir() => ClipTokenizer::from_dir(&dir),
-        _ => standard,
+        _ => standard(),
     }
 }
 
