@@ -1,6 +1,13 @@
 //! Load time and peak RSS of a single-file checkpoint of SD 1.5's size, with random weights.
 //!
 //!     cargo run --example bench_load [-- DIR]
+//!     cargo run --example bench_load -- --sdxl [DIR]
+//!
+//! With `--sdxl`: an SDXL base file instead (`DIR/sdxl-random-fp16.safetensors`, about 6.9 GB,
+//! Stability's layout: UNet with `label_emb`, VAE, CLIP-L and OpenCLIP bigG with fused
+//! `in_proj` and a `[width, proj]` projection; 3.5 G parameters), written one tensor at a time
+//! (the models are built without initialising their memory, so writing holds one tensor), and
+//! loaded in bf16 only (fp32 would hold 13 GiB).
 //!
 //! Writes `DIR/sd15-random-fp16.safetensors` (default DIR: the system temp folder; about
 //! 2.1 GB, kept for the next run) in the original CompVis layout: SD 1.5's UNet, VAE and CLIP
@@ -12,7 +19,9 @@ use stable_diffusion::models::{
     AutoencoderKL, ClipTextConfig, ClipTextTransformer, UNet2DConditionModel, UNetConfig, VaeConfig,
 };
 use stable_diffusion::pipeline::{LoadOptions, StableDiffusion};
-use stable_diffusion::weights::single_file::{text_original, vae_original, TextLayout, UNetMap};
+use stable_diffusion::weights::single_file::{
+    text_original, vae_original, TextLayout, Transform, UNetMap,
+};
 use stable_diffusion::{Error, Result};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -35,6 +44,25 @@ const SD15_VAE: &str = r#"{
 const SD15_TEXT: &str = r#"{
   "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
   "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu"
+}"#;
+
+/// stable-diffusion-xl-base-1.0's UNet.
+const SDXL_UNET: &str = r#"{
+  "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+  "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280],
+  "cross_attention_dim": 2048,
+  "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+  "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+  "projection_class_embeddings_input_dim": 2816, "sample_size": 128,
+  "transformer_layers_per_block": [1, 2, 10],
+  "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+  "use_linear_projection": true
+}"#;
+/// stable-diffusion-xl-base-1.0's `text_encoder_2`: OpenCLIP ViT-bigG/14 with projection.
+const SDXL_TEXT_2: &str = r#"{
+  "vocab_size": 49408, "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
+  "num_attention_heads": 20, "max_position_embeddings": 77, "hidden_act": "gelu",
+  "projection_dim": 1280, "architectures": ["CLIPTextModelWithProjection"]
 }"#;
 
 fn status_kib(field: &str) -> f64 {
@@ -173,6 +201,130 @@ fn make_checkpoint(path: &Path) -> Result<u64> {
     write_file(path, parts)
 }
 
+/// One stored tensor of the SDXL file: its key and shape; its values are drawn when written.
+struct Planned {
+    key: String,
+    shape: Vec<i64>,
+}
+
+/// The keys and stored shapes of every variable of the model `build` makes, through `key_of`
+/// (`None`: the variable shares a stored tensor planned under another variable). The model is
+/// built without initialising its memory: its pages are never touched.
+fn plan_of<T>(
+    build: impl FnOnce(tch::nn::Path) -> Result<T>,
+    key_of: impl Fn(&str, &[i64]) -> Option<(String, Vec<i64>)>,
+) -> Result<Vec<Planned>> {
+    let _uninit = stable_diffusion::models::blocks::skip_random_init();
+    let mut vs = VarStore::new(Device::Cpu);
+    vs.set_kind(Kind::Half);
+    drop(build(vs.root())?);
+    let mut vars: Vec<(String, Vec<i64>)> = vs
+        .variables()
+        .into_iter()
+        .map(|(n, t)| (n, t.size()))
+        .collect();
+    vars.sort();
+    Ok(vars
+        .iter()
+        .filter_map(|(name, shape)| key_of(name, shape))
+        .map(|(key, shape)| Planned { key, shape })
+        .collect())
+}
+
+/// An OpenCLIP or CLIP text tower's stored key and shape for variable `name`.
+fn text_key(layout: &TextLayout, name: &str, shape: &[i64]) -> Option<(String, Vec<i64>)> {
+    let m = text_original(name, layout).expect("text variable without an original key");
+    let shape = match (m.transform, shape) {
+        (Transform::Third(0), [rows, rest @ ..]) => [&[rows * 3], rest].concat(),
+        (Transform::Third(_), _) => return None, // k and v: rows of the same in_proj
+        (Transform::Transpose, [a, b]) => vec![*b, *a],
+        _ => shape.to_vec(),
+    };
+    Some((m.key, shape))
+}
+
+/// Writes an SDXL base single file of random float16 weights, one tensor at a time.
+fn make_sdxl_checkpoint(path: &Path) -> Result<u64> {
+    let _g = tch::no_grad_guard();
+    let mut plan = Vec::new();
+    let unet: UNetConfig = json(SDXL_UNET);
+    let map = UNetMap::new(&unet)?;
+    plan.extend(plan_of(
+        |vs| UNet2DConditionModel::new(vs, &unet),
+        |name, shape| {
+            let rest = map
+                .original(name)
+                .expect("UNet variable without an original key");
+            Some((format!("model.diffusion_model.{rest}"), shape.to_vec()))
+        },
+    )?);
+    let vae: VaeConfig = json(SD15_VAE);
+    let levels = vae.block_out_channels.len();
+    plan.extend(plan_of(
+        |vs| AutoencoderKL::new(vs, &vae),
+        |name, shape| {
+            let m = vae_original(name, levels).expect("VAE variable without an original key");
+            let mut shape = shape.to_vec();
+            if m.transform == Transform::ConvToLinear {
+                shape.extend([1, 1]); // stored as 1x1 convolutions
+            }
+            Some((format!("first_stage_model.{}", m.key), shape))
+        },
+    )?);
+    let clip = TextLayout::Clip {
+        prefix: "conditioner.embedders.0.transformer.text_model.".into(),
+    };
+    let text: ClipTextConfig = json(SD15_TEXT);
+    plan.extend(plan_of(
+        |vs| ClipTextTransformer::new(vs, &text),
+        |name, shape| text_key(&clip, name, shape),
+    )?);
+    let bigg = TextLayout::OpenClip {
+        prefix: "conditioner.embedders.1.model.".into(),
+    };
+    let text_2: ClipTextConfig = json(SDXL_TEXT_2);
+    plan.extend(plan_of(
+        |vs| ClipTextTransformer::new(vs, &text_2),
+        |name, shape| text_key(&bigg, name, shape),
+    )?);
+
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for p in &plan {
+        let len = p.shape.iter().product::<i64>() as usize * 2;
+        header.insert(
+            p.key.clone(),
+            serde_json::json!({"dtype": "F16", "shape": p.shape, "data_offsets": [offset, offset + len]}),
+        );
+        offset += len;
+    }
+    header.insert(
+        "__metadata__".into(),
+        serde_json::json!({"format": "pt", "note": "random weights, SDXL base sizes"}),
+    );
+    let mut text = serde_json::to_string(&header).map_err(|e| Error::Internal(e.to_string()))?;
+    while (8 + text.len()) % 8 != 0 {
+        text.push(' ');
+    }
+    let tmp = path.with_extension("partial");
+    let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let mut w = std::io::BufWriter::new(file);
+    let io = |e| Error::io(&tmp, e);
+    w.write_all(&(text.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    w.write_all(text.as_bytes()).map_err(io)?;
+    tch::manual_seed(0);
+    for p in &plan {
+        // Small random values: what matters here is size, not content.
+        let t = Tensor::randn(p.shape.as_slice(), (Kind::Float, Device::Cpu)) * 0.02;
+        w.write_all(&fp16_bytes(&t)).map_err(io)?;
+    }
+    w.flush().map_err(io)?;
+    drop(w);
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    Ok((8 + text.len() + offset) as u64)
+}
+
 /// CPU seconds (user + system) this process has used.
 fn cpu_seconds() -> f64 {
     // SAFETY: getrusage only writes the struct we pass.
@@ -243,15 +395,24 @@ fn main() -> Result<()> {
     if args.len() == 2 && args[1] == "construct" {
         return construct_only();
     }
+    let sdxl = args.get(1).is_some_and(|a| a == "--sdxl");
     let dir = args
-        .get(1)
+        .get(if sdxl { 2 } else { 1 })
         .map(PathBuf::from)
         .unwrap_or_else(std::env::temp_dir);
-    let path = dir.join("sd15-random-fp16.safetensors");
+    let path = dir.join(if sdxl {
+        "sdxl-random-fp16.safetensors"
+    } else {
+        "sd15-random-fp16.safetensors"
+    });
     if !path.is_file() {
         eprintln!("writing {} ...", path.display());
         let start = Instant::now();
-        let bytes = make_checkpoint(&path)?;
+        let bytes = if sdxl {
+            make_sdxl_checkpoint(&path)?
+        } else {
+            make_checkpoint(&path)?
+        };
         eprintln!(
             "wrote {:.2} GB in {:.0} s",
             bytes as f64 / 1e9,
@@ -272,11 +433,16 @@ fn main() -> Result<()> {
     );
     let exe = std::env::current_exe().map_err(|e| Error::Internal(e.to_string()))?;
     let file = path.to_str().unwrap_or_default();
-    for (dtype, args) in [
-        ("fp32", vec!["measure", file, "fp32"]),
-        ("bf16", vec!["measure", file, "bf16"]),
-        ("construction", vec!["construct"]),
-    ] {
+    let runs = if sdxl {
+        vec![("bf16", vec!["measure", file, "bf16"])]
+    } else {
+        vec![
+            ("fp32", vec!["measure", file, "fp32"]),
+            ("bf16", vec!["measure", file, "bf16"]),
+            ("construction", vec!["construct"]),
+        ]
+    };
+    for (dtype, args) in runs {
         let status = std::process::Command::new(&exe)
             .args(&args)
             .status()

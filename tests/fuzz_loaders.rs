@@ -2,7 +2,9 @@
 //!
 //! Every case mutates one of the fixtures (a `.ckpt`, a single `.safetensors`, a diffusers
 //! folder's JSON and text files) and loads the result through `StableDiffusion::load`, the path
-//! every caller takes. For each case: an error or a loaded model, never a panic; bounded time and
+//! every caller takes (SDXL single files through `load_with` and their folder as `config_dir`:
+//! the tiny models' group norms are not SDXL's, so without it every case would stop at the
+//! config). For each case: an error or a loaded model, never a panic; bounded time and
 //! bounded peak RSS (reset before each case through /proc/self/clear_refs); and the file we were
 //! given is byte for byte what it was. `SD_FUZZ_CASES` scales the number of cases (default
 //! below); `SD_FUZZ_SEED` changes the seed.
@@ -11,6 +13,7 @@ mod common;
 use common::{dtype_size, parse_safetensors, write_safetensors, Pick, Rng, StTensor};
 
 use stable_diffusion::pipeline::{LoadOptions, StableDiffusion};
+use stable_diffusion::weights::single_file::ModelOverrides;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -105,10 +108,12 @@ impl Tally {
     }
 }
 
-/// Loads `path` once and checks every promise; `files` are the files of the case with the
-/// bytes they must still have afterwards. Returns a failure description instead of panicking.
+/// Loads `path` once (with `config` as the single file's config folder) and checks every
+/// promise; `files` are the files of the case with the bytes they must still have afterwards.
+/// Returns a failure description instead of panicking.
 fn check_load(
     path: &Path,
+    config: Option<&Path>,
     files: &[(PathBuf, Vec<u8>)],
     what: &str,
     tally: &mut Tally,
@@ -116,7 +121,13 @@ fn check_load(
     let can_measure = reset_peak_rss();
     let before = status_kb("VmRSS:");
     let start = Instant::now();
-    let outcome = std::panic::catch_unwind(|| StableDiffusion::load(path, &LoadOptions::default()));
+    let overrides = ModelOverrides {
+        config_dir: config.map(Path::to_path_buf),
+        ..Default::default()
+    };
+    let outcome = std::panic::catch_unwind(|| {
+        StableDiffusion::load_with(path, &LoadOptions::default(), &overrides)
+    });
     let elapsed = start.elapsed();
     let peak = status_kb("VmHWM:");
     tally.cases += 1;
@@ -253,7 +264,14 @@ fn mutate_bytes(rng: &mut Rng, original: &[u8], head: usize) -> (Vec<u8>, String
     }
 }
 
-fn fuzz_file_bytes(rng: &mut Rng, base: &Path, head: usize, n: usize, failures: &mut Vec<String>) {
+fn fuzz_file_bytes(
+    rng: &mut Rng,
+    base: &Path,
+    config: Option<&Path>,
+    head: usize,
+    n: usize,
+    failures: &mut Vec<String>,
+) {
     let original = std::fs::read(base).unwrap();
     let dir = scratch(&format!(
         "bytes-{}",
@@ -266,7 +284,7 @@ fn fuzz_file_bytes(rng: &mut Rng, base: &Path, head: usize, n: usize, failures: 
         let (data, how) = mutate_bytes(rng, &original, head);
         std::fs::write(&path, &data).unwrap();
         let what = format!("{} case {i} ({how})", base.display());
-        if let Some(f) = check_load(&path, &[(path.clone(), data)], &what, &mut tally) {
+        if let Some(f) = check_load(&path, config, &[(path.clone(), data)], &what, &mut tally) {
             failures.push(f);
         }
     }
@@ -471,6 +489,11 @@ fn mutate_safetensors_semantics(rng: &mut Rng, original: &[StTensor]) -> (Vec<u8
                     "model.diffusion_model.input_blocks.99.0.op.weight",
                     "cond_stage_model.transformer.text_model.encoder.layers.99.self_attn.q_proj.weight",
                     "first_stage_model.encoder.down.9.block.0.conv2.weight",
+                    "model.diffusion_model.label_emb.0.0.weight",
+                    "model.diffusion_model.output_blocks.0.1.transformer_blocks.9.attn1.to_q.weight",
+                    "conditioner.embedders.0.model.token_embedding.weight",
+                    "conditioner.embedders.1.model.text_projection",
+                    "v_pred",
                 ])
                 .to_string();
             tensors.push((key.clone(), dtype, shape, bytes));
@@ -480,7 +503,13 @@ fn mutate_safetensors_semantics(rng: &mut Rng, original: &[StTensor]) -> (Vec<u8
     (write_safetensors(&tensors), how)
 }
 
-fn fuzz_safetensors_semantics(rng: &mut Rng, base: &Path, n: usize, failures: &mut Vec<String>) {
+fn fuzz_safetensors_semantics(
+    rng: &mut Rng,
+    base: &Path,
+    config: Option<&Path>,
+    n: usize,
+    failures: &mut Vec<String>,
+) {
     let original = parse_safetensors(&std::fs::read(base).unwrap());
     let dir = scratch("st-semantics");
     let path = dir.join("case.safetensors");
@@ -489,16 +518,23 @@ fn fuzz_safetensors_semantics(rng: &mut Rng, base: &Path, n: usize, failures: &m
         let (data, how) = mutate_safetensors_semantics(rng, &original);
         std::fs::write(&path, &data).unwrap();
         let what = format!("{} case {i} ({how})", base.display());
-        if let Some(f) = check_load(&path, &[(path.clone(), data)], &what, &mut tally) {
+        if let Some(f) = check_load(&path, config, &[(path.clone(), data)], &what, &mut tally) {
             failures.push(f);
         }
     }
     let name = base.file_name().unwrap().to_string_lossy();
-    tally.print(&format!("tensors of {name}"));
+    let with = if config.is_some() { ", config_dir" } else { "" };
+    tally.print(&format!("tensors of {name}{with}"));
     let _ = std::fs::remove_dir_all(dir);
 }
 
-fn fuzz_safetensors_headers(rng: &mut Rng, base: &Path, n: usize, failures: &mut Vec<String>) {
+fn fuzz_safetensors_headers(
+    rng: &mut Rng,
+    base: &Path,
+    config: Option<&Path>,
+    n: usize,
+    failures: &mut Vec<String>,
+) {
     let original = std::fs::read(base).unwrap();
     let dir = scratch("st-header");
     let path = dir.join("case.safetensors");
@@ -507,7 +543,7 @@ fn fuzz_safetensors_headers(rng: &mut Rng, base: &Path, n: usize, failures: &mut
         let (data, how) = mutate_safetensors_header(rng, &original);
         std::fs::write(&path, &data).unwrap();
         let what = format!("{} case {i} ({how})", base.display());
-        if let Some(f) = check_load(&path, &[(path.clone(), data)], &what, &mut tally) {
+        if let Some(f) = check_load(&path, config, &[(path.clone(), data)], &what, &mut tally) {
             failures.push(f);
         }
     }
@@ -679,7 +715,13 @@ fn mutate_pickle(rng: &mut Rng, pkl: &[u8], ints: &[(usize, usize)]) -> (Vec<u8>
     }
 }
 
-fn fuzz_ckpt_pickles(rng: &mut Rng, base: &Path, n: usize, failures: &mut Vec<String>) {
+fn fuzz_ckpt_pickles(
+    rng: &mut Rng,
+    base: &Path,
+    config: Option<&Path>,
+    n: usize,
+    failures: &mut Vec<String>,
+) {
     let entries = read_zip(base);
     let pkl_index = entries
         .iter()
@@ -717,7 +759,7 @@ fn fuzz_ckpt_pickles(rng: &mut Rng, base: &Path, n: usize, failures: &mut Vec<St
                 ", deflated"
             }
         );
-        if let Some(f) = check_load(&path, &[(path.clone(), data)], &what, &mut tally) {
+        if let Some(f) = check_load(&path, config, &[(path.clone(), data)], &what, &mut tally) {
             failures.push(f);
         }
     }
@@ -813,7 +855,7 @@ fn fuzz_folder_configs(rng: &mut Rng, base: &Path, n: usize, failures: &mut Vec<
             files.push((case.join(rel), std::fs::read(base.join(rel)).unwrap()));
         }
         let what = format!("{} case {i} ({how})", base.display());
-        if let Some(f) = check_load(&case, &files, &what, &mut tally) {
+        if let Some(f) = check_load(&case, None, &files, &what, &mut tally) {
             failures.push(f);
         }
     }
@@ -854,22 +896,74 @@ fn fuzz_loaders() {
     ] {
         let path = single.join(base);
         let bytes = std::fs::read(&path).unwrap();
-        assert!(check_load(&path, &[(path.clone(), bytes)], base, &mut tally).is_none());
+        assert!(check_load(&path, None, &[(path.clone(), bytes)], base, &mut tally).is_none());
     }
-    assert_eq!(tally.loaded, 3, "the fixtures themselves must load");
+    let sdxl = common::fixtures().join("tiny-sdxl");
+    let refiner = common::fixtures().join("tiny-sdxl-refiner");
+    let sdxl_files = [
+        ("tiny-sdxl.safetensors", &sdxl),
+        ("tiny-sdxl-refiner.safetensors", &refiner),
+        ("tiny-sdxl-refiner-bf16.safetensors", &refiner),
+        ("tiny-sdxl-refiner.ckpt", &refiner),
+    ];
+    for (base, config) in sdxl_files {
+        let path = single.join(base);
+        let bytes = std::fs::read(&path).unwrap();
+        let r = check_load(
+            &path,
+            Some(config),
+            &[(path.clone(), bytes)],
+            base,
+            &mut tally,
+        );
+        assert!(r.is_none(), "{r:?}");
+    }
+    assert_eq!(tally.loaded, 7, "the fixtures themselves must load");
     tally.print("unmutated fixtures");
 
     let sd1_ckpt = single.join("tiny-sd1.ckpt");
     let sd1 = single.join("tiny-sd1.safetensors");
     let sd2 = single.join("tiny-sd2.safetensors");
     let folder = common::fixtures().join("tiny-sd1");
-    fuzz_ckpt_pickles(&mut rng, &sd1_ckpt, n, &mut failures);
-    fuzz_file_bytes(&mut rng, &sd1_ckpt, 80 << 10, n, &mut failures);
-    fuzz_safetensors_semantics(&mut rng, &sd1, n, &mut failures);
-    fuzz_safetensors_semantics(&mut rng, &sd2, n / 2, &mut failures);
-    fuzz_safetensors_headers(&mut rng, &sd1, n / 2, &mut failures);
-    fuzz_safetensors_headers(&mut rng, &sd2, n / 4, &mut failures);
-    fuzz_file_bytes(&mut rng, &sd2, 64 << 10, n / 2, &mut failures);
+    fuzz_ckpt_pickles(&mut rng, &sd1_ckpt, None, n, &mut failures);
+    fuzz_file_bytes(&mut rng, &sd1_ckpt, None, 80 << 10, n, &mut failures);
+    fuzz_safetensors_semantics(&mut rng, &sd1, None, n, &mut failures);
+    fuzz_safetensors_semantics(&mut rng, &sd2, None, n / 2, &mut failures);
+    fuzz_safetensors_headers(&mut rng, &sd1, None, n / 2, &mut failures);
+    fuzz_safetensors_headers(&mut rng, &sd2, None, n / 4, &mut failures);
+    fuzz_file_bytes(&mut rng, &sd2, None, 64 << 10, n / 2, &mut failures);
+    // SDXL single files: both encoders (bigG's fused in_proj and transposed projection),
+    // label_emb, bf16 and the .ckpt reader on an SDXL state dict; with their folders as
+    // config_dir (cases reach the tensors), and without it for detection and inference.
+    let sdxl_st = single.join("tiny-sdxl.safetensors");
+    let refiner_st = single.join("tiny-sdxl-refiner.safetensors");
+    let refiner_bf16 = single.join("tiny-sdxl-refiner-bf16.safetensors");
+    let refiner_ckpt = single.join("tiny-sdxl-refiner.ckpt");
+    fuzz_safetensors_semantics(&mut rng, &sdxl_st, Some(&sdxl), n / 2, &mut failures);
+    fuzz_safetensors_semantics(&mut rng, &sdxl_st, None, n / 4, &mut failures);
+    fuzz_safetensors_semantics(
+        &mut rng,
+        &refiner_bf16,
+        Some(&refiner),
+        n / 4,
+        &mut failures,
+    );
+    fuzz_safetensors_headers(&mut rng, &refiner_st, Some(&refiner), n / 4, &mut failures);
+    fuzz_ckpt_pickles(
+        &mut rng,
+        &refiner_ckpt,
+        Some(&refiner),
+        n / 2,
+        &mut failures,
+    );
+    fuzz_file_bytes(
+        &mut rng,
+        &refiner_ckpt,
+        Some(&refiner),
+        64 << 10,
+        n / 4,
+        &mut failures,
+    );
     fuzz_folder_configs(&mut rng, &folder, n, &mut failures);
     // SDXL folders: model_index.json, both encoders' and tokenizers' files, the text_time UNet.
     fuzz_folder_configs(

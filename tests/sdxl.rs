@@ -683,6 +683,18 @@ fn force_upcast_runs_the_sdxl_vae_in_float32() {
     let images = sd16.txt2img(&params_of(case), None).unwrap();
     assert_close("float16 case a", &images.pixels, &refs.get("pipe_a"), 2e-2);
 
+    // The same from an SDXL single file (its configs from the folder).
+    let overrides = stable_diffusion::weights::single_file::ModelOverrides {
+        config_dir: Some(fixtures().join(MODEL)),
+        ..Default::default()
+    };
+    let file = fixtures().join("single/tiny-sdxl.safetensors");
+    let single = StableDiffusion::load_with(&file, &half, &overrides).unwrap();
+    assert_eq!(
+        single.vae.decode(&latents).unwrap().kind(),
+        tch::Kind::Float
+    );
+
     // Without the flag, and for SD 1.x, the VAE is float16.
     let dir = std::env::temp_dir().join(format!("sd-sdxl-upcast-{}", std::process::id()));
     common::copy_dir(&fixtures().join(MODEL), &dir);

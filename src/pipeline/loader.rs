@@ -15,7 +15,7 @@ use crate::schedulers::SchedulerConfig;
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::single_file::{
     detect_format, Checkpoint, ComponentSource, Family, Layout, ModelFormat, ModelOverrides,
-    SingleFileConfigs,
+    SdxlPipelineFlags, SingleFileConfigs,
 };
 use crate::weights::{load_into_from, load_into_mapped, MappingOwner, WeightSet};
 use crate::{Error, Result};
@@ -396,7 +396,7 @@ impl StableDiffusion {
 
     /// Loads a single-file checkpoint in the original layout: family, prediction type and
     /// configs detected from the file (or configs from `overrides.config_dir`), tensors mapped
-    /// from the original keys one at a time.
+    /// from the original keys one at a time. SDXL files give the same parts as an SDXL folder.
     fn load_single_file(
         path: &Path,
         options: &LoadOptions,
@@ -409,19 +409,29 @@ impl StableDiffusion {
             Some(dir) => configs_from_dir(dir, &layout)?,
             None => SingleFileConfigs::defaults(&ckpt, &layout)?,
         };
-        let tokenizer_dir = overrides.config_dir.as_ref().map(|d| d.join("tokenizer"));
-        let tokenizer = match tokenizer_dir {
-            Some(dir) if dir.is_dir() => ClipTokenizer::from_dir(&dir)?,
-            _ => standard_tokenizer(layout.family)?,
+        let config_dir = overrides.config_dir.as_deref();
+        // The refiner's only tokenizer is an SDXL folder's tokenizer_2/.
+        let first = if layout.family == Family::SdxlRefiner {
+            "tokenizer_2"
+        } else {
+            "tokenizer"
         };
+        let tokenizer =
+            single_file_tokenizer(config_dir, first, || standard_tokenizer(layout.family))?;
+        let text_2 = configs.text_2.as_ref().filter(|_| layout.text_2.is_some());
 
         // Everything the configs describe must fit in the file before anything is built.
         let parameters = [
             count_parameters(|vs| ClipTextTransformer::new(vs, &configs.text))?,
+            match text_2 {
+                Some(c) => count_parameters(|vs| ClipTextTransformer::new(vs, c))?,
+                None => 0,
+            },
             count_parameters(|vs| UNet2DConditionModel::new(vs, &configs.unet))?,
             count_parameters(|vs| build_vae(vs, &configs.vae))?,
         ];
-        for (what, n) in ["text encoder", "UNet", "VAE"].iter().zip(parameters) {
+        let what = ["text encoder", "second text encoder", "UNet", "VAE"];
+        for (what, n) in what.iter().zip(parameters) {
             check_component_size(what, n, ckpt.file_len(), &ckpt.path().display().to_string())?;
         }
         check_component_size(
@@ -440,6 +450,23 @@ impl StableDiffusion {
         )?;
         vs.freeze();
 
+        let second = match text_2 {
+            Some(config) => {
+                let mut vs = var_store(device, kind);
+                let encoder = ClipTextTransformer::new(vs.root(), config)?;
+                load_into_from(
+                    &ComponentSource::text_encoder_2(&ckpt, &layout),
+                    &vs,
+                    same_key,
+                )?;
+                vs.freeze();
+                let tokenizer_2 =
+                    single_file_tokenizer(config_dir, "tokenizer_2", ClipTokenizer::standard_sd2)?;
+                Some((tokenizer_2, encoder))
+            }
+            None => None,
+        };
+
         let mut vs = var_store(device, kind);
         let unet = UNet2DConditionModel::new(vs.root(), &configs.unet)?;
         load_into_from(
@@ -449,7 +476,8 @@ impl StableDiffusion {
         )?;
         vs.freeze();
 
-        let mut vs = var_store(device, kind);
+        let sdxl_family = matches!(layout.family, Family::Sdxl | Family::SdxlRefiner);
+        let mut vs = var_store(device, vae_kind(kind, sdxl_family, &configs.vae));
         let vae = build_vae(vs.root(), &configs.vae)?;
         load_into_from(
             &ComponentSource::vae(&ckpt, &layout, &configs.vae),
@@ -458,11 +486,16 @@ impl StableDiffusion {
         )?;
         vs.freeze();
 
+        let sdxl = configs.sdxl.map(|f| SdxlFlags {
+            refiner: f.refiner,
+            force_zeros_for_empty_prompt: f.force_zeros_for_empty_prompt,
+            requires_aesthetics_score: f.requires_aesthetics_score,
+        });
         Self::assemble(
             tokenizer,
             text_encoder,
-            None,
-            None,
+            second,
+            sdxl,
             unet,
             vae,
             configs.scheduler,
@@ -579,17 +612,31 @@ struct SdxlFlags {
 }
 
 /// The tokenizer of a single file that comes without one: the standard CLIP vocabulary with
-/// the family's pad token.
+/// the family's pad token (`<|endoftext|>` for CLIP-L, `!` for the OpenCLIP encoders: SDXL's
+/// `tokenizer_2/` pads with it too).
 fn standard_tokenizer(family: Family) -> Result<ClipTokenizer> {
     match family {
-        Family::Sd1 => ClipTokenizer::standard(),
-        Family::Sd2 => ClipTokenizer::standard_sd2(),
+        Family::Sd1 | Family::Sdxl => ClipTokenizer::standard(),
+        Family::Sd2 | Family::SdxlRefiner => ClipTokenizer::standard_sd2(),
+    }
+}
+
+/// A single file's tokenizer: `config_dir`'s `sub/` when it has one, else `standard()`.
+fn single_file_tokenizer(
+    config_dir: Option<&Path>,
+    sub: &str,
+    standard: impl FnOnce() -> Result<ClipTokenizer>,
+) -> Result<ClipTokenizer> {
+    match config_dir.map(|d| d.join(sub)) {
+        Some(dir) if dir.is_dir() => ClipTokenizer::from_dir(&dir),
+        _ => standard(),
     }
 }
 
 /// The configs of a diffusers folder given as `config_dir`, for a single file: `unet/`, `vae/`
-/// and `text_encoder/` `config.json` are required, `scheduler/scheduler_config.json` falls back
-/// to the family's default.
+/// and `text_encoder/` `config.json` are required (SDXL: `text_encoder_2/` too, the refiner's
+/// only one), `scheduler/scheduler_config.json` falls back to the family's default, and
+/// `model_index.json`'s SDXL flags to the family's.
 fn configs_from_dir(dir: &Path, layout: &Layout) -> Result<SingleFileConfigs> {
     if !dir.is_dir() {
         return Err(Error::invalid(format!(
@@ -603,10 +650,38 @@ fn configs_from_dir(dir: &Path, layout: &Layout) -> Result<SingleFileConfigs> {
     } else {
         SingleFileConfigs::default_scheduler(layout)?
     };
+    let text_config = |sub: &str| ClipTextConfig::from_file(&dir.join(sub).join("config.json"));
+    let (text, text_2) = match layout.family {
+        Family::Sd1 | Family::Sd2 => (text_config("text_encoder")?, None),
+        Family::Sdxl => (
+            text_config("text_encoder")?,
+            Some(text_config("text_encoder_2")?),
+        ),
+        Family::SdxlRefiner => (text_config("text_encoder_2")?, None),
+    };
+    let sdxl = match SdxlPipelineFlags::defaults(layout.family) {
+        Some(d) => {
+            let index = ModelFiles {
+                root: dir.to_path_buf(),
+            };
+            Some(SdxlPipelineFlags {
+                refiner: d.refiner,
+                force_zeros_for_empty_prompt: index.index_flag(
+                    "force_zeros_for_empty_prompt",
+                    d.force_zeros_for_empty_prompt,
+                )?,
+                requires_aesthetics_score: index
+                    .index_flag("requires_aesthetics_score", d.requires_aesthetics_score)?,
+            })
+        }
+        None => None,
+    };
     Ok(SingleFileConfigs {
         unet: UNetConfig::from_file(&dir.join("unet").join("config.json"))?,
         vae: VaeConfig::from_file(&dir.join("vae").join("config.json"))?,
-        text: ClipTextConfig::from_file(&dir.join("text_encoder").join("config.json"))?,
+        text,
+        text_2,
         scheduler,
+        sdxl,
     })
 }

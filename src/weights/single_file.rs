@@ -3,12 +3,16 @@
 //! `time_embed`, `out`), the VAE under `first_stage_model.*` (mid-block attention stored as 1x1
 //! convolutions), and the text encoder under `cond_stage_model.transformer.*` (SD 1.x: a
 //! transformers `CLIPTextModel`) or `cond_stage_model.model.*` (SD 2.x: OpenCLIP ViT-H with
-//! fused `in_proj` q/k/v and one more block than SD 2 uses).
+//! fused `in_proj` q/k/v and one more block than SD 2 uses). SDXL files (Stability's `sgm`
+//! layout) keep the UNet and VAE there (the UNet's added-condition MLP as `label_emb.0`) and
+//! their text encoders under `conditioner.embedders.N.`: the base has CLIP-L
+//! (`0.transformer.text_model.*`, transformers layout) and OpenCLIP bigG (`1.model.*`, with
+//! every block and `text_projection` stored `[width, proj]`), the refiner only bigG (`0.model.*`).
 //!
 //! [`Checkpoint`] maps the file and indexes its tensors without reading them; [`Layout`] detects
-//! the family (SD 1.x, SD 2.x, 9-channel inpainting) from keys and shapes and gives the default
-//! configs; [`ComponentSource`] translates each of our (diffusers) variable names into the
-//! original key and transform (row slice of `in_proj`, 1x1 conv to linear), so the single file
+//! the family (SD 1.x, SD 2.x, SDXL base, SDXL refiner; 9-channel inpainting) from keys and
+//! shapes and gives the default configs; [`ComponentSource`] translates each of our (diffusers) variable names into the
+//! original key and transform (row slice of `in_proj`, 1x1 conv to linear, transpose), so the single file
 //! fills the models through the same [`super::load_into_from`] as a diffusers folder, with errors
 //! that name the original key. Tensors are materialised one at a time from the memory map and
 //! the pages of each are released once it is copied, so loading never holds a second copy of
@@ -69,7 +73,9 @@ pub struct ModelOverrides {
     pub prediction_type: Option<PredictionType>,
     /// Single files only: a diffusers folder whose `unet/`, `vae/` and `text_encoder/`
     /// `config.json`, `tokenizer/` and `scheduler/` replace the configs detected from the file
-    /// (as diffusers' `from_single_file(config=...)`).
+    /// (as diffusers' `from_single_file(config=...)`); for SDXL also `text_encoder_2/`,
+    /// `tokenizer_2/` (the refiner's only ones) and `model_index.json`'s
+    /// `force_zeros_for_empty_prompt` and `requires_aesthetics_score`.
     pub config_dir: Option<PathBuf>,
     /// Single files only: take the UNet from the EMA copy (`model_ema.*`) when the file has
     /// one. Default false: diffusers' `from_single_file`, A1111 and ComfyUI render the
@@ -411,6 +417,18 @@ pub enum Family {
     Sd1,
     /// SD 2.x (OpenCLIP ViT-H text encoder).
     Sd2,
+    /// SDXL base (CLIP ViT-L and OpenCLIP ViT-bigG with projection, `text_time` UNet); also
+    /// SDXL inpainting (9 input channels) and Turbo / Lightning style distillations, which
+    /// have the base's keys and shapes (diffusers' `xl_base` / `xl_inpaint`).
+    Sdxl,
+    /// SDXL refiner (OpenCLIP ViT-bigG with projection only, aesthetic-score time ids).
+    SdxlRefiner,
+}
+
+impl Family {
+    pub fn is_sdxl(self) -> bool {
+        matches!(self, Family::Sdxl | Family::SdxlRefiner)
+    }
 }
 
 /// What a single file holds and where: detected from keys and shapes.
@@ -420,17 +438,30 @@ pub struct Layout {
     /// UNet input channels: 4, or 9 for inpainting models.
     pub in_channels: i64,
     pub text: TextLayout,
+    /// SDXL base: the second text encoder (OpenCLIP bigG, `conditioner.embedders.1.model.`).
+    /// The refiner's only encoder, bigG too, is `text`.
+    pub text_2: Option<TextLayout>,
     /// Prefix of the VAE keys (`first_stage_model.`).
     pub vae_prefix: String,
     /// The UNet weights come from the EMA copy (`model_ema.*`).
     pub ema: bool,
     /// The file also has EMA weights (whether or not they are used).
     pub has_ema: bool,
-    /// The prediction type detected from the file (metadata, `global_step`, family).
+    /// The prediction type detected from the file (metadata, a `v_pred` key, `global_step`,
+    /// family).
     pub prediction_type: PredictionType,
+    /// The file has a `ztsnr` key (ComfyUI's mark of a zero-terminal-SNR model): the default
+    /// scheduler gets `rescale_betas_zero_snr`.
+    pub zero_terminal_snr: bool,
 }
 
 const UNET: &str = "model.diffusion_model.";
+/// SD 2.x's OpenCLIP ViT-H (`FrozenOpenCLIPEmbedder`).
+const OPEN_CLIP_SD2: &str = "cond_stage_model.model.";
+/// `sgm`'s first embedder when it is OpenCLIP: the SDXL refiner's bigG (or SD 2.x saved by sgm).
+const OPEN_CLIP_SGM: &str = "conditioner.embedders.0.model.";
+/// The SDXL base's second embedder, OpenCLIP bigG (`FrozenOpenCLIPEmbedder2`).
+const BIGG_BASE: &str = "conditioner.embedders.1.model.";
 
 /// `model.diffusion_model.a.b.c` -> `model_ema.diffusion_modelabc` (the EMA copy's names).
 fn ema_key(key: &str) -> String {
@@ -449,20 +480,14 @@ impl Layout {
         let file = ckpt.path().display();
         let any_prefix = |p: &str| ckpt.names().any(|n| n.starts_with(p));
 
-        if any_prefix("conditioner.embedders.1.") || has(&format!("{UNET}label_emb.0.0.weight")) {
-            return Err(Error::Unsupported(format!(
-                "{file} is an SDXL checkpoint (two text encoders); only SD 1.x / 2.x single files \
-                 are supported"
-            )));
-        }
         if any_prefix(&format!("{UNET}joint_blocks."))
             || any_prefix("joint_blocks.")
             || any_prefix(&format!("{UNET}double_blocks."))
             || any_prefix("double_blocks.")
         {
             return Err(Error::Unsupported(format!(
-                "{file} is a transformer (SD3 / Flux style) checkpoint; only SD 1.x / 2.x single \
-                 files are supported"
+                "{file} is a transformer (SD3 / Flux style) checkpoint; only SD 1.x / 2.x and \
+                 SDXL single files are supported"
             )));
         }
 
@@ -490,7 +515,7 @@ impl Layout {
         {
             return Err(Error::Unsupported(format!(
                 "{file}: the UNet has no cross-attention in its middle block (not an SD 1.x / 2.x \
-                 text-to-image UNet)"
+                 / XL text-to-image UNet)"
             )));
         }
 
@@ -500,7 +525,7 @@ impl Layout {
             .ok_or_else(|| unknown_layout(ckpt, "no VAE (first_stage_model.*)"))?
             .to_string();
 
-        let text = [
+        let clip = [
             "cond_stage_model.transformer.text_model.",
             "cond_stage_model.transformer.",
             "conditioner.embedders.0.transformer.text_model.",
@@ -510,42 +535,82 @@ impl Layout {
         .find(|p| has(&format!("{p}embeddings.token_embedding.weight")))
         .map(|p| TextLayout::Clip {
             prefix: p.to_string(),
-        })
-        .or_else(|| {
-            ["cond_stage_model.model.", "conditioner.embedders.0.model."]
-                .into_iter()
-                .find(|p| has(&format!("{p}token_embedding.weight")))
-                .map(|p| TextLayout::OpenClip {
-                    prefix: p.to_string(),
-                })
-        })
-        .ok_or_else(|| {
-            unknown_layout(
+        });
+        let open_clip = [OPEN_CLIP_SD2, OPEN_CLIP_SGM]
+            .into_iter()
+            .find(|p| has(&format!("{p}token_embedding.weight")))
+            .map(|p| TextLayout::OpenClip {
+                prefix: p.to_string(),
+            });
+        // SDXL's UNet takes added conditions (`label_emb.0`, diffusers' `add_embedding`); SD 1.x
+        // / 2.x text-to-image UNets take none.
+        let label_emb = format!("{UNET}label_emb.0.0.weight");
+        let added = has(&label_emb) || has(&ema_key(&label_emb));
+        let (family, text, text_2) = if any_prefix(BIGG_BASE) {
+            // The base: CLIP-L first, bigG second (missing bigG tensors are named when its
+            // config is read).
+            let Some(clip) = clip.filter(
+                |c| matches!(c, TextLayout::Clip { prefix } if prefix.starts_with("conditioner.")),
+            ) else {
+                return Err(unknown_layout(
+                    ckpt,
+                    "an SDXL checkpoint (conditioner.embedders.1.*) without its first text \
+                     encoder (conditioner.embedders.0.transformer.text_model.*)",
+                ));
+            };
+            let bigg = TextLayout::OpenClip {
+                prefix: BIGG_BASE.to_string(),
+            };
+            (Family::Sdxl, clip, Some(bigg))
+        } else if let Some(open) = open_clip.clone().filter(|_| added) {
+            // bigG alone over a UNet with added conditions: the refiner. (SD 2.x saved by
+            // `sgm` also has `conditioner.embedders.0.model.*`, over a plain UNet.)
+            if !matches!(&open, TextLayout::OpenClip { prefix } if prefix == OPEN_CLIP_SGM) {
+                return Err(Error::Unsupported(format!(
+                    "{file}: an SD 2.x text encoder over a UNet with class or added embeddings \
+                     (`{label_emb}`: unCLIP / upscaler style), not supported"
+                )));
+            }
+            (Family::SdxlRefiner, open, None)
+        } else if let Some(text) = clip.or(open_clip) {
+            if added {
+                return Err(Error::Unsupported(format!(
+                    "{file}: a UNet with class or added embeddings (`{label_emb}`) under an SD \
+                     1.x / 2.x text encoder (unCLIP / upscaler style), not supported"
+                )));
+            }
+            let family = match text {
+                TextLayout::Clip { .. } => Family::Sd1,
+                TextLayout::OpenClip { .. } => Family::Sd2,
+            };
+            (family, text, None)
+        } else {
+            return Err(unknown_layout(
                 ckpt,
-                "no text encoder (cond_stage_model.transformer.* or cond_stage_model.model.*)",
-            )
-        })?;
-        let family = match text {
-            TextLayout::Clip { .. } => Family::Sd1,
-            TextLayout::OpenClip { .. } => Family::Sd2,
+                "no text encoder (cond_stage_model.transformer.*, cond_stage_model.model.* or \
+                 conditioner.embedders.*)",
+            ));
         };
         let mut layout = Self {
             family,
             in_channels,
             text,
+            text_2,
             vae_prefix,
             ema,
             has_ema,
             prediction_type: PredictionType::Epsilon,
+            zero_terminal_snr: has("ztsnr"),
         };
         layout.prediction_type = layout.detect_prediction(ckpt);
         Ok(layout)
     }
 
     /// safetensors metadata (ModelSpec `modelspec.prediction_type`, kohya's
-    /// `ss_v_parameterization`) when present; else diffusers' rule: SD 2.x text-to-image
+    /// `ss_v_parameterization`) when present; else a `v_pred` key in the state dict (ComfyUI's
+    /// mark, found in v-prediction SDXL fine-tunes); else diffusers' rule: SD 2.x text-to-image
     /// checkpoints are v-prediction unless their `global_step` is 875000 (SD 2 base), everything
-    /// else predicts epsilon.
+    /// else (SDXL included: diffusers has no other sign for it) predicts epsilon.
     fn detect_prediction(&self, ckpt: &Checkpoint) -> PredictionType {
         let meta = ckpt.metadata();
         if let Some(p) = meta.get("modelspec.prediction_type") {
@@ -559,6 +624,9 @@ impl Layout {
             if v.eq_ignore_ascii_case("true") {
                 return PredictionType::VPrediction;
             }
+        }
+        if ckpt.contains("v_pred") {
+            return PredictionType::VPrediction;
         }
         if self.family == Family::Sd2 && !self.is_inpainting() && ckpt.global_step() != Some(875000)
         {
@@ -617,7 +685,7 @@ fn unknown_layout(ckpt: &Checkpoint, missing: &str) -> Error {
         ""
     };
     Error::bad_model(format!(
-        "{} is not an SD 1.x / 2.x single-file checkpoint in the original layout: {missing}; \
+        "{} is not an SD 1.x / 2.x / XL single-file checkpoint in the original layout: {missing}; \
          found {} tensors: {}{more}{hint}",
         ckpt.path().display(),
         ckpt.len(),
@@ -686,6 +754,45 @@ const SD2_TEXT: &str = r#"{
   "layer_norm_eps": 1e-05
 }"#;
 
+/// diffusers' UNet config of stable-diffusion-xl-base-1.0 (the SDXL default; the refiner's
+/// differs only in sizes the shapes tell: channels, block types, depths, widths).
+const SDXL_UNET: &str = r#"{
+  "act_fn": "silu", "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+  "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280],
+  "center_input_sample": false, "cross_attention_dim": 2048,
+  "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+  "downsample_padding": 1, "dual_cross_attention": false, "flip_sin_to_cos": true,
+  "freq_shift": 0, "in_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1,
+  "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4,
+  "projection_class_embeddings_input_dim": 2816, "sample_size": 128,
+  "transformer_layers_per_block": [1, 2, 10],
+  "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+  "use_linear_projection": true
+}"#;
+
+/// SDXL's second text encoder (the refiner's only one): OpenCLIP ViT-bigG/14 with its
+/// projection, every block kept (stable-diffusion-xl-base-1.0's `text_encoder_2`). The first
+/// one is CLIP ViT-L, [`SD1_TEXT`].
+const SDXL_TEXT_2: &str = r#"{
+  "vocab_size": 49408, "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
+  "num_attention_heads": 20, "max_position_embeddings": 77, "hidden_act": "gelu",
+  "layer_norm_eps": 1e-05, "eos_token_id": 2, "projection_dim": 1280,
+  "architectures": ["CLIPTextModelWithProjection"]
+}"#;
+
+/// The SDXL VAE's latent scaling (stable-diffusion-xl-base-1.0's `vae/config.json`).
+const SDXL_VAE_SCALING: f64 = 0.13025;
+
+/// stable-diffusion-xl-base-1.0's (and the refiner's) scheduler, which is also what diffusers'
+/// `from_single_file` builds for SDXL without a config.
+const SDXL_SCHEDULER: &str = r#"{
+  "_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+  "beta_start": 0.00085, "clip_sample": false, "interpolation_type": "linear",
+  "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": 1.0,
+  "set_alpha_to_one": false, "skip_prk_steps": true, "steps_offset": 1,
+  "timestep_spacing": "leading", "trained_betas": null, "use_karras_sigmas": false
+}"#;
+
 /// stable-diffusion-v1-5's scheduler (epsilon models).
 const EPSILON_SCHEDULER: &str = r#"{
   "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -712,8 +819,44 @@ fn embedded<T: serde::de::DeserializeOwned>(json: &str, what: &str) -> Result<T>
 pub struct SingleFileConfigs {
     pub unet: UNetConfig,
     pub vae: VaeConfig,
+    /// The first text encoder (the SDXL refiner's only one, bigG).
     pub text: ClipTextConfig,
+    /// The SDXL base's second text encoder (bigG with projection).
+    pub text_2: Option<ClipTextConfig>,
     pub scheduler: SchedulerConfig,
+    /// SDXL: the pipeline's flags (a diffusers folder's `model_index.json`).
+    pub sdxl: Option<SdxlPipelineFlags>,
+}
+
+/// What an SDXL pipeline needs besides its models, as a diffusers folder's `model_index.json`
+/// says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SdxlPipelineFlags {
+    /// One text encoder (bigG) only.
+    pub refiner: bool,
+    pub force_zeros_for_empty_prompt: bool,
+    pub requires_aesthetics_score: bool,
+}
+
+impl SdxlPipelineFlags {
+    /// diffusers' defaults for the family: stable-diffusion-xl-base-1.0 (and the SDXL
+    /// inpainting model) zero the absent negative prompt and take six time ids;
+    /// stable-diffusion-xl-refiner-1.0 encodes it and takes the aesthetic score.
+    pub fn defaults(family: Family) -> Option<Self> {
+        match family {
+            Family::Sdxl => Some(Self {
+                refiner: false,
+                force_zeros_for_empty_prompt: true,
+                requires_aesthetics_score: false,
+            }),
+            Family::SdxlRefiner => Some(Self {
+                refiner: true,
+                force_zeros_for_empty_prompt: false,
+                requires_aesthetics_score: true,
+            }),
+            Family::Sd1 | Family::Sd2 => None,
+        }
+    }
 }
 
 fn per_block(v: Vec<i64>) -> crate::models::config::PerBlock<i64> {
@@ -732,19 +875,47 @@ impl SingleFileConfigs {
     /// are not in the shapes: SD 1.x uses 8 heads per block, SD 2.x 64 channels per head.
     /// The scheduler of the family's diffusers default: stable-diffusion-v1-5's (PNDM,
     /// scaled_linear) for epsilon models, stable-diffusion-2-1's (DDIM, v_prediction) for
-    /// v-prediction ones.
+    /// v-prediction ones; SDXL's (Euler) for SDXL with the detected prediction type. A `ztsnr`
+    /// key adds `rescale_betas_zero_snr`.
     pub fn default_scheduler(layout: &Layout) -> Result<SchedulerConfig> {
         let v = layout.prediction_type == PredictionType::VPrediction;
-        let mut scheduler: SchedulerConfig =
-            embedded(if v { V_SCHEDULER } else { EPSILON_SCHEDULER }, "scheduler")?;
+        let json = if layout.family.is_sdxl() {
+            SDXL_SCHEDULER
+        } else if v {
+            V_SCHEDULER
+        } else {
+            EPSILON_SCHEDULER
+        };
+        let mut scheduler: SchedulerConfig = embedded(json, "scheduler")?;
         scheduler.prediction_type = Some(layout.prediction_type);
+        if layout.zero_terminal_snr {
+            scheduler.rescale_betas_zero_snr = Some(true);
+        }
         Ok(scheduler)
     }
 
+    /// SDXL: heads of 64 channels in the UNet and both encoders, as SD 2.x; the added
+    /// conditions' widths from `label_emb.0.0` and the pooled text's (`text_projection`) width.
     pub fn defaults(ckpt: &Checkpoint, layout: &Layout) -> Result<Self> {
+        let configs = Self::infer(ckpt, layout)?;
+        configs.unet.validate()?;
+        configs.vae.validate()?;
+        configs.text.validate()?;
+        if let Some(t) = &configs.text_2 {
+            t.validate()?;
+        }
+        Ok(configs)
+    }
+
+    /// [`SingleFileConfigs::defaults`] before the configs are validated: what the shapes say
+    /// over the family's defaults, which need not make a model (group norms and head counts are
+    /// not in the shapes, and a small model may not take the family's).
+    pub fn infer(ckpt: &Checkpoint, layout: &Layout) -> Result<Self> {
         let (unet_json, text_json) = match layout.family {
             Family::Sd1 => (SD1_UNET, SD1_TEXT),
             Family::Sd2 => (SD2_UNET, SD2_TEXT),
+            Family::Sdxl => (SDXL_UNET, SD1_TEXT),
+            Family::SdxlRefiner => (SDXL_UNET, SDXL_TEXT_2),
         };
         let mut unet: UNetConfig = embedded(unet_json, "UNet")?;
         let mut vae: VaeConfig = embedded(SD_VAE, "VAE")?;
@@ -754,17 +925,35 @@ impl SingleFileConfigs {
         if layout.family == Family::Sd2 && !v {
             unet.sample_size = Some(64);
         }
-        infer_unet(ckpt, layout, &mut unet)?;
+        if layout.family.is_sdxl() {
+            vae.scaling_factor = SDXL_VAE_SCALING;
+        }
+        infer_text(ckpt, &layout.text, layout.family, &mut text)?;
+        let text_2 = match &layout.text_2 {
+            Some(l) => {
+                let mut t: ClipTextConfig = embedded(SDXL_TEXT_2, "second text encoder")?;
+                infer_text(ckpt, l, layout.family, &mut t)?;
+                Some(t)
+            }
+            None => None,
+        };
+        // The pooled text SDXL's UNet is conditioned on: the encoder with the projection.
+        let pooled = layout.family.is_sdxl().then(|| {
+            let (cfg, l) = match (&text_2, &layout.text_2) {
+                (Some(c), Some(l)) => (c, l),
+                _ => (&text, &layout.text),
+            };
+            (cfg.projection_dim.unwrap_or(cfg.hidden_size), l.clone())
+        });
+        infer_unet(ckpt, layout, &mut unet, pooled.as_ref())?;
         infer_vae(ckpt, layout, &mut vae)?;
-        infer_text(ckpt, layout, &mut text)?;
-        unet.validate()?;
-        vae.validate()?;
-        text.validate()?;
         Ok(Self {
             unet,
             vae,
             text,
+            text_2,
             scheduler,
+            sdxl: SdxlPipelineFlags::defaults(layout.family),
         })
     }
 }
@@ -792,9 +981,27 @@ struct Level {
     depth: i64,
 }
 
-fn infer_unet(ckpt: &Checkpoint, layout: &Layout, cfg: &mut UNetConfig) -> Result<()> {
+/// Counts `{block}.transformer_blocks.N` in the file.
+fn transformer_depth(has: impl Fn(&str) -> bool, block: &str) -> i64 {
+    let mut depth = 0;
+    while has(&format!(
+        "{block}.transformer_blocks.{depth}.attn1.to_q.weight"
+    )) {
+        depth += 1;
+    }
+    depth
+}
+
+/// `pooled`: SDXL's pooled text width and the layout of the encoder it comes from.
+fn infer_unet(
+    ckpt: &Checkpoint,
+    layout: &Layout,
+    cfg: &mut UNetConfig,
+    pooled: Option<&(i64, TextLayout)>,
+) -> Result<()> {
     let key = |rest: &str| layout.unet_key(rest);
     let has = |rest: &str| ckpt.contains(&key(rest));
+    let file = ckpt.path().display();
     let conv_in = need(ckpt, &key("input_blocks.0.0.weight"), 4)?;
     cfg.in_channels = conv_in[1];
     cfg.out_channels = need(ckpt, &key("out.2.weight"), 4)?[0];
@@ -814,13 +1021,7 @@ fn infer_unet(ckpt: &Checkpoint, layout: &Layout, cfg: &mut UNetConfig) -> Resul
             cur.resnets += 1;
             if has(&format!("input_blocks.{i}.1.proj_in.weight")) {
                 cur.attention = true;
-                let mut depth = 0;
-                while has(&format!(
-                    "input_blocks.{i}.1.transformer_blocks.{depth}.attn1.to_q.weight"
-                )) {
-                    depth += 1;
-                }
-                cur.depth = depth;
+                cur.depth = transformer_depth(has, &format!("input_blocks.{i}.1"));
                 let proj = need(ckpt, &key(&format!("input_blocks.{i}.1.proj_in.weight")), 2)?;
                 cfg.use_linear_projection = proj.len() == 2;
                 let to_k = need(
@@ -858,23 +1059,44 @@ fn infer_unet(ckpt: &Checkpoint, layout: &Layout, cfg: &mut UNetConfig) -> Resul
             .to_string()
         })
         .collect();
+    // diffusers builds each up block with its level's depth and the middle block with the
+    // last level's: the file must have that shape (SDXL base: 2 and 10, the refiner: 4).
+    let mid_depth = transformer_depth(has, "middle_block.1");
+    let last = &levels[n - 1];
+    if last.attention && last.depth != mid_depth {
+        return Err(Error::Unsupported(format!(
+            "{file}: the UNet's middle block has {mid_depth} transformer layers and its deepest \
+             level {}: diffusers' UNet2DConditionModel cannot hold that",
+            last.depth
+        )));
+    }
     let depths: Vec<i64> = levels
         .iter()
-        .filter(|l| l.attention)
-        .map(|l| l.depth)
+        .enumerate()
+        .map(|(i, l)| match (l.attention, i + 1 == n) {
+            (true, _) => l.depth,
+            (false, true) => mid_depth,
+            (false, false) => 1,
+        })
         .collect();
-    if !depths.is_empty() && depths.iter().all(|&d| d == depths[0]) {
-        cfg.transformer_layers_per_block = crate::models::config::PerBlock::One(depths[0]);
-    } else if !depths.is_empty() {
-        cfg.transformer_layers_per_block =
-            per_block(levels.iter().map(|l| l.depth.max(1)).collect());
-    }
+    cfg.transformer_layers_per_block = per_block(depths.clone());
     // Up blocks: layers+1 output blocks per level, deepest level first.
     let mut up_types = Vec::with_capacity(n);
-    let mut start = 0;
+    let mut start = 0i64;
     for u in 0..n {
         let level = &levels[n - 1 - u];
         let attention = has(&format!("output_blocks.{start}.1.proj_in.weight"));
+        if attention {
+            let found = transformer_depth(has, &format!("output_blocks.{start}.1"));
+            if found != depths[n - 1 - u] {
+                return Err(Error::Unsupported(format!(
+                    "{file}: `{}` is followed by {found} transformer layers, but its level has \
+                     {} in the input blocks: diffusers' UNet2DConditionModel cannot hold that",
+                    key(&format!("output_blocks.{start}.1.proj_in.weight")),
+                    depths[n - 1 - u]
+                )));
+            }
+        }
         up_types.push(
             if attention {
                 "CrossAttnUpBlock2D"
@@ -883,18 +1105,54 @@ fn infer_unet(ckpt: &Checkpoint, layout: &Layout, cfg: &mut UNetConfig) -> Resul
             }
             .to_string(),
         );
-        start += level.resnets + 1;
+        start = start.checked_add(level.resnets + 1).ok_or_else(|| {
+            Error::bad_model(format!(
+                "{file}: the UNet's output_blocks cannot be counted"
+            ))
+        })?;
     }
     cfg.up_block_types = up_types;
     cfg.attention_head_dim = match layout.family {
         Family::Sd1 => crate::models::config::PerBlock::One(8),
-        Family::Sd2 => per_block(
+        Family::Sd2 | Family::Sdxl | Family::SdxlRefiner => per_block(
             cfg.block_out_channels
                 .iter()
                 .map(|&c| (c / 64).max(1))
                 .collect(),
         ),
     };
+    if let Some((pooled, text)) = pooled {
+        // `label_emb.0.0`: [time embedding, pooled text + time ids x their embedding width].
+        let label = key("label_emb.0.0.weight");
+        let input = need(ckpt, &label, 2)?[1];
+        let ids = if layout.family == Family::SdxlRefiner {
+            5
+        } else {
+            6
+        };
+        let projection = match text {
+            TextLayout::OpenClip { prefix } | TextLayout::Clip { prefix } => {
+                format!("{prefix}text_projection")
+            }
+        };
+        let time_dim = input
+            .checked_sub(*pooled)
+            .filter(|rest| *rest > 0 && rest % ids == 0)
+            .map(|rest| rest / ids)
+            .ok_or_else(|| {
+                Error::bad_model(format!(
+                    "{file}: `{label}` takes {input} values, which is not the pooled text \
+                     ({pooled}, the width of `{projection}`) and {ids} time ids of one width"
+                ))
+            })?;
+        cfg.addition_embed_type = Some("text_time".into());
+        cfg.addition_time_embed_dim = Some(time_dim);
+        cfg.projection_class_embeddings_input_dim = Some(input);
+    } else {
+        cfg.addition_embed_type = None;
+        cfg.addition_time_embed_dim = None;
+        cfg.projection_class_embeddings_input_dim = None;
+    }
     cfg.num_attention_heads = None;
     Ok(())
 }
@@ -941,8 +1199,15 @@ fn infer_vae(ckpt: &Checkpoint, layout: &Layout, cfg: &mut VaeConfig) -> Result<
     Ok(())
 }
 
-fn infer_text(ckpt: &Checkpoint, layout: &Layout, cfg: &mut ClipTextConfig) -> Result<()> {
-    match &layout.text {
+/// The sizes of the text encoder at `text` in the file; `family` says whether an OpenCLIP tower
+/// loses its last block (SD 2.x) or keeps it and its projection (SDXL).
+fn infer_text(
+    ckpt: &Checkpoint,
+    text: &TextLayout,
+    family: Family,
+    cfg: &mut ClipTextConfig,
+) -> Result<()> {
+    match text {
         TextLayout::Clip { prefix } => {
             let tok = need(
                 ckpt,
@@ -977,11 +1242,28 @@ fn infer_text(ckpt: &Checkpoint, layout: &Layout, cfg: &mut ClipTextConfig) -> R
             )) {
                 blocks += 1;
             }
-            // SD 2 conditions on the penultimate block: the last one is never used.
-            cfg.num_hidden_layers = blocks - 1;
+            if family.is_sdxl() {
+                // SDXL takes the penultimate block's states and the last one's pooled output
+                // through the projection, stored as OpenCLIP multiplies by it: [width, proj].
+                cfg.num_hidden_layers = blocks;
+                let key = format!("{prefix}text_projection");
+                let proj = need(ckpt, &key, 2)?;
+                if proj.len() != 2 || proj[0] != cfg.hidden_size {
+                    return Err(Error::bad_model(format!(
+                        "tensor `{key}` in {} has shape {proj:?}, expected [{}, projection width]",
+                        ckpt.path().display(),
+                        cfg.hidden_size
+                    )));
+                }
+                cfg.projection_dim = Some(proj[1]);
+                cfg.architectures = vec!["CLIPTextModelWithProjection".into()];
+            } else {
+                // SD 2 conditions on the penultimate block: the last one is never used.
+                cfg.num_hidden_layers = blocks - 1;
+            }
             if cfg.num_hidden_layers < 1 {
                 return Err(Error::bad_model(format!(
-                    "{}: the OpenCLIP text encoder has {blocks} blocks, SD 2 needs at least 2",
+                    "{}: the OpenCLIP text encoder at `{prefix}` has {blocks} blocks, too few",
                     ckpt.path().display()
                 )));
             }
@@ -1009,6 +1291,9 @@ pub enum Transform {
     ConvToLinear,
     /// Part `i` of 3 equal slices along dim 0 (q, k, v of a fused `in_proj`).
     Third(i64),
+    /// A matrix stored `[in, out]` (OpenCLIP's `text_projection`, used as `x @ P`) used as a
+    /// linear weight `[out, in]`.
+    Transpose,
 }
 
 /// The original key of a variable and the transform that turns its tensor into the variable.
@@ -1073,6 +1358,8 @@ impl UNetMap {
             ("time_embedding.linear_2.", "time_embed.2."),
             ("conv_norm_out.", "out.0."),
             ("conv_out.", "out.2."),
+            ("add_embedding.linear_1.", "label_emb.0.0."),
+            ("add_embedding.linear_2.", "label_emb.0.2."),
         ] {
             if let Some(leaf) = name.strip_prefix(ours) {
                 return Some(format!("{orig}{leaf}"));
@@ -1212,8 +1499,18 @@ pub fn vae_original(name: &str, levels: usize) -> Option<Mapped> {
     }
 }
 
-/// The original key of text-encoder variable `name` (ours: `text_model.*`).
+/// The original key of text-encoder variable `name` (ours: `text_model.*`, and
+/// `text_projection.weight` for an encoder with projection).
 pub fn text_original(name: &str, layout: &TextLayout) -> Option<Mapped> {
+    if name == "text_projection.weight" {
+        return match layout {
+            TextLayout::OpenClip { prefix } => Some(Mapped {
+                key: format!("{prefix}text_projection"),
+                transform: Transform::Transpose,
+            }),
+            TextLayout::Clip { .. } => None,
+        };
+    }
     let rest = name.strip_prefix("text_model.")?;
     match layout {
         TextLayout::Clip { prefix } => plain(format!("{prefix}{rest}")),
@@ -1265,6 +1562,8 @@ pub fn text_original(name: &str, layout: &TextLayout) -> Option<Mapped> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Component {
     TextEncoder,
+    /// SDXL base's second text encoder.
+    TextEncoder2,
     Unet,
     Vae,
 }
@@ -1284,6 +1583,17 @@ impl<'a> ComponentSource<'a> {
             ckpt,
             layout,
             component: Component::TextEncoder,
+            unet: None,
+            vae_levels: 0,
+        }
+    }
+
+    /// The SDXL base's second text encoder (nothing maps for other layouts).
+    pub fn text_encoder_2(ckpt: &'a Checkpoint, layout: &'a Layout) -> Self {
+        Self {
+            ckpt,
+            layout,
+            component: Component::TextEncoder2,
             unet: None,
             vae_levels: 0,
         }
@@ -1313,6 +1623,7 @@ impl<'a> ComponentSource<'a> {
     pub fn map(&self, name: &str) -> Option<Mapped> {
         match self.component {
             Component::TextEncoder => text_original(name, &self.layout.text),
+            Component::TextEncoder2 => text_original(name, self.layout.text_2.as_ref()?),
             Component::Unet => {
                 let rest = self.unet.as_ref()?.original(name)?;
                 plain(self.layout.unet_key(&rest))
@@ -1338,6 +1649,10 @@ fn transformed_shape(shape: &[i64], t: Transform) -> Vec<i64> {
                 s.extend_from_slice(rest);
                 s
             }
+            other => other.to_vec(),
+        },
+        Transform::Transpose => match shape {
+            [a, b] => vec![*b, *a],
             other => other.to_vec(),
         },
     }
@@ -1366,6 +1681,7 @@ impl TensorSource for ComponentSource<'_> {
                 let rows = t.size()[0] / 3;
                 t.f_narrow(0, part * rows, rows)?
             }
+            Transform::Transpose => t.f_transpose(0, 1)?.f_contiguous()?,
         })
     }
 
@@ -1378,6 +1694,10 @@ impl TensorSource for ComponentSource<'_> {
                 "{key} (its {} rows, for {name})",
                 ["q", "k", "v"][part.clamp(0, 2) as usize]
             ),
+            Some(Mapped {
+                key,
+                transform: Transform::Transpose,
+            }) => format!("{key} (transposed, for {name})"),
             Some(Mapped { key, .. }) => key,
             None => format!("{name} (no original key)"),
         }
@@ -1502,19 +1822,67 @@ mod tests {
     }
 
     #[test]
+    fn sdxl_keys() {
+        let cfg: UNetConfig = serde_json::from_str(SDXL_UNET).unwrap();
+        let m = UNetMap::new(&cfg).unwrap();
+        for (ours, orig) in [
+            ("add_embedding.linear_1.weight", "label_emb.0.0.weight"),
+            ("add_embedding.linear_2.bias", "label_emb.0.2.bias"),
+            // Level 0 has no attention: its downsampler follows two resnets.
+            (
+                "down_blocks.0.downsamplers.0.conv.weight",
+                "input_blocks.3.0.op.weight",
+            ),
+            (
+                "down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_k.weight",
+                "input_blocks.8.1.transformer_blocks.9.attn2.to_k.weight",
+            ),
+            (
+                "up_blocks.0.upsamplers.0.conv.weight",
+                "output_blocks.2.2.conv.weight",
+            ),
+            (
+                "up_blocks.2.resnets.2.conv2.bias",
+                "output_blocks.8.0.out_layers.3.bias",
+            ),
+        ] {
+            assert_eq!(m.original(ours).as_deref(), Some(orig), "{ours}");
+        }
+        let bigg = TextLayout::OpenClip {
+            prefix: BIGG_BASE.into(),
+        };
+        let t = text_original("text_projection.weight", &bigg).unwrap();
+        assert_eq!(t.key, "conditioner.embedders.1.model.text_projection");
+        assert_eq!(t.transform, Transform::Transpose);
+        assert_eq!(transformed_shape(&[1280, 1024], t.transform), [1024, 1280]);
+        let clip = TextLayout::Clip {
+            prefix: "conditioner.embedders.0.transformer.text_model.".into(),
+        };
+        assert_eq!(text_original("text_projection.weight", &clip), None);
+    }
+
+    #[test]
     fn embedded_configs_parse() {
-        for json in [SD1_UNET, SD2_UNET] {
+        for json in [SD1_UNET, SD2_UNET, SDXL_UNET] {
             let c: UNetConfig = embedded(json, "UNet").unwrap();
             c.validate().unwrap();
         }
         let v: VaeConfig = embedded(SD_VAE, "VAE").unwrap();
         v.validate().unwrap();
-        for json in [SD1_TEXT, SD2_TEXT] {
+        for json in [SD1_TEXT, SD2_TEXT, SDXL_TEXT_2] {
             let t: ClipTextConfig = embedded(json, "text").unwrap();
             t.validate().unwrap();
         }
-        for json in [EPSILON_SCHEDULER, V_SCHEDULER] {
+        let t: ClipTextConfig = embedded(SDXL_TEXT_2, "text").unwrap();
+        assert!(t.has_projection());
+        for json in [EPSILON_SCHEDULER, V_SCHEDULER, SDXL_SCHEDULER] {
             let _: SchedulerConfig = embedded(json, "scheduler").unwrap();
         }
+        // SDXL base's add_embedding: the pooled bigG text and six time ids of 256.
+        let c: UNetConfig = embedded(SDXL_UNET, "UNet").unwrap();
+        assert_eq!(
+            c.projection_class_embeddings_input_dim,
+            Some(1280 + 6 * 256)
+        );
     }
 }
