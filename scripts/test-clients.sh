@@ -2,7 +2,8 @@
 # Builds and runs the clients of the C ABI against the shipped model (models/tiny), through an install
 # (`make install PROFILE=debug` into a scratch prefix, linked with pkg-config as the README
 # shows): the C example, the same under valgrind (no definite leak, no memory error), the C
-# fuzzer of the ABI's promises (3000 seeded cases, and 300 cheap ones under valgrind), the C++
+# fuzzer of the ABI's promises (3000 seeded cases, and 300 cheap ones under valgrind), a C
+# program compiled against the header before the SDXL fields (tests/abi/), the C++
 # RAII wrapper's example, the C# binding's example (Mono) and the Python ctypes example.
 # Each example checks its own results and exits non-zero on a surprise.
 # Prints `clients: N passed, M failed` last; exits non-zero when any failed.
@@ -47,7 +48,7 @@ need() {
 echo "building and installing the library into $prefix"
 if ! make --no-print-directory install PREFIX="$prefix" PROFILE=debug >"$work/install.log" 2>&1; then
   tail -n 40 "$work/install.log"
-  echo "clients: 0 passed, 7 failed"
+  echo "clients: 0 passed, 8 failed"
   exit 1
 fi
 export PKG_CONFIG_PATH="$prefix/lib/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"
@@ -97,6 +98,20 @@ fuzz_valgrind_client() {
     grep -q "no leaks are possible" "$work/fuzz-valgrind.txt"
 }
 
+# A program compiled against the header before the SDXL fields (tests/abi/before-sdxl/): it
+# must produce the bytes the same source gives against the current header, with a smaller
+# sd_generate_params.
+old_header_client() {
+  local flags=(-std=c99 -Wall -Wextra -Wpedantic -Werror tests/abi/old_client.c)
+  cc "${flags[@]}" -Itests/abi/before-sdxl "${sd_flags[@]}" -o "$work/old_client_old" &&
+    cc "${flags[@]}" "${sd_flags[@]}" -o "$work/old_client_new" &&
+    local old_size new_size &&
+    old_size=$("$work/old_client_old" "$model" "$work/old.rgb" | awk '{print $2}') &&
+    new_size=$("$work/old_client_new" "$model" "$work/new.rgb" | awk '{print $2}') &&
+    echo "sizeof(sd_generate_params): before SDXL $old_size, now $new_size" &&
+    [ "$old_size" -lt "$new_size" ] && test -s "$work/old.rgb" && cmp "$work/old.rgb" "$work/new.rgb"
+}
+
 cpp_client() {
   c++ -std=c++17 -Wall -Wextra -Wpedantic -Werror examples/cpp/txt2img.cpp "${sd_flags[@]}" \
     -pthread -o "$work/cpp_txt2img" &&
@@ -118,6 +133,7 @@ python_client() {
 }
 
 run c c_client
+run c-old-header old_header_client
 run c-valgrind valgrind_client
 run c-fuzz fuzz_client
 run c-fuzz-valgrind fuzz_valgrind_client
