@@ -115,46 +115,10 @@ pub fn pack_weights(enabled: bool) -> FlagGuard {
     FlagGuard::set(&PACK_WEIGHTS, enabled)
 }
 
-thread_local! {
-    static PACK_HORIZON: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
-}
-
-/// A layer packs its weight once it is expected to run at least this many times in all:
-/// packing costs about as much as this many runs save. Measured with `make bench` (2-core
-/// AVX2): an SDXL-size UNet packs 10 GB in about 23 s and then saves 1.4 s a step at 512x512
-/// (16 steps to repay); SD 1.5-size, 5-7 s against 0.8 s a step at 256x256 (about 8).
-pub const PACK_MIN_USES: usize = 16;
-
-/// Sets, for as long as the guard lives, how many more times the layers about to run will run
-/// in the current call (the pipeline: the UNet's steps, the text encoders' prompts). A layer
-/// that has run `n` times packs when `n + horizon` reaches [`PACK_MIN_USES`]: a 20-step run
-/// packs at its first step, a 1-step Turbo image runs the plain kernels until the layer has
-/// served enough calls to repay the packing. Without a guard (benchmarks, direct model calls)
-/// layers pack at their first run.
-pub fn pack_horizon(uses: usize) -> HorizonGuard {
-    HorizonGuard {
-        previous: PACK_HORIZON.with(|h| h.replace(uses)),
-    }
-}
-
-/// Restores the previous [`pack_horizon`] when dropped.
-pub struct HorizonGuard {
-    previous: usize,
-}
-
-impl Drop for HorizonGuard {
-    fn drop(&mut self) {
-        PACK_HORIZON.with(|h| h.set(self.previous));
-    }
-}
-
-/// A layer's weight packed for float32 on the CPU, made once the layer has run there often
-/// enough to repay it ([`pack_horizon`]).
+/// A layer's weight packed for float32 on the CPU, made the first time the layer runs there.
 #[derive(Debug)]
 struct PackedWeight {
     allowed: bool,
-    /// Runs on the plain path so far, while not packed.
-    uses: std::sync::atomic::AtomicUsize,
     /// The packed weight and whether the dense one was emptied when it was made; `None` when
     /// packing failed (a libtorch without oneDNN, say), which leaves the layer on the plain path.
     form: OnceLock<Option<(Tensor, bool)>>,
@@ -164,7 +128,6 @@ impl PackedWeight {
     fn new() -> Self {
         Self {
             allowed: PACK_WEIGHTS.with(|p| p.get()),
-            uses: std::sync::atomic::AtomicUsize::new(0),
             form: OnceLock::new(),
         }
     }
@@ -194,7 +157,6 @@ impl PackedWeight {
         let form = match self.form.get() {
             Some(form) => form,
             None if !pays => return None,
-            None if !self.repays() => return None,
             None => self.form.get_or_init(|| {
                 let packed = pack().ok()?;
                 let emptied = packed::release_dense(weight);
@@ -205,13 +167,6 @@ impl PackedWeight {
             Some((packed, emptied)) if pays || *emptied => Some(packed),
             _ => None,
         }
-    }
-
-    /// Counts a run that could pack, and says whether packing now repays itself: the runs so
-    /// far plus those the current call expects reach [`PACK_MIN_USES`].
-    fn repays(&self) -> bool {
-        let before = self.uses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        before.saturating_add(PACK_HORIZON.with(|h| h.get())) >= PACK_MIN_USES
     }
 
     /// The dense weight: `weight` itself, or, once packing has emptied it, rebuilt from the
@@ -622,37 +577,6 @@ mod tests {
     /// seeded shapes, strides, paddings and batch sizes: packed by a first input no larger
     /// than the weight and then also run on larger ones, or left plain by a larger first
     /// input; the weight they started from comes back exactly.
-    /// A layer packs once its past runs plus the current call's expected runs reach
-    /// PACK_MIN_USES: at once for a long call, after enough short calls otherwise; the plain
-    /// runs before give the same results.
-    #[test]
-    fn packing_waits_until_it_repays() {
-        let _g = tch::no_grad_guard();
-        for (horizon, packs_at) in [
-            (usize::MAX, 1),
-            (PACK_MIN_USES, 1),
-            (1, PACK_MIN_USES),
-            (4, PACK_MIN_USES - 3),
-        ] {
-            let vs = nn::VarStore::new(Device::Cpu);
-            let linear = {
-                let _pack = pack_weights(true);
-                Linear::new(vs.root() / "l", 16, 24, true)
-            };
-            linear.weight.shallow_clone().copy_(&seeded(1, &[24, 16]));
-            let dense = linear.weight.copy();
-            let xs = seeded(2, &[1, 1, 16]);
-            let want = xs.linear(&dense, linear.bias.as_ref());
-            let _horizon = pack_horizon(horizon);
-            for run in 1..=PACK_MIN_USES + 1 {
-                let got = linear.forward(&xs).unwrap();
-                assert!(max_diff(&got, &want) <= 1e-5, "horizon {horizon} run {run}");
-                let packed = linear.packed.form.get().is_some_and(|f| f.is_some());
-                assert_eq!(packed, run >= packs_at, "horizon {horizon} run {run}");
-            }
-        }
-    }
-
     #[test]
     fn packed_layers_match_the_plain_kernels() {
         let _g = tch::no_grad_guard();

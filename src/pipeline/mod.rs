@@ -962,13 +962,7 @@ impl StableDiffusion {
 
         let cfg = params.guidance > 1.0;
         let editing = init.is_some() || handed.is_some();
-        // Weights pack only where this call, or the calls before, use them often enough to
-        // repay the packing (blocks::pack_horizon): the prompts once or twice, the UNet once
-        // a step.
-        let horizon = crate::models::blocks::pack_horizon(if cfg { 2 } else { 1 });
         let (context, added) = self.text_context(params, cfg, width, height, editing, &stop)?;
-        drop(horizon);
-        let _horizon = crate::models::blocks::pack_horizon(timesteps.len());
         stop()?;
         let double = |t: &Tensor| -> Result<Tensor> {
             Ok(if cfg {
