@@ -128,9 +128,26 @@ fn write_file(path: &Path, parts: Vec<Vec<Entry>>) -> Result<u64> {
         );
         offset = end;
     }
+    write_safetensors(path, header, "random weights, SD 1.5 sizes", offset, |w| {
+        for e in &all {
+            w.write_all(&e.bytes)?;
+        }
+        Ok(())
+    })
+}
+
+/// Writes a float16 safetensors file from its tensor entries (`header`, `data_len` bytes of
+/// data in all) and `write_data`, through a `.partial` file renamed at the end; returns its size.
+fn write_safetensors(
+    path: &Path,
+    mut header: serde_json::Map<String, serde_json::Value>,
+    note: &str,
+    data_len: usize,
+    write_data: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<u64> {
     header.insert(
         "__metadata__".into(),
-        serde_json::json!({"format": "pt", "note": "random weights, SD 1.5 sizes"}),
+        serde_json::json!({"format": "pt", "note": note}),
     );
     let mut text = serde_json::to_string(&header).map_err(|e| Error::Internal(e.to_string()))?;
     while (8 + text.len()) % 8 != 0 {
@@ -139,17 +156,14 @@ fn write_file(path: &Path, parts: Vec<Vec<Entry>>) -> Result<u64> {
     let tmp = path.with_extension("partial");
     let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
     let mut w = std::io::BufWriter::new(file);
-    let io = |e| Error::io(&tmp, e);
     w.write_all(&(text.len() as u64).to_le_bytes())
-        .map_err(io)?;
-    w.write_all(text.as_bytes()).map_err(io)?;
-    for e in &all {
-        w.write_all(&e.bytes).map_err(io)?;
-    }
-    w.flush().map_err(io)?;
+        .and_then(|()| w.write_all(text.as_bytes()))
+        .and_then(|()| write_data(&mut w))
+        .and_then(|()| w.flush())
+        .map_err(|e| Error::io(&tmp, e))?;
     drop(w);
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
-    Ok((8 + text.len() + offset) as u64)
+    Ok((8 + text.len() + data_len) as u64)
 }
 
 /// Builds each SD 1.5 component with random init (one at a time) and writes the file.
@@ -298,31 +312,21 @@ fn make_sdxl_checkpoint(path: &Path) -> Result<u64> {
         );
         offset += len;
     }
-    header.insert(
-        "__metadata__".into(),
-        serde_json::json!({"format": "pt", "note": "random weights, SDXL base sizes"}),
-    );
-    let mut text = serde_json::to_string(&header).map_err(|e| Error::Internal(e.to_string()))?;
-    while (8 + text.len()) % 8 != 0 {
-        text.push(' ');
-    }
-    let tmp = path.with_extension("partial");
-    let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let mut w = std::io::BufWriter::new(file);
-    let io = |e| Error::io(&tmp, e);
-    w.write_all(&(text.len() as u64).to_le_bytes())
-        .map_err(io)?;
-    w.write_all(text.as_bytes()).map_err(io)?;
-    tch::manual_seed(0);
-    for p in &plan {
-        // Small random values: what matters here is size, not content.
-        let t = Tensor::randn(p.shape.as_slice(), (Kind::Float, Device::Cpu)) * 0.02;
-        w.write_all(&fp16_bytes(&t)).map_err(io)?;
-    }
-    w.flush().map_err(io)?;
-    drop(w);
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
-    Ok((8 + text.len() + offset) as u64)
+    write_safetensors(
+        path,
+        header,
+        "random weights, SDXL base sizes",
+        offset,
+        |w| {
+            tch::manual_seed(0);
+            for p in &plan {
+                // Small random values: what matters here is size, not content.
+                let t = Tensor::randn(p.shape.as_slice(), (Kind::Float, Device::Cpu)) * 0.02;
+                w.write_all(&fp16_bytes(&t))?;
+            }
+            Ok(())
+        },
+    )
 }
 
 /// CPU seconds (user + system) this process has used.

@@ -985,10 +985,7 @@ fn generate_params_carry_sdxl_prompts_and_micro_conditioning() {
     let text = |k: &str| CString::new(case[k].as_str().unwrap()).unwrap();
     let (prompt, prompt_2) = (text("prompt"), text("prompt_2"));
     let (negative, negative_2) = (text("negative_prompt"), text("negative_prompt_2"));
-    let mut p = ptr::null_mut();
-    let path = fixture("tiny-sdxl");
-    let status = unsafe { sd_pipeline_load(path.as_ptr(), ptr::null(), &mut p) };
-    assert_eq!(status, sd_status::SD_OK, "{}", last_error());
+    let p = load_fixture("tiny-sdxl");
 
     let mut g = params(&prompt, case["steps"].as_u64().unwrap() as u32, 0);
     g.seed = case["seed"].as_u64().unwrap();
@@ -1114,10 +1111,7 @@ fn refiner_img2img_takes_the_aesthetic_scores() {
     };
     let text = |k: &str| CString::new(case[k].as_str().unwrap()).unwrap();
     let (prompt, negative) = (text("prompt"), text("negative_prompt"));
-    let mut p = ptr::null_mut();
-    let path = fixture("tiny-sdxl-refiner");
-    let status = unsafe { sd_pipeline_load(path.as_ptr(), ptr::null(), &mut p) };
-    assert_eq!(status, sd_status::SD_OK, "{}", last_error());
+    let p = load_fixture("tiny-sdxl-refiner");
     let mut g = params(&prompt, case["steps"].as_u64().unwrap() as u32, 0);
     g.seed = case["seed"].as_u64().unwrap();
     g.guidance = case["guidance"].as_f64().unwrap();
