@@ -101,6 +101,10 @@ fn token_merging_keeps_the_output_close() {
     let _g = tch::no_grad_guard();
     let mut rng = Rng::new(5);
     for case in 0..10 {
+        // Seeded under the generator lock: the weights and inputs are the same whatever other
+        // tests drew before, so the bound below is checked on the same ten models every run.
+        let _rng = stable_diffusion::rng::GLOBAL_RNG.lock();
+        tch::manual_seed(100 + case);
         let (_vs, unet, config, cross_dim) = random_model(&mut rng);
         let sample = locked_randn(&[2, config.in_channels, 8, 8]);
         let context = locked_randn(&[2, 3, cross_dim]);
