@@ -294,3 +294,48 @@ fn guidance_rescale_matches_its_closed_form() {
         assert!(matches!(r, Err(Error::InvalidArgument(m)) if m.contains("guidance_rescale")));
     }
 }
+
+/// An image is a function of the model, its load options and the call's own arguments, never
+/// of the calls the pipeline ran before: layers pack their weights at first use and choose the
+/// packed or the plain kernels by the size of their input, so a call at one size must not leave
+/// a later call at another size on other kernels (which round differently). Checked for mapped
+/// and copied weights, on sizes that put the deep layers on either side of that choice.
+#[test]
+fn an_image_does_not_depend_on_the_calls_before_it() {
+    let render = |sd: &StableDiffusion, side: i64| {
+        sd.generate(
+            &GenerateParams {
+                prompt: "a red circle".into(),
+                steps: 2,
+                guidance: 5.0,
+                seed: 4,
+                width: Some(side),
+                height: Some(side),
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap()
+        .pixels
+    };
+    for copy_weights in [false, true] {
+        let options = LoadOptions {
+            copy_weights,
+            ..Default::default()
+        };
+        let fresh = |side| {
+            let sd = StableDiffusion::load(&fixtures().join("tiny-sd1"), &options).unwrap();
+            render(&sd, side)
+        };
+        // tiny-sd1's deepest convolutions pack up to 256x256 and its first level's up to
+        // 96x96; 64 and 96 pack them for different input sizes.
+        let sides = [96i64, 64, 128, 256, 288, 64];
+        let sd = StableDiffusion::load(&fixtures().join("tiny-sd1"), &options).unwrap();
+        for side in sides {
+            let after = render(&sd, side);
+            let alone = fresh(side);
+            let d = common::max_abs_diff(&after, &alone);
+            assert_eq!(d, 0.0, "copy_weights {copy_weights}, {side}x{side}: {d}");
+        }
+    }
+}

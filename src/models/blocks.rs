@@ -119,15 +119,18 @@ pub fn pack_weights(enabled: bool) -> FlagGuard {
 #[derive(Debug)]
 struct PackedWeight {
     allowed: bool,
+    /// The weight's element count, kept because packing may empty the dense tensor.
+    numel: usize,
     /// The packed weight and whether the dense one was emptied when it was made; `None` when
     /// packing failed (a libtorch without oneDNN, say), which leaves the layer on the plain path.
     form: OnceLock<Option<(Tensor, bool)>>,
 }
 
 impl PackedWeight {
-    fn new() -> Self {
+    fn new(weight: &Tensor) -> Self {
         Self {
             allowed: PACK_WEIGHTS.with(|p| p.get()),
+            numel: weight.numel(),
             form: OnceLock::new(),
         }
     }
@@ -136,8 +139,10 @@ impl PackedWeight {
     /// for the plain path. Packing pays where the input is no larger than the weight (the deep,
     /// low-resolution layers, where the plain kernels' per-call weight reorder dominates); on
     /// large activations oneDNN's packed kernels were up to 1.25x slower than the plain ones
-    /// (single layers timed on a 2-core AVX2 machine), so such calls stay plain unless the
-    /// dense weight is already gone.
+    /// (single layers timed on a 2-core AVX2 machine), so such calls stay plain. The choice
+    /// depends on this input alone, never on what ran before: the two kernels round
+    /// differently, and a call's image must not depend on the calls before it (a plain call
+    /// after the dense weight was emptied rebuilds it, see [`PackedWeight::dense`]).
     fn get(
         &self,
         weight: &Tensor,
@@ -153,7 +158,7 @@ impl PackedWeight {
         if !eligible {
             return None;
         }
-        let pays = xs.numel() <= weight.numel();
+        let pays = xs.numel() <= self.numel;
         let form = match self.form.get() {
             Some(form) => form,
             None if !pays => return None,
@@ -164,7 +169,7 @@ impl PackedWeight {
             }),
         };
         match form {
-            Some((packed, emptied)) if pays || *emptied => Some(packed),
+            Some((packed, _)) if pays => Some(packed),
             _ => None,
         }
     }
@@ -204,10 +209,11 @@ impl Linear {
     pub fn new(vs: nn::Path, in_dim: i64, out_dim: i64, bias: bool) -> Self {
         let weight = variable(&vs, "weight", &[out_dim, in_dim], kaiming());
         let bias = bias.then(|| variable(&vs, "bias", &[out_dim], Init::Const(0.)));
+        let packed = PackedWeight::new(&weight);
         Self {
             weight,
             bias,
-            packed: PackedWeight::new(),
+            packed,
             int8: OnceLock::new(),
         }
     }
@@ -259,12 +265,13 @@ impl Conv2d {
     ) -> Self {
         let weight = variable(&vs, "weight", &[out_c, in_c, kernel, kernel], kaiming());
         let bias = Some(variable(&vs, "bias", &[out_c], Init::Const(0.)));
+        let packed = PackedWeight::new(&weight);
         Self {
             weight,
             bias,
             stride,
             padding,
-            packed: PackedWeight::new(),
+            packed,
         }
     }
 
