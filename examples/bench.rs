@@ -18,14 +18,16 @@
 //! sides are compared (max difference in 8-bit levels). `--dtype bf16` measures the CPU fast
 //! mode: ours holds and runs the weights in bfloat16, diffusers runs its float32 pipeline under
 //! `torch.autocast("cpu", dtype=torch.bfloat16)`; the images then differ by rounding.
-//! `--plain-weights` runs our side with `LoadOptions::plain_weights` (libtorch's plain kernels
-//! instead of weights packed on first use).
+//! `--plain-weights` and `--packed-weights` run our side with `WeightKernels::Plain` or
+//! `WeightKernels::Packed` instead of the family's default (`WeightKernels::Auto`).
 //!
 //! On two cores any other busy process makes every figure meaningless, so before each run the
 //! bench samples /proc/stat for 2 s and waits (up to a minute) for other processes to be idle;
 //! a run that started on a busy machine is flagged in the table and the summary says so.
 use serde_json::Value;
-use stable_diffusion::pipeline::{Control, GenerateParams, LoadOptions, StableDiffusion, StepInfo};
+use stable_diffusion::pipeline::{
+    Control, GenerateParams, LoadOptions, StableDiffusion, StepInfo, WeightKernels,
+};
 use stable_diffusion::{Error, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -52,7 +54,8 @@ struct Options {
     dir: PathBuf,
     python: PathBuf,
     ours_only: bool,
-    plain_weights: bool,
+    /// "auto", "plain" or "packed" (`WeightKernels`), handed to our child process.
+    kernels: &'static str,
 }
 
 fn parse_options(args: &[String]) -> Result<Options> {
@@ -70,13 +73,20 @@ fn parse_options(args: &[String]) -> Result<Options> {
         dir: PathBuf::new(),
         python: repo.join(".venv-fixtures/bin/python"),
         ours_only: false,
-        plain_weights: false,
+        kernels: "auto",
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
-        if flag == "--ours-only" || flag == "--plain-weights" {
-            o.ours_only |= flag == "--ours-only";
-            o.plain_weights |= flag == "--plain-weights";
+        match flag.as_str() {
+            "--ours-only" => o.ours_only = true,
+            "--plain-weights" => o.kernels = "plain",
+            "--packed-weights" => o.kernels = "packed",
+            _ => {}
+        }
+        if matches!(
+            flag.as_str(),
+            "--ours-only" | "--plain-weights" | "--packed-weights"
+        ) {
             continue;
         }
         let value = it
@@ -146,7 +156,11 @@ fn child(args: &[String]) -> Result<()> {
         &dir,
         &LoadOptions {
             kind,
-            plain_weights: arg(8) == "plain",
+            weight_kernels: match arg(8).as_str() {
+                "plain" => WeightKernels::Plain,
+                "packed" => WeightKernels::Packed,
+                _ => WeightKernels::Auto,
+            },
             ..Default::default()
         },
     )?;
@@ -321,10 +335,9 @@ fn main() -> Result<()> {
         o.threads,
         o.family,
         o.dtype,
-        if o.plain_weights {
-            ", plain weights"
-        } else {
-            ""
+        match o.kernels {
+            "auto" => String::new(),
+            kernels => format!(", {kernels} weights"),
         },
         o.steps,
         o.guidance,
@@ -367,7 +380,7 @@ fn main() -> Result<()> {
                 };
                 cmd.args(&common);
                 if sides[i] == "ours" {
-                    cmd.arg(if o.plain_weights { "plain" } else { "packed" });
+                    cmd.arg(o.kernels);
                 }
                 eprintln!("{size}x{size} round {} {}...", round + 1, sides[i]);
                 let run = run_side(sides[i], &mut cmd, &image)?;

@@ -256,10 +256,12 @@ typedef struct sd_load_options {
    */
   int32_t copy_weights;
   /**
-   * Non-zero runs float32 models on the CPU with libtorch's plain kernels. 0 (default):
-   * each linear and convolution layer packs its weight once into oneDNN's blocked layout
-   * the first time it runs and works from that copy, which is faster on the CPU; results
-   * differ from the plain kernels' by rounding only (within 1e-5).
+   * Which kernels float32 models run with on the CPU, one of `SD_WEIGHTS_*`.
+   * `SD_WEIGHTS_AUTO` (0, the default) picks the faster for the family: weights packed
+   * once into oneDNN's blocked layout for SD 1.x/2.x, libtorch's plain kernels for SDXL
+   * (packing its weights costs more than it saves). `SD_WEIGHTS_PLAIN` (1) and
+   * `SD_WEIGHTS_PACKED` (2) force one. The two differ by rounding only (within 1e-5); a
+   * pipeline always uses the same, so its images depend on each call's parameters only.
    */
   int32_t plain_weights;
 } sd_load_options;
@@ -592,6 +594,11 @@ typedef struct sd_job_progress {
 } sd_job_progress;
 
 /**
+ * Kernels for float32 weights on the CPU (`sd_load_options.plain_weights`).
+ */
+typedef int32_t sd_weights;
+
+/**
  * 32-bit float: the default, and the only sensible choice on the CPU.
  */
 #define SD_DTYPE_FP32 0
@@ -605,6 +612,21 @@ typedef struct sd_job_progress {
  * bfloat16: halves memory; CPUs with bf16 support and recent GPUs.
  */
 #define SD_DTYPE_BF16 2
+
+/**
+ * The faster for the model's family: packed for SD 1.x/2.x, plain for SDXL.
+ */
+#define SD_WEIGHTS_AUTO 0
+
+/**
+ * libtorch's plain kernels.
+ */
+#define SD_WEIGHTS_PLAIN 1
+
+/**
+ * Weights packed once into oneDNN's blocked layout at each layer's first run.
+ */
+#define SD_WEIGHTS_PACKED 2
 
 /**
  * Stable Diffusion 1.x (CLIP ViT-L text encoder; native 512x512).

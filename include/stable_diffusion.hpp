@@ -279,9 +279,13 @@ class Job {
 
 /// Load options; defaults are the library's (sd_load_options_init).
 struct LoadOptions {
-  std::string device;     // empty: "cpu"
-  std::string scheduler;  // empty: the model's
+  std::string device;      // empty: "cpu"
+  std::string scheduler;   // empty: the model's
   sd_dtype dtype = SD_DTYPE_FP32;
+  std::string config_dir;  // single files: a diffusers folder's configs; empty: detected
+  bool use_ema = false;
+  bool copy_weights = false;
+  sd_weights weights = SD_WEIGHTS_AUTO;  // the kernels for float32 on the CPU
 };
 
 /// A loaded model. Calls on one Pipeline are serialised by the library.
@@ -293,6 +297,10 @@ class Pipeline {
     o.device = detail::c_str_or_null(options.device);
     o.scheduler = detail::c_str_or_null(options.scheduler);
     o.dtype = options.dtype;
+    o.config_dir = detail::c_str_or_null(options.config_dir);
+    o.use_ema = options.use_ema ? 1 : 0;
+    o.copy_weights = options.copy_weights ? 1 : 0;
+    o.plain_weights = options.weights;
     sd_pipeline* p = nullptr;
     detail::check(sd_pipeline_load(model_path.c_str(), &o, &p));
     pipeline_.reset(p);

@@ -140,6 +140,15 @@ fn load_reports_each_kind_of_failure() {
             "dtype is 42",
         );
         o.dtype = SD_DTYPE_FP32;
+        for weights in [3, -1, i32::MAX] {
+            o.plain_weights = weights;
+            expect(
+                sd_pipeline_load(model.as_ptr(), &o, &mut p),
+                SD_ERR_INVALID_ARGUMENT,
+                &format!("plain_weights is {weights}"),
+            );
+        }
+        o.plain_weights = SD_WEIGHTS_AUTO;
         let nope = c"NoSuchScheduler";
         o.scheduler = nope.as_ptr();
         expect(
@@ -937,23 +946,26 @@ fn load_options_copy_weights_render_the_same_image() {
 }
 
 /// `plain_weights` in the load options: libtorch's plain kernels and the packed weights render
-/// the same image up to rounding (a level or two), and a caller whose struct ends before the
-/// field gets the default (packed), bit for bit.
+/// the same image up to rounding (a level or two); the default (`SD_WEIGHTS_AUTO`, also what a
+/// caller whose struct ends before the field gets) is the packed image for SD 1.x.
 #[test]
 fn load_options_plain_weights_render_the_same_image() {
-    let render = |plain_weights: i32, struct_size: usize| -> Vec<u8> {
-        render_with_options(&fixture("tiny-sd1"), PROMPT, |o| {
+    let render = |model: &str, plain_weights: i32, struct_size: usize| -> Vec<u8> {
+        render_with_options(&fixture(model), PROMPT, |o| {
             o.plain_weights = plain_weights;
             o.struct_size = struct_size;
         })
     };
     let full = size_of::<sd_load_options>();
-    let packed = render(0, full);
-    assert_eq!(
-        render(1, std::mem::offset_of!(sd_load_options, plain_weights)),
-        packed
-    );
-    let plain = render(1, full);
+    let short = std::mem::offset_of!(sd_load_options, plain_weights);
+    let packed = render("tiny-sd1", SD_WEIGHTS_PACKED, full);
+    assert_eq!(render("tiny-sd1", SD_WEIGHTS_AUTO, full), packed);
+    assert_eq!(render("tiny-sd1", SD_WEIGHTS_PLAIN, short), packed);
+    // (8-bit images of the tiny SDXL fixture do not tell the kernels apart; the library's
+    // test `weight_kernels_default_by_family` compares the float images.)
+    let sdxl_plain = render("tiny-sdxl", SD_WEIGHTS_PLAIN, full);
+    assert!(render("tiny-sdxl", SD_WEIGHTS_AUTO, short) == sdxl_plain);
+    let plain = render("tiny-sd1", SD_WEIGHTS_PLAIN, full);
     assert_eq!(plain.len(), packed.len());
     let worst = plain
         .iter()

@@ -2,7 +2,8 @@
 mod common;
 
 use common::{copy_dir, fixtures, Refs};
-use stable_diffusion::pipeline::{LoadOptions, StableDiffusion};
+use stable_diffusion::pipeline::{LoadOptions, StableDiffusion, WeightKernels};
+use stable_diffusion::weights::single_file::ModelOverrides;
 use stable_diffusion::Error;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
@@ -416,6 +417,69 @@ fn mapped_and_copied_weights_render_the_same_image() {
     assert_eq!(images[0], images[1]);
 }
 
+/// `WeightKernels::Auto` is the packed path for SD 1.x/2.x and the plain one for SDXL (folders
+/// and single files): bit for bit the image of the kernels it stands for, and within rounding
+/// of the other (which does change it, so the comparison can tell them apart).
+#[test]
+fn weight_kernels_default_by_family() {
+    // A single file reads its configs and tokenizers from the folder it was written from.
+    let render = |model: &Path, weight_kernels| {
+        let folder = model.extension().map(|_| {
+            let stem = model.file_stem().unwrap().to_str().unwrap();
+            fixtures().join(stem)
+        });
+        let sd = StableDiffusion::load_with(
+            model,
+            &LoadOptions {
+                weight_kernels,
+                ..Default::default()
+            },
+            &ModelOverrides {
+                config_dir: folder,
+                ..Default::default()
+            },
+        )
+        .unwrap_or_else(|e| panic!("{}: {e}", model.display()));
+        sd.generate(
+            &stable_diffusion::pipeline::GenerateParams {
+                prompt: "a red circle".into(),
+                steps: 2,
+                guidance: 5.0,
+                seed: 3,
+                width: Some(64),
+                height: Some(64),
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap()
+        .pixels
+    };
+    let single = fixtures().join("single");
+    for (model, default) in [
+        (fixtures().join("tiny-sd1"), WeightKernels::Packed),
+        (fixtures().join("tiny-sd2"), WeightKernels::Packed),
+        (fixtures().join("tiny-sdxl"), WeightKernels::Plain),
+        (single.join("tiny-sd1.safetensors"), WeightKernels::Packed),
+        (single.join("tiny-sdxl.safetensors"), WeightKernels::Plain),
+    ] {
+        let other = if default == WeightKernels::Packed {
+            WeightKernels::Plain
+        } else {
+            WeightKernels::Packed
+        };
+        let auto = render(&model, WeightKernels::Auto);
+        let name = model.display();
+        assert_eq!(
+            common::max_abs_diff(&auto, &render(&model, default)),
+            0.0,
+            "{name}: auto is not {default:?}"
+        );
+        let d = common::max_abs_diff(&auto, &render(&model, other));
+        assert!(d > 0.0 && d < 1e-3, "{name}: {other:?} differs by {d}");
+    }
+}
+
 /// Layers that pack their weights (the default on the CPU in float32) let go of the dense
 /// copies: after a UNet call, a model using its folder in place keeps resident only the pages
 /// of its UNet file around the tensors that are not packed (norms, biases, embeddings; a read
@@ -434,7 +498,11 @@ fn packed_weights_leave_the_mapped_pages() {
         let sd = StableDiffusion::load(
             &dir,
             &LoadOptions {
-                plain_weights,
+                weight_kernels: if plain_weights {
+                    WeightKernels::Plain
+                } else {
+                    WeightKernels::Packed
+                },
                 ..Default::default()
             },
         )

@@ -50,6 +50,19 @@ int main(int argc, char** argv) {
     std::cout << "expected failure: " << e.what() << "\n";
   }
 
+  // The load options reach the library field by field: a kernel choice it does not know is
+  // refused by name.
+  try {
+    sd::LoadOptions bad;
+    bad.weights = static_cast<sd_weights>(7);
+    sd::Pipeline refused(model, bad);
+    expect(false, "an unknown weights value must throw");
+  } catch (const sd::Error& e) {
+    expect(e.status() == SD_ERR_INVALID_ARGUMENT &&
+               std::string(e.what()).find("plain_weights is 7") != std::string::npos,
+           "unknown weights value: SD_ERR_INVALID_ARGUMENT naming plain_weights");
+  }
+
   sd::Pipeline pipe(model);
   // What was loaded: an engine sizes its UI from this.
   sd_pipeline_info info = pipe.info();

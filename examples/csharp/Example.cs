@@ -49,7 +49,17 @@ static class Example
             Console.WriteLine("expected failure: " + e.Message);
         }
 
-        using (var pipe = new Pipeline(model))
+        try
+        {
+            new Pipeline(model, weights: (Weights)7).Dispose();
+            Expect(false, "an unknown weights value must throw");
+        }
+        catch (SdException e)
+        {
+            Expect(e.Status == Status.InvalidArgument && e.Message.Contains("plain_weights is 7"), "unknown weights value is named");
+        }
+
+        using (var pipe = new Pipeline(model, weights: Weights.Packed))
         {
             int logs = 0;
             pipe.SetLogger((level, message) => { Interlocked.Increment(ref logs); Console.Error.WriteLine("[sd " + level + "] " + message); });

@@ -31,6 +31,10 @@ namespace StableDiffusion
     public enum LogLevel : int { Debug = 0, Info = 1, Warn = 2, Error = 3 }
     public enum DType : int { Fp32 = 0, Fp16 = 1, Bf16 = 2 }
 
+    /// <summary>sd_weights: the kernels float32 models run with on the CPU (Auto: the faster
+    /// for the model's family).</summary>
+    public enum Weights : int { Auto = 0, Plain = 1, Packed = 2 }
+
     /// <summary>sd_image: a view of 8-bit pixels owned by whoever made it.</summary>
     [StructLayout(LayoutKind.Sequential)]
     public struct NativeImage
@@ -66,6 +70,8 @@ namespace StableDiffusion
         public IntPtr Device;
         public int DType;
         public IntPtr Scheduler;
+        public IntPtr ConfigDir;
+        public int UseEma, CopyWeights, PlainWeights;
     }
 
     [StructLayout(LayoutKind.Sequential)]
@@ -404,7 +410,8 @@ namespace StableDiffusion
         static readonly LogFn LogThunk = OnLog;
         static readonly IntPtr LogThunkPtr = Marshal.GetFunctionPointerForDelegate(LogThunk);
 
-        public Pipeline(string modelPath, string device = null, DType dtype = DType.Fp32, string scheduler = null)
+        public Pipeline(string modelPath, string device = null, DType dtype = DType.Fp32, string scheduler = null,
+                        Weights weights = Weights.Auto)
         {
             var o = new LoadOptionsNative();
             SdException.Check(Native.sd_load_options_init(ref o, new UIntPtr((uint)Marshal.SizeOf(typeof(LoadOptionsNative)))));
@@ -415,6 +422,7 @@ namespace StableDiffusion
                 if (dev.IsAllocated) o.Device = dev.AddrOfPinnedObject();
                 if (sch.IsAllocated) o.Scheduler = sch.AddrOfPinnedObject();
                 o.DType = (int)dtype;
+                o.PlainWeights = (int)weights;
                 SdException.Check(Native.sd_pipeline_load(Native.Utf8(modelPath), ref o, out handle));
             }
             finally

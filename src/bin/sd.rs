@@ -5,6 +5,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use stable_diffusion::image_io::{self, Image};
 use stable_diffusion::pipeline::{
     Control, FastModes, GenerateParams, LoadOptions, MicroConditioning, StableDiffusion, StepInfo,
+    WeightKernels,
 };
 use stable_diffusion::schedulers::PredictionType;
 use stable_diffusion::weights::single_file::ModelOverrides;
@@ -297,10 +298,15 @@ struct CommonArgs {
     /// (the default maps them copy-on-write; the files must then not change while running).
     #[arg(long)]
     copy_weights: bool,
-    /// Run float32 on the CPU with libtorch's plain kernels instead of weights packed once
-    /// into oneDNN's layout (the default; faster, equal up to rounding).
-    #[arg(long)]
+    /// Run float32 on the CPU with libtorch's plain kernels. The default packs weights once
+    /// into oneDNN's layout for SD 1.x/2.x (faster there) and keeps the plain kernels for
+    /// SDXL (packing its weights costs more than it saves); the two agree up to rounding.
+    #[arg(long, conflicts_with = "packed_weights")]
     plain_weights: bool,
+    /// Pack float32 weights into oneDNN's layout on the CPU whatever the family (see
+    /// --plain-weights).
+    #[arg(long)]
+    packed_weights: bool,
     #[command(flatten)]
     fast: FastArgs,
     /// No progress bar.
@@ -444,7 +450,11 @@ fn run(a: &CommonArgs, edit: Edit) -> Result<()> {
         device: parse_device(&a.device)?,
         kind: parse_dtype(&a.dtype)?,
         copy_weights: a.copy_weights,
-        plain_weights: a.plain_weights,
+        weight_kernels: match (a.plain_weights, a.packed_weights) {
+            (true, _) => WeightKernels::Plain,
+            (_, true) => WeightKernels::Packed,
+            _ => WeightKernels::Auto,
+        },
     };
     let init_image = edit.init.as_deref().map(Image::load).transpose()?;
     let mask = edit.mask.as_deref().map(Image::load).transpose()?;

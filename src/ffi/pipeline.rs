@@ -11,9 +11,11 @@ use super::types::{
     write_versioned, Versioned, SD_DEVICE_CPU, SD_DEVICE_CUDA, SD_DEVICE_MPS, SD_DTYPE_BF16,
     SD_DTYPE_FP16, SD_DTYPE_FP32, SD_FAMILY_SD1, SD_FAMILY_SD2, SD_FAMILY_SDXL,
     SD_FAMILY_SDXL_REFINER, SD_PREDICTION_EPSILON, SD_PREDICTION_SAMPLE, SD_PREDICTION_V,
+    SD_WEIGHTS_AUTO, SD_WEIGHTS_PACKED, SD_WEIGHTS_PLAIN,
 };
 use crate::pipeline::{
-    Control, LoadOptions, LogLevel, ModelFamily, PipelineInfo, StableDiffusion, StepInfo, Validator,
+    Control, LoadOptions, LogLevel, ModelFamily, PipelineInfo, StableDiffusion, StepInfo,
+    Validator, WeightKernels,
 };
 use crate::schedulers::PredictionType;
 use crate::weights::single_file::ModelOverrides;
@@ -294,6 +296,18 @@ fn parse_dtype(dtype: i32) -> Result<Kind, Fail> {
     }
 }
 
+fn parse_weights(weights: i32) -> Result<WeightKernels, Fail> {
+    match weights {
+        SD_WEIGHTS_AUTO => Ok(WeightKernels::Auto),
+        SD_WEIGHTS_PLAIN => Ok(WeightKernels::Plain),
+        SD_WEIGHTS_PACKED => Ok(WeightKernels::Packed),
+        other => Err(Fail::invalid(format!(
+            "options->plain_weights is {other}: use SD_WEIGHTS_AUTO, SD_WEIGHTS_PLAIN or \
+             SD_WEIGHTS_PACKED"
+        ))),
+    }
+}
+
 /// # Safety
 /// As `sd_pipeline_load`.
 unsafe fn load(
@@ -310,7 +324,7 @@ unsafe fn load(
         device: parse_device(optional_str(opts.device, "options->device")?)?,
         kind: parse_dtype(opts.dtype)?,
         copy_weights: opts.copy_weights != 0,
-        plain_weights: opts.plain_weights != 0,
+        weight_kernels: parse_weights(opts.plain_weights)?,
     };
     let scheduler = optional_str(opts.scheduler, "options->scheduler")?.map(str::to_owned);
     if !Path::new(path).exists() {

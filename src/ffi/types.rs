@@ -98,10 +98,12 @@ pub struct sd_load_options {
     /// lives: truncating one under a running pipeline faults the process, as with any
     /// memory-mapped weights.
     pub copy_weights: i32,
-    /// Non-zero runs float32 models on the CPU with libtorch's plain kernels. 0 (default):
-    /// each linear and convolution layer packs its weight once into oneDNN's blocked layout
-    /// the first time it runs and works from that copy, which is faster on the CPU; results
-    /// differ from the plain kernels' by rounding only (within 1e-5).
+    /// Which kernels float32 models run with on the CPU, one of `SD_WEIGHTS_*`.
+    /// `SD_WEIGHTS_AUTO` (0, the default) picks the faster for the family: weights packed
+    /// once into oneDNN's blocked layout for SD 1.x/2.x, libtorch's plain kernels for SDXL
+    /// (packing its weights costs more than it saves). `SD_WEIGHTS_PLAIN` (1) and
+    /// `SD_WEIGHTS_PACKED` (2) force one. The two differ by rounding only (within 1e-5); a
+    /// pipeline always uses the same, so its images depend on each call's parameters only.
     pub plain_weights: i32,
 }
 
@@ -356,6 +358,15 @@ unsafe impl Versioned for sd_load_options {
         }
     }
 }
+
+/// Kernels for float32 weights on the CPU (`sd_load_options.plain_weights`).
+pub type sd_weights = i32;
+/// The faster for the model's family: packed for SD 1.x/2.x, plain for SDXL.
+pub const SD_WEIGHTS_AUTO: sd_weights = 0;
+/// libtorch's plain kernels.
+pub const SD_WEIGHTS_PLAIN: sd_weights = 1;
+/// Weights packed once into oneDNN's blocked layout at each layer's first run.
+pub const SD_WEIGHTS_PACKED: sd_weights = 2;
 
 /// Model families (`sd_pipeline_info.family`).
 pub type sd_family = i32;

@@ -4,7 +4,7 @@
 //! (`manifest.json` from `tools/export_torchscript.py`).
 use super::{SdxlText, StableDiffusion};
 use crate::limits::check_component_size;
-use crate::models::blocks::count_parameters;
+use crate::models::blocks::{count_parameters, pack_weights};
 use crate::models::torchscript::{self, TorchScriptParts};
 use crate::models::traits::{Autoencoder, TextEncoder};
 use crate::models::vae::UpcastVae;
@@ -36,12 +36,40 @@ pub struct LoadOptions {
     /// file must stay as it is while the model lives (truncating it under a running model
     /// faults the process, as with any memory-mapped weights).
     pub copy_weights: bool,
-    /// Run float32 models on the CPU with libtorch's plain kernels. By default (false) each
-    /// linear and convolution layer packs its weight once into oneDNN's blocked layout the
-    /// first time it runs and works from that copy (the dense weight is let go): libtorch's
-    /// plain convolution reorders its weight on every call, which on a small CPU is a large
-    /// part of a step. The packed kernels round differently, within 1e-5 of the plain ones.
-    pub plain_weights: bool,
+    /// Which kernels float32 models run with on the CPU (see [`WeightKernels`]).
+    pub weight_kernels: WeightKernels,
+}
+
+/// Which kernels a float32 model runs with on the CPU. The two round differently (within
+/// 1e-5 of each other); for given load options a pipeline always uses the same ones, so its
+/// images depend on the call's arguments only.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WeightKernels {
+    /// The faster of the two for the model's family, as measured with `make bench`: packed for
+    /// SD 1.x/2.x, plain for SDXL. Packing an SDXL UNet's 922 linear layers takes some 23 s at
+    /// the first step on a 2-core AVX2 machine and its steps ran no faster packed (24.4 s
+    /// against 22.6 s at 512x512), while an SD 1.5-size UNet packs in a few seconds and then
+    /// steps faster (0.80x of diffusers' step at 256x256 against 0.97x plain).
+    #[default]
+    Auto,
+    /// Each linear and convolution layer packs its weight once into oneDNN's blocked layout the
+    /// first time it runs on an input no larger than the weight, and works from that copy (the
+    /// dense weight is let go): libtorch's plain convolution reorders its weight on every call,
+    /// which on a small CPU is a large part of a step.
+    Packed,
+    /// libtorch's plain kernels throughout.
+    Plain,
+}
+
+impl WeightKernels {
+    /// Whether the layers of a model of this family pack their weights.
+    pub(crate) fn packs(self, sdxl: bool) -> bool {
+        match self {
+            Self::Auto => !sdxl,
+            Self::Packed => true,
+            Self::Plain => false,
+        }
+    }
 }
 
 impl Default for LoadOptions {
@@ -50,7 +78,7 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             kind: Kind::Float,
             copy_weights: false,
-            plain_weights: false,
+            weight_kernels: WeightKernels::Auto,
         }
     }
 }
@@ -177,11 +205,11 @@ pub(crate) fn vae_kind(kind: Kind, sdxl: bool, config: &VaeConfig) -> Kind {
     }
 }
 
-/// The VAE keeps libtorch's plain kernels even where [`LoadOptions::plain_weights`] is off: it
+/// The VAE keeps libtorch's plain kernels even where the other parts pack their weights: it
 /// runs once per image, mostly on large activations, and packing its weights cost more in the
 /// one decode of a txt2img call than it saved there (`make bench`).
 fn build_vae(vs: tch::nn::Path, config: &VaeConfig) -> Result<AutoencoderKL> {
-    let _plain = crate::models::blocks::pack_weights(false);
+    let _plain = pack_weights(false);
     AutoencoderKL::new(vs, config)
 }
 
@@ -235,7 +263,6 @@ impl StableDiffusion {
         }
         crate::runtime::tune_allocator();
         let _skip_init = crate::models::blocks::skip_random_init();
-        let _pack = crate::models::blocks::pack_weights(!options.plain_weights);
         let mut sd = match detect_format(path)? {
             ModelFormat::DiffusersFolder if torchscript::is_export_folder(path) => {
                 Self::load_torchscript(path, options)?
@@ -258,6 +285,7 @@ impl StableDiffusion {
 
         // SDXL's second encoder; without a first one (the refiner) it is the only encoder.
         let second_dir = files.part("text_encoder_2");
+        let _pack = pack_weights(options.weight_kernels.packs(second_dir.is_dir()));
         let second = if second_dir.is_dir() {
             let config = ClipTextConfig::from_file(&second_dir.join("config.json"))?;
             if !config.has_projection() {
@@ -405,6 +433,8 @@ impl StableDiffusion {
         let (device, kind) = (options.device, options.kind);
         let ckpt = Checkpoint::open(path)?;
         let layout = Layout::detect(&ckpt, overrides.use_ema)?;
+        let sdxl_family = matches!(layout.family, Family::Sdxl | Family::SdxlRefiner);
+        let _pack = pack_weights(options.weight_kernels.packs(sdxl_family));
         let configs = match &overrides.config_dir {
             Some(dir) => configs_from_dir(dir, &layout)?,
             None => SingleFileConfigs::defaults(&ckpt, &layout)?,
@@ -476,7 +506,6 @@ impl StableDiffusion {
         )?;
         vs.freeze();
 
-        let sdxl_family = matches!(layout.family, Family::Sdxl | Family::SdxlRefiner);
         let mut vs = var_store(device, vae_kind(kind, sdxl_family, &configs.vae));
         let vae = build_vae(vs.root(), &configs.vae)?;
         load_into_from(

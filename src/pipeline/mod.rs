@@ -3,7 +3,7 @@
 mod loader;
 pub mod preview;
 
-pub use loader::{LoadOptions, ModelFiles};
+pub use loader::{LoadOptions, ModelFiles, WeightKernels};
 
 use crate::image_io::Image;
 use crate::limits::MAX_PROMPT_BYTES;
@@ -1303,7 +1303,9 @@ impl Validator {
     pub fn validate_phase(&self, p: &GenerateParams, handed_over: bool) -> Result<Validated> {
         if self.refiner && p.init_image.is_none() && !handed_over {
             return Err(Error::invalid(
-                "this model is an SDXL refiner: it refines an image (img2img, inpainting) or a                  base model's latents (a refiner with refiner_start), it does not generate                  from text alone",
+                "this model is an SDXL refiner: it refines an image (img2img, inpainting) or a \
+                 base model's latents (a refiner with refiner_start), it does not generate \
+                 from text alone",
             ));
         }
         check_prompt("prompt", &p.prompt)?;
