@@ -556,13 +556,14 @@ fn img2img_and_inpainting_match_diffusers_sdxl_pipelines() {
 }
 
 /// Base + refiner as an ensemble of experts (diffusers' `denoising_end` / `denoising_start`,
-/// latents handed over without a decode), from text, from an image and inpainting.
+/// latents handed over without a decode), from text, from an image and inpainting, and with a
+/// second-order scheduler (Heun: the hand-over's one-step adjustment).
 #[test]
 fn base_and_refiner_ensemble_matches_diffusers() {
     let refs = Refs::open(EDIT);
     let all = cases(EDIT);
     let list = all["ensemble"].as_array().unwrap();
-    assert_eq!(list.len(), 3);
+    assert_eq!(list.len(), 4);
     for case in list {
         let base = load_for(MODEL, case);
         let refiner = load_for(REFINER, case);

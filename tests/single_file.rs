@@ -1128,6 +1128,21 @@ fn refiner_params() -> GenerateParams {
     }
 }
 
+/// Inpainting a 32x32 image inside a rectangle, at strength 1 (the 9-channel UNet's own case).
+fn inpaint_params() -> GenerateParams {
+    let (w, h) = (32u32, 32u32);
+    let inside = |i: u32| (6..22).contains(&(i % w)) && (4..26).contains(&(i / w));
+    let mask: Vec<u8> = (0..w * h)
+        .flat_map(|i| [if inside(i) { 255 } else { 0 }; 3])
+        .collect();
+    GenerateParams {
+        prompt: "a stone bridge".into(),
+        strength: Some(1.0),
+        mask: Some(Image::new(w, h, mask).unwrap()),
+        ..refiner_params()
+    }
+}
+
 fn base_params() -> GenerateParams {
     GenerateParams {
         prompt: "a red circle on a white background".into(),
@@ -1144,11 +1159,17 @@ fn base_params() -> GenerateParams {
 
 /// The single files with `config_dir` = their folder make the folder's images, both models
 /// held in the file's dtype (where their weights are the same numbers): the base's txt2img
-/// (zeroed negative, a second prompt), the refiner's img2img (aesthetic-score time ids).
+/// (zeroed negative, a second prompt), the refiner's img2img (aesthetic-score time ids), the
+/// 9-channel inpainting model's inpainting (masked image latents and mask as UNet inputs).
 #[test]
 fn sdxl_single_files_make_the_folders_images() {
     for (file, model, stored) in [
         ("tiny-sdxl.safetensors", "tiny-sdxl", Kind::Half),
+        (
+            "tiny-sdxl-inpaint.safetensors",
+            "tiny-sdxl-inpaint",
+            Kind::Half,
+        ),
         (
             "tiny-sdxl-refiner-bf16.safetensors",
             "tiny-sdxl-refiner",
@@ -1187,6 +1208,9 @@ fn sdxl_single_files_make_the_folders_images() {
         assert_eq!(f.requires_aesthetics_score, o.requires_aesthetics_score);
         let params = if model.contains("refiner") {
             refiner_params()
+        } else if model.contains("inpaint") {
+            assert_eq!(one.unet.in_channels(), 9, "{file}");
+            inpaint_params()
         } else {
             base_params()
         };
