@@ -6,6 +6,7 @@ pub mod image_io;
 pub mod limits;
 pub mod models;
 pub mod pipeline;
+pub mod prompt;
 pub mod rng;
 pub mod runtime;
 pub mod schedulers;
