@@ -497,6 +497,12 @@ typedef struct sd_generate_params {
    * strictly between 0 and 1 (default 0.8).
    */
   double refiner_start;
+  /**
+   * How the prompts are read, one of `SD_PROMPT_*`: `SD_PROMPT_PLAIN` (0, default) as
+   * diffusers (the text as it is, cut at 77 tokens); `SD_PROMPT_A1111` (1) as the A1111 web
+   * UI (`(word:1.2)`, `[word]`, `BREAK`, prompts longer than 75 tokens in chunks).
+   */
+  int32_t prompt_syntax;
 } sd_generate_params;
 
 /**
@@ -594,6 +600,11 @@ typedef struct sd_job_progress {
 } sd_job_progress;
 
 /**
+ * How prompts are read (`sd_generate_params.prompt_syntax`).
+ */
+typedef int32_t sd_prompt_syntax;
+
+/**
  * Kernels for float32 weights on the CPU (`sd_load_options.plain_weights`).
  */
 typedef int32_t sd_weights;
@@ -612,6 +623,16 @@ typedef int32_t sd_weights;
  * bfloat16: halves memory; CPUs with bf16 support and recent GPUs.
  */
 #define SD_DTYPE_BF16 2
+
+/**
+ * As diffusers: the text as it is, cut at 77 tokens.
+ */
+#define SD_PROMPT_PLAIN 0
+
+/**
+ * As the A1111 web UI: attention weights, `BREAK`, long prompts in chunks of 75 tokens.
+ */
+#define SD_PROMPT_A1111 1
 
 /**
  * The faster for the model's family: packed for SD 1.x/2.x, plain for SDXL.

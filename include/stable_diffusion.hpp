@@ -132,6 +132,7 @@ struct Params {
   /// from this pipeline's latents; nullptr: none. Borrowed for the call.
   const sd_pipeline* refiner = nullptr;
   double refiner_start;  // the fraction where the refiner takes over, in (0, 1)
+  sd_prompt_syntax prompt_syntax;  // SD_PROMPT_PLAIN (default) or SD_PROMPT_A1111
 
   Params() {
     sd_generate_params d;
@@ -149,6 +150,7 @@ struct Params {
     paste_back = d.paste_back != 0;
     guidance_rescale = d.guidance_rescale;
     refiner_start = d.refiner_start;
+    prompt_syntax = d.prompt_syntax;
   }
 
   /// The C struct; its strings point into this object.
@@ -176,6 +178,7 @@ struct Params {
     c.guidance_rescale = guidance_rescale;
     c.refiner = refiner;
     c.refiner_start = refiner_start;
+    c.prompt_syntax = prompt_syntax;
     return c;
   }
 };

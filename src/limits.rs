@@ -41,6 +41,11 @@ pub const MAX_CONFIG_FILE_BYTES: u64 = 64 << 20;
 /// concatenates chunks, and 64 KiB of text is hundreds of chunks, far past any useful prompt.
 pub const MAX_PROMPT_BYTES: usize = 64 << 10;
 
+/// 75-token chunks of a prompt read with A1111's syntax (2400 tokens). Every chunk is a text
+/// encoder pass and 77 more keys for each cross-attention of every step; A1111 sets no limit,
+/// real prompts use a handful.
+pub const MAX_PROMPT_CHUNKS: usize = 32;
+
 /// Width and height and channels of the model configs, checked before a model is built.
 /// The largest real width is 1280 (UNet) / 1280 (text encoder, SDXL's second).
 pub const MAX_CONFIG_CHANNELS: i64 = 16_384;

@@ -15,8 +15,22 @@
 //! that is not a number (`(a:.)`, `:..)`) is literal text where A1111 raises an error; `BREAK`
 //! inside brackets still breaks the chunk, where A1111 encodes the word with a negative weight;
 //! a weight that is not finite (`(a:1` followed by 400 digits`)`) is an error naming it.
+use crate::limits::MAX_PROMPT_CHUNKS;
 use crate::tokenizer::ClipTokenizer;
 use crate::{Error, Result};
+use tch::{Kind, Tensor};
+
+/// How the text of a prompt is read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PromptSyntax {
+    /// As diffusers: the text as it is, cut at the tokenizer's 77 tokens.
+    #[default]
+    Plain,
+    /// As A1111: attention weights, `BREAK`, and prompts longer than 75 tokens in chunks of 75,
+    /// each encoded on its own and joined (up to [`MAX_PROMPT_CHUNKS`]). The positive and
+    /// negative prompts are padded to the same number of chunks with empty ones.
+    A1111,
+}
 
 /// A1111's factors for `(text)` and `[text]`.
 const ROUND_FACTOR: f64 = 1.1;
@@ -236,10 +250,7 @@ pub struct PromptChunk {
 /// [`COMMA_BACKTRACK`] tokens back, `BREAK` closing the chunk. At least one chunk.
 pub fn chunk_tokens(tokenizer: &ClipTokenizer, pieces: &[Piece]) -> Vec<PromptChunk> {
     let length = tokenizer.max_length().saturating_sub(2).max(1);
-    let comma = match tokenizer.encode(",")[..] {
-        [_, id, _] => Some(id),
-        _ => None,
-    };
+    let comma = tokenizer.vocab_id(",</w>");
     let mut chunks = Vec::new();
     let mut tokens: Vec<i64> = Vec::with_capacity(length);
     let mut weights: Vec<f64> = Vec::with_capacity(length);
@@ -294,6 +305,50 @@ pub fn chunk_tokens(tokenizer: &ClipTokenizer, pieces: &[Piece]) -> Vec<PromptCh
         close(&mut tokens, &mut weights, &mut chunks);
     }
     chunks
+}
+
+/// `prompt` read with A1111's syntax into chunks for `tokenizer`; `what` names it in errors.
+pub fn prompt_chunks(
+    tokenizer: &ClipTokenizer,
+    prompt: &str,
+    what: &str,
+) -> Result<Vec<PromptChunk>> {
+    let pieces = parse_attention(prompt).map_err(|e| Error::invalid(format!("{what}: {e}")))?;
+    let chunks = chunk_tokens(tokenizer, &pieces);
+    if chunks.len() > MAX_PROMPT_CHUNKS {
+        let per = tokenizer.max_length().saturating_sub(2);
+        return Err(Error::invalid(format!(
+            "{what} is {} chunks of {per} tokens: the limit is {MAX_PROMPT_CHUNKS}",
+            chunks.len()
+        )));
+    }
+    Ok(chunks)
+}
+
+/// Pads `chunks` to `count` with the empty prompt's chunk (what A1111 adds to the shorter of
+/// the prompt and the negative prompt).
+pub fn pad_chunks(tokenizer: &ClipTokenizer, chunks: &mut Vec<PromptChunk>, count: usize) {
+    let empty = chunk_tokens(tokenizer, &[]);
+    while chunks.len() < count {
+        chunks.extend(empty.iter().cloned());
+    }
+}
+
+/// A1111's default emphasis on one chunk's hidden states `z` `[1, tokens, dim]`: each token's
+/// state times its weight, then the whole rescaled so that its mean is the mean it had before.
+/// Computed in float32 (A1111's weights are a float32 tensor), returned in `z`'s dtype.
+pub fn apply_emphasis(z: &Tensor, weights: &[f64]) -> Result<Tensor> {
+    let z32 = z.f_to_kind(Kind::Float)?;
+    let w: Vec<f32> = weights.iter().map(|&w| w as f32).collect();
+    let w = Tensor::f_from_slice(&w)?
+        .f_to_device(z.device())?
+        .f_view([1, -1, 1])?;
+    let before = z32.f_mean(Kind::Float)?;
+    let weighted = z32.f_mul(&w)?;
+    let after = weighted.f_mean(Kind::Float)?;
+    Ok(weighted
+        .f_mul(&before.f_div(&after)?)?
+        .f_to_kind(z.kind())?)
 }
 
 #[cfg(test)]

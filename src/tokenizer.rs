@@ -302,6 +302,11 @@ impl ClipTokenizer {
     pub fn eos_id(&self) -> i64 {
         self.inner.eos as i64
     }
+
+    /// The id of a vocabulary entry (a BPE symbol such as `,</w>`), if the vocabulary has it.
+    pub fn vocab_id(&self, symbol: &str) -> Option<i64> {
+        self.inner.bpe.vocab.get(symbol).map(|&id| id as i64)
+    }
 }
 
 // ------------------------------------------------------------------------------------------

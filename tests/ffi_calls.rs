@@ -1337,3 +1337,86 @@ fn pipeline_info_describes_what_was_loaded() {
         unsafe { sd_pipeline_free(p) };
     }
 }
+
+/// `prompt_syntax` in the generate params: `SD_PROMPT_A1111` gives the A1111 reference's
+/// image of a two-chunk prompt and a weighted negative (diffusers given those embeddings,
+/// within a level), the default and an older caller's struct read the text plainly (the
+/// library's plain image, bit for bit), and an unknown value is refused by name.
+#[test]
+fn generate_params_read_prompts_as_a1111() {
+    let all = common::cases("a1111-prompts");
+    let case = all["pipeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "sd1_pair")
+        .unwrap()
+        .clone();
+    let refs = common::Refs::open("a1111-prompts");
+    let want = refs.get("pipeline/sd1_pair");
+    let p = load_fixture(case["model"].as_str().unwrap());
+    let prompt = std::ffi::CString::new(case["prompt"].as_str().unwrap()).unwrap();
+    let negative = std::ffi::CString::new(case["negative_prompt"].as_str().unwrap()).unwrap();
+    let mut g = params(
+        &prompt,
+        case["steps"].as_u64().unwrap() as u32,
+        case["seed"].as_u64().unwrap(),
+    );
+    g.negative_prompt = negative.as_ptr();
+    g.guidance = case["guidance"].as_f64().unwrap();
+    g.prompt_syntax = SD_PROMPT_A1111;
+    let a1111 = generate(p, &g).unwrap()[0].0.clone();
+    let want: Vec<f32> = Vec::try_from(want.flatten(0, -1)).unwrap();
+    let worst = a1111
+        .iter()
+        .zip(&want)
+        .map(|(&a, &b)| (a as f32 - (b * 255.0).round()).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        worst <= 1.0,
+        "A1111 prompts through C differ by {worst} levels"
+    );
+
+    let sd = stable_diffusion::pipeline::StableDiffusion::load(
+        &common::fixtures().join("tiny-sd1"),
+        &stable_diffusion::pipeline::LoadOptions::default(),
+    )
+    .unwrap();
+    let plain = sd
+        .txt2img(
+            &stable_diffusion::pipeline::GenerateParams {
+                prompt: case["prompt"].as_str().unwrap().into(),
+                negative_prompt: case["negative_prompt"].as_str().map(String::from),
+                steps: g.steps as usize,
+                guidance: g.guidance,
+                seed: g.seed,
+                width: Some(32),
+                height: Some(32),
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap()
+        .to_rgb8()
+        .unwrap()
+        .remove(0);
+    let mut older = g;
+    older.struct_size = std::mem::offset_of!(sd_generate_params, prompt_syntax);
+    assert!(
+        generate(p, &older).unwrap()[0].0 == plain,
+        "older struct: plain"
+    );
+    g.prompt_syntax = SD_PROMPT_PLAIN;
+    assert!(generate(p, &g).unwrap()[0].0 == plain, "SD_PROMPT_PLAIN");
+    assert!(a1111 != plain, "the two readings give one image");
+    for bad in [2, -1, i32::MIN] {
+        g.prompt_syntax = bad;
+        let (status, message) = generate(p, &g).unwrap_err();
+        assert_eq!(status, sd_status::SD_ERR_INVALID_ARGUMENT, "{message}");
+        assert!(
+            message.contains(&format!("prompt_syntax is {bad}")),
+            "{message}"
+        );
+    }
+    unsafe { sd_pipeline_free(p) };
+}

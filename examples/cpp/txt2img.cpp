@@ -5,6 +5,7 @@
 //     c++ -std=c++17 txt2img.cpp $(pkg-config --cflags --libs stable_diffusion) -o txt2img
 //     ./txt2img models/tiny out.ppm
 #include "stable_diffusion.hpp"
+#include <algorithm>
 
 #include <atomic>
 #include <cstdio>
@@ -100,6 +101,20 @@ int main(int argc, char** argv) {
   std::cout << "wrote " << out_path << "\n";
   expect(steps_seen == 4 && preview_width > 0, "four steps with previews");
   expect(logs > 0, "log messages");
+
+  // Prompts as A1111 reads them: the same text with a weight and BREAK is another image.
+  {
+    sd::Params weighted = params;
+    weighted.prompt = "a (red:1.4) circle BREAK on a [white] background";
+    weighted.prompt_syntax = SD_PROMPT_A1111;
+    sd::Images a1111 = pipe.generate(weighted);
+    weighted.prompt_syntax = SD_PROMPT_PLAIN;
+    sd::Images plain = pipe.generate(weighted);
+    const sd_image &x = a1111[0], &y = plain[0];
+    expect(x.width == y.width && x.height == y.height &&
+               !std::equal(x.data, x.data + size_t(x.stride) * x.height, y.data),
+           "A1111 syntax changes the image");
+  }
 
   // An exception in the callback cancels the run and comes back out of generate().
   try {

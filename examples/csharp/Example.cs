@@ -81,6 +81,13 @@ static class Example
             Expect(steps == 4 && previewWidth > 0, "four steps with previews");
             Expect(logs > 0, "log messages");
 
+            // Prompts as A1111 reads them: the same text with a weight and BREAK is another image.
+            var weighted = new GenerateOptions { Prompt = "a (red:1.4) circle BREAK on a [white] background", Steps = 4, Seed = 42, Width = 32, Height = 32, Syntax = PromptSyntax.A1111 };
+            var a1111 = pipe.Generate(weighted)[0].Pixels;
+            weighted.Syntax = PromptSyntax.Plain;
+            var plain = pipe.Generate(weighted)[0].Pixels;
+            Expect(a1111.Length == plain.Length && !System.Linq.Enumerable.SequenceEqual(a1111, plain), "A1111 syntax changes the image");
+
             // A bad argument: an exception with the code and the library's message.
             try
             {

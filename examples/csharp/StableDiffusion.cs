@@ -95,7 +95,11 @@ namespace StableDiffusion
         public double GuidanceRescale, AestheticScore, NegativeAestheticScore;
         public IntPtr Refiner;
         public double RefinerStart;
+        public int PromptSyntax;
     }
+
+    /// <summary>sd_prompt_syntax: how prompts are read.</summary>
+    public enum PromptSyntax : int { Plain = 0, A1111 = 1 }
 
     public enum Family : int { Unknown = 0, Sd1 = 1, Sd2 = 2, Sdxl = 3, SdxlRefiner = 4 }
     public enum Prediction : int { Epsilon = 0, V = 1, Sample = 2 }
@@ -280,6 +284,9 @@ namespace StableDiffusion
         /// `RefinerStart` on (null: none); it must outlive the call or job.</summary>
         public Pipeline Refiner;
         public double RefinerStart;
+        /// <summary>Plain (default, as diffusers) or A1111: `(word:1.2)`, `[word]`, `BREAK`,
+        /// prompts longer than 75 tokens.</summary>
+        public PromptSyntax Syntax;
 
         public GenerateOptions()
         {
@@ -318,6 +325,7 @@ namespace StableDiffusion
                 p.OnStep = onStep; p.StepUserData = user;
                 p.Prompt2 = pin(Prompt2); p.NegativePrompt2 = pin(NegativePrompt2);
                 p.GuidanceRescale = GuidanceRescale; p.RefinerStart = RefinerStart;
+                p.PromptSyntax = (int)Syntax;
                 p.Refiner = Refiner == null ? IntPtr.Zero : Refiner.RawHandle;
                 var result = body(p);
                 GC.KeepAlive(Refiner);

@@ -4,8 +4,8 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use stable_diffusion::image_io::{self, Image};
 use stable_diffusion::pipeline::{
-    Control, FastModes, GenerateParams, LoadOptions, MicroConditioning, StableDiffusion, StepInfo,
-    WeightKernels,
+    Control, FastModes, GenerateParams, LoadOptions, MicroConditioning, PromptSyntax,
+    StableDiffusion, StepInfo, WeightKernels,
 };
 use stable_diffusion::schedulers::PredictionType;
 use stable_diffusion::weights::single_file::ModelOverrides;
@@ -224,6 +224,11 @@ struct CommonArgs {
     /// SDXL: the second text encoder's negative prompt (default: --negative-prompt).
     #[arg(long)]
     negative_prompt_2: Option<String>,
+    /// How prompts are read: a1111 (attention weights `(word:1.2)`, `[word]`, `BREAK`,
+    /// prompts longer than 75 tokens in chunks) or plain (the text as it is, cut at 77 tokens,
+    /// as diffusers).
+    #[arg(long, value_enum, default_value = "a1111")]
+    prompt_syntax: SyntaxArg,
     /// SDXL micro-conditioning: the size the image is said to come from, HEIGHTxWIDTH
     /// (default: the output size).
     #[arg(long, value_parser = parse_pair_x)]
@@ -312,6 +317,12 @@ struct CommonArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SyntaxArg {
+    A1111,
+    Plain,
 }
 
 /// The opt-in fast modes; each trades some fidelity for speed (measured in the README).
@@ -510,6 +521,10 @@ fn run(a: &CommonArgs, edit: Edit) -> Result<()> {
             aesthetic_score: a.aesthetic_score,
             negative_aesthetic_score: a.negative_aesthetic_score,
             ..Default::default()
+        },
+        prompt_syntax: match a.prompt_syntax {
+            SyntaxArg::A1111 => PromptSyntax::A1111,
+            SyntaxArg::Plain => PromptSyntax::Plain,
         },
     };
     let scheduler_name = a

@@ -2,11 +2,14 @@
 //! message that names the argument at fault.
 use super::pipeline::{inner_named, PipelineInner};
 use super::status::Fail;
-use super::types::{read_versioned, sd_generate_params, sd_image, sd_step_fn, sd_step_info};
+use super::types::{
+    read_versioned, sd_generate_params, sd_image, sd_step_fn, sd_step_info, SD_PROMPT_A1111,
+    SD_PROMPT_PLAIN,
+};
 use crate::image_io::Image;
 use crate::pipeline::{
     check_denoising_fraction, check_prompt, FastModes, GenerateParams, MicroConditioning,
-    MAX_BATCH, MAX_SIDE, MAX_STEPS,
+    PromptSyntax, MAX_BATCH, MAX_SIDE, MAX_STEPS,
 };
 use std::ffi::{c_char, c_void, CStr};
 use std::sync::Arc;
@@ -227,6 +230,15 @@ pub(crate) unsafe fn request(
         prompt_2: prompt_2.map(str::to_owned),
         negative_prompt_2: negative_prompt_2.map(str::to_owned),
         micro,
+        prompt_syntax: match c.prompt_syntax {
+            SD_PROMPT_PLAIN => PromptSyntax::Plain,
+            SD_PROMPT_A1111 => PromptSyntax::A1111,
+            other => {
+                return Err(Fail::invalid(format!(
+                    "params->prompt_syntax is {other}: use SD_PROMPT_PLAIN or SD_PROMPT_A1111"
+                )))
+            }
+        },
     };
     if params.mask.is_some() && params.init_image.is_none() {
         return Err(Fail::invalid(

@@ -44,11 +44,11 @@ pub use step::{sd_step_latents, sd_step_preview};
 pub use types::{
     sd_device_type, sd_dtype, sd_family, sd_generate_params, sd_generate_params_init, sd_image,
     sd_job_progress, sd_job_state, sd_load_options, sd_load_options_init, sd_log_fn, sd_log_level,
-    sd_pipeline_info, sd_prediction, sd_step_fn, sd_step_info, sd_weights, SD_DEVICE_CPU,
-    SD_DEVICE_CUDA, SD_DEVICE_MPS, SD_DTYPE_BF16, SD_DTYPE_FP16, SD_DTYPE_FP32, SD_FAMILY_SD1,
-    SD_FAMILY_SD2, SD_FAMILY_SDXL, SD_FAMILY_SDXL_REFINER, SD_PREDICTION_EPSILON,
-    SD_PREDICTION_SAMPLE, SD_PREDICTION_V, SD_STEP_CANCEL, SD_STEP_CONTINUE, SD_WEIGHTS_AUTO,
-    SD_WEIGHTS_PACKED, SD_WEIGHTS_PLAIN,
+    sd_pipeline_info, sd_prediction, sd_prompt_syntax, sd_step_fn, sd_step_info, sd_weights,
+    SD_DEVICE_CPU, SD_DEVICE_CUDA, SD_DEVICE_MPS, SD_DTYPE_BF16, SD_DTYPE_FP16, SD_DTYPE_FP32,
+    SD_FAMILY_SD1, SD_FAMILY_SD2, SD_FAMILY_SDXL, SD_FAMILY_SDXL_REFINER, SD_PREDICTION_EPSILON,
+    SD_PREDICTION_SAMPLE, SD_PREDICTION_V, SD_PROMPT_A1111, SD_PROMPT_PLAIN, SD_STEP_CANCEL,
+    SD_STEP_CONTINUE, SD_WEIGHTS_AUTO, SD_WEIGHTS_PACKED, SD_WEIGHTS_PLAIN,
 };
 
 use std::ffi::c_char;

@@ -203,6 +203,10 @@ pub struct sd_generate_params {
     /// With `refiner`: the fraction of the schedule after which the refiner takes over,
     /// strictly between 0 and 1 (default 0.8).
     pub refiner_start: f64,
+    /// How the prompts are read, one of `SD_PROMPT_*`: `SD_PROMPT_PLAIN` (0, default) as
+    /// diffusers (the text as it is, cut at 77 tokens); `SD_PROMPT_A1111` (1) as the A1111 web
+    /// UI (`(word:1.2)`, `[word]`, `BREAK`, prompts longer than 75 tokens in chunks).
+    pub prompt_syntax: i32,
 }
 
 /// What the step callback sees. Owned by the library, valid during the callback only.
@@ -359,6 +363,13 @@ unsafe impl Versioned for sd_load_options {
     }
 }
 
+/// How prompts are read (`sd_generate_params.prompt_syntax`).
+pub type sd_prompt_syntax = i32;
+/// As diffusers: the text as it is, cut at 77 tokens.
+pub const SD_PROMPT_PLAIN: sd_prompt_syntax = 0;
+/// As the A1111 web UI: attention weights, `BREAK`, long prompts in chunks of 75 tokens.
+pub const SD_PROMPT_A1111: sd_prompt_syntax = 1;
+
 /// Kernels for float32 weights on the CPU (`sd_load_options.plain_weights`).
 pub type sd_weights = i32;
 /// The faster for the model's family: packed for SD 1.x/2.x, plain for SDXL.
@@ -496,6 +507,7 @@ unsafe impl Versioned for sd_generate_params {
             negative_aesthetic_score: d.micro.negative_aesthetic_score,
             refiner: std::ptr::null(),
             refiner_start: SD_DEFAULT_REFINER_START,
+            prompt_syntax: SD_PROMPT_PLAIN,
         }
     }
 }

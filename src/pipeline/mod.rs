@@ -10,6 +10,8 @@ use crate::limits::MAX_PROMPT_BYTES;
 use crate::models::fast::{DeepCache, FastPass, TokenMerging, NEEDS_NATIVE_UNET};
 use crate::models::traits::{Autoencoder, Denoiser, TextEncoder};
 use crate::models::AddedConditions;
+use crate::prompt;
+pub use crate::prompt::PromptSyntax;
 use crate::rng::{NoiseSource, PredrawnNoise};
 use crate::schedulers::{self, PredictionType, Scheduler, SchedulerConfig};
 use crate::tokenizer::ClipTokenizer;
@@ -68,6 +70,9 @@ pub struct GenerateParams {
     pub negative_prompt_2: Option<String>,
     /// SDXL's size and crop conditioning (ignored by other models).
     pub micro: MicroConditioning,
+    /// How the prompts' text is read: as it is (diffusers, the default) or with A1111's
+    /// attention weights, `BREAK` and long prompts.
+    pub prompt_syntax: PromptSyntax,
 }
 
 /// SDXL's micro-conditioning, as `(height, width)` and `(top, left)` pairs in pixels
@@ -267,6 +272,7 @@ impl Default for GenerateParams {
             prompt_2: None,
             negative_prompt_2: None,
             micro: MicroConditioning::default(),
+            prompt_syntax: PromptSyntax::Plain,
         }
     }
 }
@@ -553,6 +559,17 @@ impl StableDiffusion {
             self.log(LogLevel::Warn, || why);
         }
         Ok(scheduler)
+    }
+
+    /// A prompt read with A1111's syntax (attention weights, `BREAK`, chunks of 75 tokens):
+    /// `[1, 77 * chunks, dim]`, the chunks' hidden states weighted with A1111's emphasis and
+    /// joined. SD 1.x / 2.x models.
+    pub fn encode_prompt_a1111(&self, prompt: &str, clip_skip: usize) -> Result<Tensor> {
+        check_prompt("prompt", prompt)?;
+        let chunks = prompt::prompt_chunks(&self.tokenizer, prompt, "prompt")?;
+        Ok(self
+            .encode_weighted(self.text_encoder.as_ref(), &chunks, clip_skip, false)?
+            .0)
     }
 
     /// Text embeddings `[batch, tokens, dim]` for one prompt repeated `batch` times. A prompt
@@ -1084,6 +1101,9 @@ impl StableDiffusion {
         if let Some(sdxl) = &self.sdxl {
             return self.sdxl_context(sdxl, params, cfg, width, height, editing, stop);
         }
+        if params.prompt_syntax == PromptSyntax::A1111 {
+            return self.a1111_context(params, cfg, stop);
+        }
         let cond = self.encode_prompt(&params.prompt, params.batch, params.clip_skip)?;
         if !cfg {
             return Ok((cond, None));
@@ -1093,6 +1113,131 @@ impl StableDiffusion {
         // diffusers applies clip_skip to the prompt only, not to the negative prompt.
         let uncond = self.encode_prompt(negative, params.batch, 0)?;
         Ok((Tensor::f_cat(&[uncond, cond], 0)?, None))
+    }
+
+    /// [`StableDiffusion::text_context`] for SD 1.x/2.x with A1111's prompt syntax: the prompt
+    /// and the negative prompt in chunks, padded to the same count, weighted and joined.
+    fn a1111_context(
+        &self,
+        params: &GenerateParams,
+        cfg: bool,
+        stop: &dyn Fn() -> Result<()>,
+    ) -> Result<(Tensor, Option<AddedConditions>)> {
+        let tokenizer = &self.tokenizer;
+        let mut cond = prompt::prompt_chunks(tokenizer, &params.prompt, "prompt")?;
+        let negative = params.negative_prompt.as_deref().unwrap_or("");
+        let mut uncond = prompt::prompt_chunks(tokenizer, negative, "negative prompt")?;
+        if cfg {
+            let count = cond.len().max(uncond.len());
+            prompt::pad_chunks(tokenizer, &mut cond, count);
+            prompt::pad_chunks(tokenizer, &mut uncond, count);
+        }
+        let b = params.batch as i64;
+        let encoder = self.text_encoder.as_ref();
+        let cond = self
+            .encode_weighted(encoder, &cond, params.clip_skip, false)?
+            .0;
+        let cond = cond.f_repeat([b, 1, 1])?;
+        if !cfg {
+            return Ok((cond, None));
+        }
+        stop()?;
+        // As with plain prompts, clip_skip applies to the prompt only.
+        let uncond = self.encode_weighted(encoder, &uncond, 0, false)?.0;
+        Ok((
+            Tensor::f_cat(&[uncond.f_repeat([b, 1, 1])?, cond], 0)?,
+            None,
+        ))
+    }
+
+    /// SDXL's conditioning `(states, pooled)` of a prompt pair `(prompt, prompt_2, clip_skip)`
+    /// read with A1111's syntax, and of the negative pair when given, each repeated `batch`
+    /// times: every list of chunks padded to the longest, each encoder's chunks weighted and
+    /// joined, the two encoders' states side by side, the pooled output of the second
+    /// encoder's first chunk. The refiner's one encoder reads the first text of each pair.
+    fn sdxl_a1111(
+        &self,
+        sdxl: &SdxlText,
+        positive: (&str, &str, usize),
+        negative: Option<(&str, &str, usize)>,
+        batch: usize,
+    ) -> Result<((Tensor, Tensor), Option<(Tensor, Tensor)>)> {
+        let first = (&self.tokenizer, self.text_encoder.as_ref());
+        let encoders: Vec<(&ClipTokenizer, &dyn TextEncoder)> = match &sdxl.second {
+            Some((tokenizer_2, encoder_2)) => vec![first, (tokenizer_2, encoder_2.as_ref())],
+            None => vec![first],
+        };
+        let pairs: Vec<(&str, &str, usize)> = std::iter::once(positive).chain(negative).collect();
+        let mut chunks = Vec::new();
+        for (i, (text, text_2, _)) in pairs.iter().enumerate() {
+            let what = if i == 0 { "prompt" } else { "negative prompt" };
+            let mut per_encoder = Vec::new();
+            for (e, (tokenizer, _)) in encoders.iter().enumerate() {
+                let text = if e == 0 { text } else { text_2 };
+                let what = if e == 0 {
+                    what.to_string()
+                } else {
+                    format!("{what} 2")
+                };
+                per_encoder.push(prompt::prompt_chunks(tokenizer, text, &what)?);
+            }
+            chunks.push(per_encoder);
+        }
+        let count = chunks.iter().flatten().map(Vec::len).max().unwrap_or(1);
+        let b = batch as i64;
+        let mut encoded = Vec::new();
+        for (per_encoder, &(_, _, clip_skip)) in chunks.iter_mut().zip(&pairs) {
+            let mut states = Vec::new();
+            let mut pooled = None;
+            for (list, (tokenizer, encoder)) in per_encoder.iter_mut().zip(&encoders) {
+                prompt::pad_chunks(tokenizer, list, count);
+                let (hidden, p) = self.encode_weighted(*encoder, list, clip_skip, true)?;
+                states.push(hidden);
+                pooled = p;
+            }
+            let pooled = pooled
+                .ok_or_else(|| Error::Internal("the text encoder gave no pooled output".into()))?;
+            encoded.push((
+                Tensor::f_cat(&states, -1)?.f_repeat([b, 1, 1])?,
+                pooled.f_repeat([b, 1])?,
+            ));
+        }
+        let negative = (encoded.len() > 1).then(|| encoded.pop()).flatten();
+        let positive = encoded
+            .pop()
+            .ok_or_else(|| Error::Internal("no prompt was encoded".into()))?;
+        Ok((positive, negative))
+    }
+
+    /// Chunks of a prompt read with A1111's syntax through `encoder`: each chunk's hidden
+    /// states (the last layer's after `clip_skip`, or SDXL's penultimate ones when `sdxl`) with
+    /// its tokens' weights applied, joined along the tokens into `[1, 77 * chunks, dim]`; for
+    /// SDXL also the first chunk's pooled output, as A1111 takes it.
+    fn encode_weighted(
+        &self,
+        encoder: &dyn TextEncoder,
+        chunks: &[prompt::PromptChunk],
+        clip_skip: usize,
+        sdxl: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let mut states = Vec::with_capacity(chunks.len());
+        let mut pooled = None;
+        for (i, chunk) in chunks.iter().enumerate() {
+            let ids = Tensor::f_from_slice(&chunk.tokens)?
+                .f_unsqueeze(0)?
+                .f_to_device(self.device)?;
+            let hidden = if sdxl {
+                let out = encoder.forward_penultimate(&ids, clip_skip, i == 0)?;
+                if i == 0 {
+                    pooled = out.pooled;
+                }
+                out.hidden
+            } else {
+                encoder.forward(&ids, clip_skip)?
+            };
+            states.push(prompt::apply_emphasis(&hidden, &chunk.weights)?);
+        }
+        Ok((Tensor::f_cat(&states, 1)?, pooled))
     }
 
     /// SDXL's conditioning, as diffusers' StableDiffusionXLPipeline: both prompts' embeddings,
@@ -1109,8 +1254,20 @@ impl StableDiffusion {
     ) -> Result<(Tensor, Option<AddedConditions>)> {
         let batch = params.batch;
         let prompt_2 = params.prompt_2.as_deref().unwrap_or(&params.prompt);
-        let (context, pooled) =
-            self.encode_prompt_sdxl(&params.prompt, prompt_2, batch, params.clip_skip)?;
+        let zero_negative = params.negative_prompt.is_none() && sdxl.force_zeros_for_empty_prompt;
+        let negative = params.negative_prompt.as_deref().unwrap_or("");
+        let negative_2 = params.negative_prompt_2.as_deref().unwrap_or(negative);
+        let mut a1111_negative = None;
+        let (context, pooled) = if params.prompt_syntax == PromptSyntax::A1111 {
+            let texts = (&params.prompt[..], prompt_2, params.clip_skip);
+            // As with plain prompts, clip_skip applies to the prompt only.
+            let negatives = (cfg && !zero_negative).then_some((negative, negative_2, 0));
+            let (positive, negative) = self.sdxl_a1111(sdxl, texts, negatives, batch)?;
+            a1111_negative = negative;
+            positive
+        } else {
+            self.encode_prompt_sdxl(&params.prompt, prompt_2, batch, params.clip_skip)?
+        };
         let (positive_ids, negative_ids) =
             params
                 .micro
@@ -1130,18 +1287,17 @@ impl StableDiffusion {
             return Ok((context, Some(positive)));
         }
         stop()?;
-        let (negative_context, negative_pooled) =
-            if params.negative_prompt.is_none() && sdxl.force_zeros_for_empty_prompt {
-                (
-                    context.f_zeros_like()?,
-                    positive.text_embeds.f_zeros_like()?,
-                )
-            } else {
-                let negative = params.negative_prompt.as_deref().unwrap_or("");
-                let negative_2 = params.negative_prompt_2.as_deref().unwrap_or(negative);
-                // As for SD 1.x, clip_skip applies to the prompt only.
-                self.encode_prompt_sdxl(negative, negative_2, batch, 0)?
-            };
+        let (negative_context, negative_pooled) = if zero_negative {
+            (
+                context.f_zeros_like()?,
+                positive.text_embeds.f_zeros_like()?,
+            )
+        } else if let Some(encoded) = a1111_negative {
+            encoded
+        } else {
+            // As for SD 1.x, clip_skip applies to the prompt only.
+            self.encode_prompt_sdxl(negative, negative_2, batch, 0)?
+        };
         let negative = AddedConditions {
             text_embeds: negative_pooled,
             time_ids: time_ids(negative_ids)?,
