@@ -186,14 +186,16 @@ struct Edit {
     paste_back: bool,
 }
 
-/// `AxB` as two integers (SDXL sizes are HEIGHTxWIDTH).
-fn parse_pair_x(s: &str) -> std::result::Result<(i64, i64), String> {
-    parse_pair(s, 'x')
+/// A size written `WIDTHxHEIGHT`, as `(height, width)` (the order of diffusers' SDXL sizes).
+fn parse_size(s: &str) -> std::result::Result<(i64, i64), String> {
+    let (w, h) = parse_pair(s, 'x')?;
+    Ok((h, w))
 }
 
-/// `A,B` as two integers.
-fn parse_pair_comma(s: &str) -> std::result::Result<(i64, i64), String> {
-    parse_pair(s, ',')
+/// A corner written `X,Y`, as `(top, left)` (diffusers' `crops_coords_top_left`).
+fn parse_corner(s: &str) -> std::result::Result<(i64, i64), String> {
+    let (x, y) = parse_pair(s, ',')?;
+    Ok((y, x))
 }
 
 fn parse_pair(s: &str, sep: char) -> std::result::Result<(i64, i64), String> {
@@ -229,15 +231,15 @@ struct CommonArgs {
     /// as diffusers).
     #[arg(long, value_enum, default_value = "a1111")]
     prompt_syntax: SyntaxArg,
-    /// SDXL micro-conditioning: the size the image is said to come from, HEIGHTxWIDTH
+    /// SDXL micro-conditioning: the size the image is said to come from, WIDTHxHEIGHT
     /// (default: the output size).
-    #[arg(long, value_parser = parse_pair_x)]
+    #[arg(long, value_parser = parse_size)]
     original_size: Option<(i64, i64)>,
-    /// SDXL micro-conditioning: the crop's top-left corner, TOP,LEFT (default 0,0).
-    #[arg(long, value_parser = parse_pair_comma)]
+    /// SDXL micro-conditioning: the crop's top-left corner, X,Y in pixels (default 0,0).
+    #[arg(long, value_parser = parse_corner)]
     crop: Option<(i64, i64)>,
-    /// SDXL micro-conditioning: the target size, HEIGHTxWIDTH (default: the output size).
-    #[arg(long, value_parser = parse_pair_x)]
+    /// SDXL micro-conditioning: the target size, WIDTHxHEIGHT (default: the output size).
+    #[arg(long, value_parser = parse_size)]
     target_size: Option<(i64, i64)>,
     /// SDXL refiner: the aesthetic score the image is conditioned on (diffusers' 6.0).
     #[arg(long, default_value_t = 6.0)]
