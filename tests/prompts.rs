@@ -148,4 +148,26 @@ fn a1111_prompt_limits_are_named() {
         err.contains("negative prompt") && err.contains("finite"),
         "{err}"
     );
+    // Refused before a run, where the C ABI checks a job at submission.
+    let err = err_text(sd.validator().validate(&params).map(|_| ()));
+    assert!(
+        err.contains("negative prompt") && err.contains("finite"),
+        "{err}"
+    );
+    let long_prompt = GenerateParams {
+        prompt: long,
+        negative_prompt: None,
+        ..params
+    };
+    let err = err_text(sd.validator().validate(&long_prompt).map(|_| ()));
+    assert!(err.contains("chunks"), "{err}");
+    // SDXL's second prompt goes through the second tokenizer, and is named.
+    let sdxl = load("tiny-sdxl");
+    let second = GenerateParams {
+        prompt: "a castle".into(),
+        prompt_2: Some(format!("(fog:1{})", "0".repeat(400))),
+        ..long_prompt
+    };
+    let err = err_text(sdxl.generate(&second, None));
+    assert!(err.contains("prompt 2") && err.contains("finite"), "{err}");
 }

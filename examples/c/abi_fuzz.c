@@ -214,7 +214,7 @@ static const char *mutate(struct big_params *b, struct owned_image *images, int 
   const double bad_score[] = {NAN, INFINITY, -INFINITY, 1e300, -1e7};
   static const double good_start[] = {0.5, 0.8, 1e-9, 0.999999};
   const double bad_start[] = {NAN, INFINITY, -INFINITY, 0.0, 1.0, -0.5, 1.5};
-  switch (below(23)) {
+  switch (below(24)) {
     case 0:
       g->width = good ? PICK(good_sides) : PICK(bad_sides);
       return "width";
@@ -345,6 +345,17 @@ static const char *mutate(struct big_params *b, struct owned_image *images, int 
         g->refiner_start = PICK(bad_start);
       }
       return "refiner";
+    case 22:
+      /* How the prompt is read: plain or A1111 (with its syntax in the prompt, long ones
+         included); any other value is refused. */
+      if (good) {
+        g->prompt_syntax = chance(50) ? SD_PROMPT_PLAIN : SD_PROMPT_A1111;
+        if (chance(50)) g->prompt = "a (blue:1.3) square BREAK [[on]] ((a) \\(grey\\) field";
+      } else {
+        static const int32_t bad_syntax[] = {2, -1, 7, INT32_MAX, INT32_MIN};
+        g->prompt_syntax = PICK(bad_syntax);
+      }
+      return "prompt_syntax";
     default:
       random_image(&images[0], good || chance(50));
       random_image(&images[1], good || chance(50));

@@ -669,6 +669,14 @@ impl StableDiffusion {
                 .sdxl
                 .as_ref()
                 .is_some_and(|x| x.requires_aesthetics_score),
+            tokenizers: std::iter::once(self.tokenizer.clone())
+                .chain(
+                    self.sdxl
+                        .as_ref()
+                        .and_then(|x| x.second.as_ref())
+                        .map(|(t, _)| t.clone()),
+                )
+                .collect(),
         }
     }
 
@@ -1433,6 +1441,9 @@ pub struct Validator {
     scheduler_config: SchedulerConfig,
     /// An SDXL refiner: it refines latents or an image, it does not start from text alone.
     refiner: bool,
+    /// The tokenizers the prompts go through (SDXL's second one after the first), to check
+    /// prompts read with A1111's syntax as encoding will.
+    tokenizers: Vec<ClipTokenizer>,
 }
 
 /// A request [`Validator::validate`] accepted: its output size and its scheduler, ready to
@@ -1456,6 +1467,28 @@ impl Validator {
 
     /// [`Validator::validate`] for a run that may continue latents handed over by another
     /// model (`handed_over`), which a refiner accepts without an init image.
+    /// Prompts read with A1111's syntax, each through the tokenizer that will read it: weights
+    /// that overflow and prompts over the chunk limit are refused here, before a run, with the
+    /// names encoding uses.
+    fn check_a1111_prompts(&self, p: &GenerateParams) -> Result<()> {
+        let negative = p.negative_prompt.as_deref().unwrap_or("");
+        let mut texts = Vec::new();
+        if let Some(first) = self.tokenizers.first() {
+            texts.push((first, &p.prompt[..], "prompt"));
+            texts.push((first, negative, "negative prompt"));
+        }
+        if let Some(second) = self.tokenizers.get(1) {
+            let prompt_2 = p.prompt_2.as_deref().unwrap_or(&p.prompt);
+            texts.push((second, prompt_2, "prompt 2"));
+            let negative_2 = p.negative_prompt_2.as_deref().unwrap_or(negative);
+            texts.push((second, negative_2, "negative prompt 2"));
+        }
+        for (tokenizer, text, what) in texts {
+            prompt::prompt_chunks(tokenizer, text, what)?;
+        }
+        Ok(())
+    }
+
     pub fn validate_phase(&self, p: &GenerateParams, handed_over: bool) -> Result<Validated> {
         if self.refiner && p.init_image.is_none() && !handed_over {
             return Err(Error::invalid(
@@ -1473,6 +1506,9 @@ impl Validator {
         }
         if let Some(negative_2) = &p.negative_prompt_2 {
             check_prompt("negative prompt_2", negative_2)?;
+        }
+        if p.prompt_syntax == PromptSyntax::A1111 {
+            self.check_a1111_prompts(p)?;
         }
         p.micro.validate()?;
         // Editing modes take their default size from the init image, rounded down to 8.
