@@ -128,3 +128,82 @@ fn prompt_syntax_defaults_to_a1111() {
         ) == plain
     );
 }
+
+/// Runs `sd` with `args` and returns the `parameters` text of each image written to `out`
+/// (`out-1.png`, `out-2.png`, ... for a batch).
+fn cli_parameters(args: &[&str], batch: usize) -> Vec<String> {
+    let out = std::env::temp_dir().join(format!("sd-cli-info-{}-{batch}.png", std::process::id()));
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_sd"))
+        .args(args)
+        .args(["--quiet", "--steps", "2", "--width", "32", "--height", "32"])
+        .arg("--model")
+        .arg(fixtures().join("tiny-sd1"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("run sd");
+    assert!(
+        run.status.success(),
+        "sd {args:?}: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let paths: Vec<PathBuf> = if batch == 1 {
+        vec![out.clone()]
+    } else {
+        (1..=batch)
+            .map(|i| {
+                out.with_file_name(format!(
+                    "sd-cli-info-{}-{batch}-{i}.png",
+                    std::process::id()
+                ))
+            })
+            .collect()
+    };
+    paths
+        .iter()
+        .map(|p| {
+            let text = stable_diffusion::image_io::read_png_text(p).unwrap();
+            let _ = std::fs::remove_file(p);
+            text.into_iter()
+                .find(|(k, _)| k == "parameters")
+                .map(|(_, v)| v)
+                .unwrap()
+        })
+        .collect()
+}
+
+/// The PNG info as A1111's readers expect it: its sampler names (a Karras schedule on a
+/// sampler whose name lacks it as `Schedule type`), the strength an edit ran with (the
+/// default included), each image's position in its batch.
+#[test]
+fn png_info_speaks_a1111() {
+    let info = cli_parameters(
+        &[
+            "txt2img",
+            "--prompt",
+            "a cat",
+            "--scheduler",
+            "DPM++ 2M Karras",
+        ],
+        1,
+    );
+    assert!(info[0].contains("Sampler: DPM++ 2M Karras,"), "{}", info[0]);
+    let info = cli_parameters(
+        &["txt2img", "--prompt", "a cat", "--scheduler", "euler_a"],
+        1,
+    );
+    assert!(info[0].contains("Sampler: Euler a,"), "{}", info[0]);
+    let info = cli_parameters(&["txt2img", "--prompt", "a cat", "--batch", "2"], 2);
+    for (i, text) in info.iter().enumerate() {
+        assert!(
+            text.contains("Batch size: 2") && text.contains(&format!("Batch pos: {i}")),
+            "{text}"
+        );
+    }
+    let init = std::env::temp_dir().join(format!("sd-cli-init-{}.png", std::process::id()));
+    stable_diffusion::image_io::write_png(&init, &[128u8; 32 * 32 * 3], 32, 32, &[]).unwrap();
+    let init_arg = init.to_str().unwrap();
+    let info = cli_parameters(&["img2img", "--prompt", "a cat", "--init", init_arg], 1);
+    assert!(info[0].contains("Denoising strength: 0.8"), "{}", info[0]);
+    let _ = std::fs::remove_file(&init);
+}

@@ -7,7 +7,7 @@ use stable_diffusion::pipeline::{
     Control, FastModes, GenerateParams, LoadOptions, MicroConditioning, PromptSyntax,
     StableDiffusion, StepInfo, WeightKernels,
 };
-use stable_diffusion::schedulers::PredictionType;
+use stable_diffusion::schedulers::{a1111_sampler_name, PredictionType};
 use stable_diffusion::weights::single_file::ModelOverrides;
 use stable_diffusion::{Error, Result};
 use std::path::{Path, PathBuf};
@@ -529,11 +529,17 @@ fn run(a: &CommonArgs, edit: Edit) -> Result<()> {
             SyntaxArg::Plain => PromptSyntax::Plain,
         },
     };
-    let scheduler_name = a
-        .scheduler
-        .clone()
-        .or_else(|| sd.scheduler_config.class_name.clone())
-        .unwrap_or_else(|| "default".into());
+    // A1111's sampler name where it has one (its PNG-info readers know those), else the
+    // scheduler as it was asked for or configured.
+    let scheduler_name = match a1111_sampler_name(a.scheduler.as_deref(), &sd.scheduler_config)? {
+        Some((name, false)) => name.to_string(),
+        Some((name, true)) => format!("{name}, Schedule type: Karras"),
+        None => a
+            .scheduler
+            .clone()
+            .or_else(|| sd.scheduler_config.class_name.clone())
+            .unwrap_or_else(|| "default".into()),
+    };
     let bar = if a.quiet {
         ProgressBar::hidden()
     } else {
@@ -574,14 +580,24 @@ fn run(a: &CommonArgs, edit: Edit) -> Result<()> {
         images.height(),
         model_name,
     );
-    if let Some(s) = edit.strength {
-        text.push_str(&format!(", Denoising strength: {s}"));
+    if params.init_image.is_some() {
+        // The strength that ran, the model family's default included.
+        text.push_str(&format!(", Denoising strength: {}", sd.strength(&params)));
     }
-    for (rgb, path) in images
+    let batch = images.len();
+    for (i, (rgb, path)) in images
         .to_rgb8()?
         .iter()
-        .zip(output_paths(&a.out, images.len()))
+        .zip(output_paths(&a.out, batch))
+        .enumerate()
     {
+        // Our batch draws its noise together: image i is this command with the whole batch,
+        // which A1111's readers see as its batch size and position.
+        let text = if batch > 1 {
+            format!("{text}, Batch pos: {i}")
+        } else {
+            text.clone()
+        };
         // A text entry that cannot be stored as given costs a warning, never the image.
         let warnings = image_io::write_png(
             &path,

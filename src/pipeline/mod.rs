@@ -827,7 +827,7 @@ impl StableDiffusion {
 
     /// The strength of an editing request: the caller's, else diffusers' default for the mode
     /// and the model family.
-    fn strength(&self, params: &GenerateParams) -> f64 {
+    pub fn strength(&self, params: &GenerateParams) -> f64 {
         params
             .strength
             .unwrap_or(match (params.mask.is_some(), self.sdxl.is_some()) {

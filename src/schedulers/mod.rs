@@ -460,6 +460,48 @@ pub fn scheduler_from_name(name: &str, config: &SchedulerConfig) -> Result<Box<d
     }
 }
 
+/// The AUTOMATIC1111 sampler name of the scheduler that `name` (or, when `None`, the config's
+/// own class) selects on `config`, for the PNG info A1111's readers parse: the most specific
+/// A1111 name whose settings the selected config already has (`DPM++ 2M SDE Karras` rather
+/// than `DPM++ 2M`), and whether it runs Karras sigmas without its name saying so (A1111 then
+/// writes `Schedule type: Karras`). `None` where A1111 has no name for it (full PNDM, DDPM).
+pub fn a1111_sampler_name(
+    name: Option<&str>,
+    config: &SchedulerConfig,
+) -> Result<Option<(&'static str, bool)>> {
+    let requested = name.or(config.class_name.as_deref()).unwrap_or("");
+    let (short, overrides) = resolve_name(requested)?;
+    let class = SCHEDULERS
+        .iter()
+        .find(|(s, _)| *s == short)
+        .map(|(_, c)| *c)
+        .unwrap_or_default();
+    let effective = config.with_overrides(overrides)?;
+    let as_json = |c: &SchedulerConfig| {
+        serde_json::to_value(c)
+            .map_err(|e| Error::Internal(format!("scheduler config does not serialise: {e}")))
+    };
+    let settled = as_json(&effective)?;
+    let mut best: Option<(&'static str, usize)> = None;
+    // The display names (the lower-case ones are short-name aliases).
+    for (a1111, c, o) in A1111_NAMES
+        .iter()
+        .filter(|(n, _, _)| n.contains(|c: char| c.is_ascii_uppercase()))
+    {
+        if *c != class || as_json(&effective.with_overrides(o)?)? != settled {
+            continue;
+        }
+        if best.is_none_or(|(_, n)| o.len() > n) {
+            best = Some((a1111, o.len()));
+        }
+    }
+    let karras = settled
+        .get("use_karras_sigmas")
+        .and_then(serde_json::Value::as_bool)
+        .unwrap_or(false);
+    Ok(best.map(|(a1111, _)| (a1111, karras && !a1111.contains("Karras"))))
+}
+
 /// The scheduler named by the config's `_class_name`, when supported.
 pub fn scheduler_from_config(config: &SchedulerConfig) -> Result<Box<dyn Scheduler>> {
     let class = config.class_name.as_deref().ok_or_else(|| {
@@ -1000,5 +1042,58 @@ mod tests {
         );
         // numpy's length rounding yields a 62nd element here.
         assert_eq!(np_arange(1000.0, 0.0, -1000.0 / 61.0).len(), 62);
+    }
+
+    fn config(json: serde_json::Value) -> SchedulerConfig {
+        SchedulerConfig::from_value(json).unwrap()
+    }
+
+    /// Every A1111 sampler name we take is written back as itself, whatever the model's own
+    /// scheduler; a model's own settings choose the most specific name; schedulers A1111 has
+    /// no name for get none.
+    #[test]
+    fn a1111_sampler_names_round_trip() {
+        let sd15 = config(serde_json::json!({
+            "_class_name": "PNDMScheduler", "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085, "beta_end": 0.012, "skip_prk_steps": true
+        }));
+        let display = a1111_scheduler_names()
+            .into_iter()
+            .filter(|n| n.contains(|c: char| c.is_ascii_uppercase()));
+        for name in display {
+            assert_eq!(
+                a1111_sampler_name(Some(name), &sd15).unwrap(),
+                Some((name, false)),
+                "{name}"
+            );
+        }
+        assert_eq!(
+            a1111_sampler_name(None, &sd15).unwrap(),
+            Some(("PLMS", false))
+        );
+        let own = |json| a1111_sampler_name(None, &config(json)).unwrap();
+        use serde_json::json;
+        assert_eq!(
+            own(json!({"_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": true})),
+            Some(("DPM++ 2M Karras", false))
+        );
+        assert_eq!(
+            own(json!({"_class_name": "DPMSolverMultistepScheduler",
+                       "algorithm_type": "sde-dpmsolver++"})),
+            Some(("DPM++ 2M SDE", false))
+        );
+        assert_eq!(
+            own(json!({"_class_name": "EulerDiscreteScheduler", "use_karras_sigmas": true})),
+            Some(("Euler", true))
+        );
+        assert_eq!(
+            own(json!({"_class_name": "PNDMScheduler", "skip_prk_steps": false})),
+            None
+        );
+        assert_eq!(own(json!({"_class_name": "DDPMScheduler"})), None);
+        assert_eq!(
+            a1111_sampler_name(Some("euler_a"), &sd15).unwrap(),
+            Some(("Euler a", false))
+        );
     }
 }
