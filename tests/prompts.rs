@@ -33,7 +33,7 @@ fn prompts_parse_chunk_and_encode_as_a1111() {
                 .unwrap()
                 .iter()
                 .map(|f| match (f[0].as_str().unwrap(), f[1].as_f64().unwrap()) {
-                    ("BREAK", w) if w == -1.0 => Piece::Break,
+                    (text, weight) if text == "BREAK" && weight == -1.0 => Piece::Break,
                     (text, weight) => Piece::Text {
                         text: text.to_string(),
                         weight,

@@ -491,7 +491,7 @@ pub fn a1111_sampler_name(
         if *c != class || as_json(&effective.with_overrides(o)?)? != settled {
             continue;
         }
-        if best.is_none_or(|(_, n)| o.len() > n) {
+        if best.map_or(true, |(_, n)| o.len() > n) {
             best = Some((a1111, o.len()));
         }
     }
