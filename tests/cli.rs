@@ -8,23 +8,13 @@ use stable_diffusion::pipeline::{
 };
 use std::path::PathBuf;
 
-/// Runs `sd txt2img` on `model` with `args` (32x32, 2 steps, seed 3) and returns its RGB bytes.
-fn cli_image(model: &str, args: &[&str]) -> Vec<u8> {
-    let out: PathBuf = std::env::temp_dir().join(format!(
-        "sd-cli-{}-{}.png",
-        std::process::id(),
-        args.join("_").replace(['/', ' ', '(', ')', ':', ','], "-")
-    ));
+/// Runs `sd` with `args`, quietly, 2 steps at 32x32, writing to `out`.
+fn run_sd(args: &[&str], out: &std::path::Path) {
     let run = std::process::Command::new(env!("CARGO_BIN_EXE_sd"))
-        .args(["txt2img", "--quiet", "--model"])
-        .arg(fixtures().join(model))
-        .args([
-            "--steps", "2", "--width", "32", "--height", "32", "--seed", "3",
-        ])
-        .args(["--guidance", "5"])
         .args(args)
+        .args(["--quiet", "--steps", "2", "--width", "32", "--height", "32"])
         .arg("--out")
-        .arg(&out)
+        .arg(out)
         .output()
         .expect("run sd");
     assert!(
@@ -32,6 +22,20 @@ fn cli_image(model: &str, args: &[&str]) -> Vec<u8> {
         "sd {args:?}: {}",
         String::from_utf8_lossy(&run.stderr)
     );
+}
+
+/// Runs `sd txt2img` on `model` with `args` (32x32, 2 steps, seed 3) and returns its RGB bytes.
+fn cli_image(model: &str, args: &[&str]) -> Vec<u8> {
+    let model_dir = fixtures().join(model).display().to_string();
+    let out: PathBuf = std::env::temp_dir().join(format!(
+        "sd-cli-{}-{}.png",
+        std::process::id(),
+        args.join("_").replace(['/', ' ', '(', ')', ':', ','], "-")
+    ));
+    let mut full = vec!["txt2img", "--model", model_dir.as_str()];
+    full.extend(["--guidance", "5", "--seed", "3"]);
+    full.extend(args);
+    run_sd(&full, &out);
     let img = image::open(&out).expect("a PNG").to_rgb8().into_raw();
     let _ = std::fs::remove_file(&out);
     img
@@ -133,20 +137,10 @@ fn prompt_syntax_defaults_to_a1111() {
 /// (`out-1.png`, `out-2.png`, ... for a batch).
 fn cli_parameters(args: &[&str], batch: usize) -> Vec<String> {
     let out = std::env::temp_dir().join(format!("sd-cli-info-{}-{batch}.png", std::process::id()));
-    let run = std::process::Command::new(env!("CARGO_BIN_EXE_sd"))
-        .args(args)
-        .args(["--quiet", "--steps", "2", "--width", "32", "--height", "32"])
-        .arg("--model")
-        .arg(fixtures().join("tiny-sd1"))
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .expect("run sd");
-    assert!(
-        run.status.success(),
-        "sd {args:?}: {}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    let model_dir = fixtures().join("tiny-sd1").display().to_string();
+    let mut full = args.to_vec();
+    full.extend(["--model", model_dir.as_str()]);
+    run_sd(&full, &out);
     let paths: Vec<PathBuf> = if batch == 1 {
         vec![out.clone()]
     } else {

@@ -986,14 +986,7 @@ fn load_options_plain_weights_render_the_same_image() {
 #[test]
 fn generate_params_carry_sdxl_prompts_and_micro_conditioning() {
     use stable_diffusion::pipeline::{GenerateParams, LoadOptions, MicroConditioning};
-    let all = common::cases("tiny-sdxl");
-    let case = all["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "c")
-        .unwrap()
-        .clone();
+    let case = common::case_named("tiny-sdxl", "cases", "c");
     let text = |k: &str| CString::new(case[k].as_str().unwrap()).unwrap();
     let (prompt, prompt_2) = (text("prompt"), text("prompt_2"));
     let (negative, negative_2) = (text("negative_prompt"), text("negative_prompt_2"));
@@ -1102,14 +1095,7 @@ fn generate_params_carry_sdxl_prompts_and_micro_conditioning() {
 /// older caller's struct gets diffusers' default scores (6.0 / 2.5), not zeros.
 #[test]
 fn refiner_img2img_takes_the_aesthetic_scores() {
-    let all = common::cases("tiny-sdxl-refiner");
-    let case = all["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "b")
-        .unwrap()
-        .clone();
+    let case = common::case_named("tiny-sdxl-refiner", "cases", "b");
     let refs = common::Refs::open("tiny-sdxl-refiner");
     let pixels = refs.get(&format!("image_{}", case["image"].as_str().unwrap()));
     let (h, w) = (pixels.size()[0] as u32, pixels.size()[1] as u32);
@@ -1173,14 +1159,7 @@ fn load_fixture(name: &str) -> *mut sd_pipeline {
 /// refused with the field named; an older caller's struct runs without a refiner.
 #[test]
 fn generate_params_carry_a_refiner() {
-    let all = common::cases("tiny-sdxl-edit");
-    let case = all["ensemble"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "ensemble_txt2img")
-        .unwrap()
-        .clone();
+    let case = common::case_named("tiny-sdxl-edit", "ensemble", "ensemble_txt2img");
     let refs = common::Refs::open("tiny-sdxl-edit");
     let base = load_fixture("tiny-sdxl");
     let refiner = load_fixture("tiny-sdxl-refiner");
@@ -1344,14 +1323,7 @@ fn pipeline_info_describes_what_was_loaded() {
 /// library's plain image, bit for bit), and an unknown value is refused by name.
 #[test]
 fn generate_params_read_prompts_as_a1111() {
-    let all = common::cases("a1111-prompts");
-    let case = all["pipeline"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "sd1_pair")
-        .unwrap()
-        .clone();
+    let case = common::case_named("a1111-prompts", "pipeline", "sd1_pair");
     let refs = common::Refs::open("a1111-prompts");
     let want = refs.get("pipeline/sd1_pair");
     let p = load_fixture(case["model"].as_str().unwrap());

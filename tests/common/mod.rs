@@ -73,6 +73,17 @@ pub fn cases(model: &str) -> serde_json::Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+/// The case called `name` in the `group` list of `<set>-cases.json`.
+pub fn case_named(set: &str, group: &str, name: &str) -> serde_json::Value {
+    cases(set)[group]
+        .as_array()
+        .unwrap_or_else(|| panic!("{set}: no {group} list"))
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("{set}: no {group} case {name}"))
+        .clone()
+}
+
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.size(), b.size(), "shapes differ");
     let a = a.to_kind(Kind::Double);
