@@ -199,6 +199,13 @@ typedef struct sd_images sd_images;
 typedef struct sd_job sd_job;
 
 /**
+ * A LoRA read into memory. Create it with `sd_lora_load`, release it with `sd_lora_free`.
+ * It belongs to no pipeline: one handle may be applied to any number of pipelines it fits,
+ * from any thread, and a job keeps what it needs of it until the job ends.
+ */
+typedef struct sd_lora sd_lora;
+
+/**
  * A loaded model. Create it with `sd_pipeline_load`, release it with `sd_pipeline_free`.
  * Every function taking a pipeline may be called from any thread; calls on the same pipeline
  * run one at a time (the others wait), calls on different pipelines run in parallel.
@@ -264,6 +271,12 @@ typedef struct sd_load_options {
    * pipeline always uses the same, so its images depend on each call's parameters only.
    */
   int32_t plain_weights;
+  /**
+   * The folder where the `<lora:NAME:WEIGHT>` tags of prompts read with
+   * `SD_PROMPT_A1111` find `NAME.safetensors`. UTF-8, copied; NULL or "" (default): none
+   * (a tag is then an error).
+   */
+  const char *lora_dir;
 } sd_load_options;
 
 /**
@@ -338,6 +351,21 @@ typedef struct sd_step_info {
  * unwind (no C++ exception, no longjmp) and must not call `sd_generate` on the same pipeline.
  */
 typedef int32_t (*sd_step_fn)(const struct sd_step_info *info, void *user_data);
+
+/**
+ * One LoRA of a call and its weight (`sd_generate_params.loras`).
+ */
+typedef struct sd_lora_weight {
+  /**
+   * A live `sd_lora`, borrowed for the call.
+   */
+  const struct sd_lora *lora;
+  /**
+   * How strongly it applies to the UNet and the text encoders: 1 as trained, 0 not at all,
+   * negative to push away from it; finite, at most 1000 in size.
+   */
+  double weight;
+} sd_lora_weight;
 
 /**
  * What to generate. Fill it with `sd_generate_params_init`, then set at least `prompt`.
@@ -500,9 +528,21 @@ typedef struct sd_generate_params {
   /**
    * How the prompts are read, one of `SD_PROMPT_*`: `SD_PROMPT_PLAIN` (0, default) as
    * diffusers (the text as it is, cut at 77 tokens); `SD_PROMPT_A1111` (1) as the A1111 web
-   * UI (`(word:1.2)`, `[word]`, `BREAK`, prompts longer than 75 tokens in chunks).
+   * UI (`(word:1.2)`, `[word]`, `BREAK`, prompts longer than 75 tokens in chunks, and
+   * `<lora:NAME:WEIGHT>` tags in the prompt, which apply `NAME.safetensors` from
+   * `sd_load_options.lora_dir`).
    */
   int32_t prompt_syntax;
+  /**
+   * LoRAs applied to this call only (after those of the prompt's tags): `lora_count`
+   * entries, borrowed for the call (a job keeps what it needs). NULL / 0 (default): none.
+   * The model is never changed: a call without them runs as if they had never been
+   * applied. A LoRA that does not fit the model is refused (`SD_ERR_INVALID_ARGUMENT`,
+   * naming its first tensor at fault); another kind of network was refused by
+   * `sd_lora_load`. At most 64. An SDXL refiner phase runs without them.
+   */
+  const struct sd_lora_weight *loras;
+  size_t lora_count;
 } sd_generate_params;
 
 /**
@@ -825,6 +865,31 @@ sd_status sd_generate(struct sd_pipeline *pipeline,
  * bytes.
  */
 sd_status sd_pipeline_get_info(const struct sd_pipeline *pipeline, struct sd_pipeline_info *info);
+
+/**
+ * Reads a LoRA `.safetensors` file (kohya / A1111 or diffusers / PEFT layout; SD 1.x, 2.x or
+ * SDXL) into `*out_lora` (NULL on failure). The file is read once and never written. Whether
+ * it fits a model is checked when a call applies it, naming the first tensor that does not.
+ *
+ * Ownership: the caller owns the handle and releases it with `sd_lora_free`.
+ * Threading: thread-safe.
+ * Errors: `SD_ERR_INVALID_ARGUMENT` (NULL, bad UTF-8), `SD_ERR_IO` (missing or unreadable
+ * file), `SD_ERR_BAD_MODEL` (not a LoRA file, tensors of the wrong shape or values),
+ * `SD_ERR_UNSUPPORTED` (another kind of network: LyCORIS LoHa, LoKr, ...; the message names
+ * it).
+ *
+ * Pointers: each one NULL (an error) or valid; `path` is UTF-8, borrowed for the call.
+ */
+sd_status sd_lora_load(const char *path, struct sd_lora **out_lora);
+
+/**
+ * Releases a LoRA handle. Jobs already submitted with it are not affected. NULL is ignored.
+ *
+ * Threading: must not race with a call that borrows this handle.
+ *
+ * Pointers: `lora` is NULL or a live handle not used afterwards.
+ */
+void sd_lora_free(struct sd_lora *lora);
 
 /**
  * Inside the step callback: stores in `*out_image` (NULL on failure) a cheap RGB preview of

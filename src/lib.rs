@@ -4,6 +4,7 @@ pub mod error;
 pub mod ffi;
 pub mod image_io;
 pub mod limits;
+pub mod lora;
 pub mod models;
 pub mod pipeline;
 pub mod prompt;

@@ -46,6 +46,10 @@ pub const MAX_PROMPT_BYTES: usize = 64 << 10;
 /// real prompts use a handful.
 pub const MAX_PROMPT_CHUNKS: usize = 32;
 
+/// Most tensors a LoRA file may hold: an SDXL LoRA on every linear and convolution layer of
+/// the UNet and both text encoders has about 3 x 2,500; a file with more is not a LoRA.
+pub const MAX_LORA_TENSORS: usize = 100_000;
+
 /// Width and height and channels of the model configs, checked before a model is built.
 /// The largest real width is 1280 (UNet) / 1280 (text encoder, SDXL's second).
 pub const MAX_CONFIG_CHANNELS: i64 = 16_384;

@@ -351,6 +351,121 @@ pub fn apply_emphasis(z: &Tensor, weights: &[f64]) -> Result<Tensor> {
         .f_to_kind(z.kind())?)
 }
 
+/// An extra-network tag of a prompt, `<kind:arg:arg...>` (A1111's `<lora:NAME:WEIGHT>`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExtraNetwork {
+    pub kind: String,
+    pub args: Vec<String>,
+}
+
+/// `prompt` without its extra-network tags, and the tags in order (A1111's `<(\w+):([^>]+)>`:
+/// a kind of letters, digits or `_`, a colon, then anything up to the next `>`).
+pub fn extra_networks(prompt: &str) -> (String, Vec<ExtraNetwork>) {
+    let mut text = String::with_capacity(prompt.len());
+    let mut tags = Vec::new();
+    let mut rest = prompt;
+    while let Some(open) = rest.find('<') {
+        let after = &rest[open + 1..];
+        let kind_len: usize = after
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .map(char::len_utf8)
+            .sum();
+        let tag = (kind_len > 0 && after[kind_len..].starts_with(':'))
+            .then(|| {
+                let body = &after[kind_len + 1..];
+                let close = body.find('>')?;
+                (close > 0).then_some((close, body))
+            })
+            .flatten();
+        match tag {
+            Some((close, body)) => {
+                text.push_str(&rest[..open]);
+                tags.push(ExtraNetwork {
+                    kind: after[..kind_len].to_string(),
+                    args: body[..close].split(':').map(str::to_string).collect(),
+                });
+                rest = &body[close + 1..];
+            }
+            None => {
+                text.push_str(&rest[..open + 1]);
+                rest = after;
+            }
+        }
+    }
+    text.push_str(rest);
+    (text, tags)
+}
+
+/// A `<lora:NAME[:WEIGHT[:UNET_WEIGHT]]>` tag: the LoRA's name and its text-encoder and UNet
+/// weights (A1111: the first weight is the text encoders', the UNet's defaults to it; both
+/// default to 1; `te=` and `unet=` name them).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraTag {
+    pub name: String,
+    pub text: f64,
+    pub unet: f64,
+}
+
+/// The `<lora:...>` tags of `prompt` (`what` names it in errors); other kinds of extra
+/// network (hypernetworks) are refused by name.
+pub fn lora_tags(prompt: &str, what: &str) -> Result<Vec<LoraTag>> {
+    let mut out = Vec::new();
+    for tag in extra_networks(prompt).1 {
+        let shown = format!("<{}:{}>", tag.kind, tag.args.join(":"));
+        if tag.kind != "lora" && tag.kind != "lyco" {
+            return Err(Error::Unsupported(format!(
+                "{what}: `{shown}`: only <lora:...> extra networks are applied"
+            )));
+        }
+        let number = |s: &str| -> Result<f64> {
+            let v: f64 = s
+                .trim()
+                .parse()
+                .map_err(|_| Error::invalid(format!("{what}: `{shown}`: `{s}` is not a number")))?;
+            if v.is_finite() {
+                Ok(v)
+            } else {
+                Err(Error::invalid(format!(
+                    "{what}: `{shown}`: `{s}` is not finite"
+                )))
+            }
+        };
+        let name = tag.args[0].trim().to_string();
+        let (mut text, mut unet) = (None, None);
+        let mut positional = 0;
+        for arg in &tag.args[1..] {
+            if let Some(v) = arg.trim().strip_prefix("te=") {
+                text = Some(number(v)?);
+            } else if let Some(v) = arg.trim().strip_prefix("unet=") {
+                unet = Some(number(v)?);
+            } else if arg.trim().starts_with("dyn=") {
+                return Err(Error::Unsupported(format!(
+                    "{what}: `{shown}`: dynamic LoRA dimensions (dyn=)"
+                )));
+            } else {
+                match positional {
+                    0 => text = Some(number(arg)?),
+                    1 => unet = Some(number(arg)?),
+                    _ => {
+                        return Err(Error::invalid(format!(
+                            "{what}: `{shown}` has more weights than a text and a UNet one"
+                        )))
+                    }
+                }
+                positional += 1;
+            }
+        }
+        let text = text.unwrap_or(1.0);
+        out.push(LoraTag {
+            name,
+            text,
+            unet: unet.unwrap_or(text),
+        });
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -659,6 +774,62 @@ mod tests {
             }
             let total: usize = chunks.iter().map(|c| body(c).len()).sum();
             assert_eq!(total, before + 1 + back + 10, "back {back}");
+        }
+    }
+
+    #[test]
+    fn extra_network_tags_come_out_of_the_text() {
+        let (text, tags) =
+            extra_networks("a <lora:pixel-art:0.8> cat, <hypernet:x:1>(red:1.2)<lora:b>");
+        assert_eq!(text, "a  cat, (red:1.2)");
+        assert_eq!(tags.len(), 3);
+        assert_eq!(tags[0].kind, "lora");
+        assert_eq!(tags[0].args, vec!["pixel-art", "0.8"]);
+        assert_eq!(tags[2].args, vec!["b"]);
+        // What A1111's `<(\w+):([^>]+)>` does not match stays text.
+        for plain in [
+            "a < b > c",
+            "<:x>",
+            "<lora:>",
+            "<lo ra:x>",
+            "x <lora:unclosed",
+            "<>",
+            "<<",
+        ] {
+            assert_eq!(
+                extra_networks(plain),
+                (plain.to_string(), vec![]),
+                "{plain}"
+            );
+        }
+        // The first `<` that opens a tag wins; nested brackets end at the first `>`.
+        let (text, tags) = extra_networks("<a<lora:n:1>>");
+        assert_eq!(text, "<a>");
+        assert_eq!(tags[0].args, vec!["n", "1"]);
+    }
+
+    #[test]
+    fn lora_tags_read_weights_as_a1111() {
+        let tag = |s: &str| lora_tags(s, "prompt").unwrap();
+        let one = |name: &str, text: f64, unet: f64| LoraTag {
+            name: name.to_string(),
+            text,
+            unet,
+        };
+        assert_eq!(tag("<lora:a>"), vec![one("a", 1.0, 1.0)]);
+        assert_eq!(tag("<lora:a:0.5>"), vec![one("a", 0.5, 0.5)]);
+        assert_eq!(tag("<lora:a:0.5:-1.25>"), vec![one("a", 0.5, -1.25)]);
+        assert_eq!(tag("<lora:a:unet=0.3:te=0.7>"), vec![one("a", 0.7, 0.3)]);
+        assert_eq!(tag("<lyco:a: 2 >"), vec![one("a", 2.0, 2.0)]);
+        for (bad, says) in [
+            ("<lora:a:x>", "`x` is not a number"),
+            ("<lora:a:1e999>", "not finite"),
+            ("<lora:a:1:2:3>", "more weights"),
+            ("<hypernet:h:1>", "only <lora:...>"),
+            ("<lora:a:dyn=4>", "dyn="),
+        ] {
+            let e = lora_tags(bad, "prompt").unwrap_err().to_string();
+            assert!(e.contains(says) && e.contains("prompt"), "{bad}: {e}");
         }
     }
 }

@@ -1392,3 +1392,174 @@ fn generate_params_read_prompts_as_a1111() {
     }
     unsafe { sd_pipeline_free(p) };
 }
+
+/// LoRAs through the C ABI: `sd_lora_load` handles in `sd_generate_params.loras` give
+/// diffusers' image for the fixture's case (within a level), a tag in an A1111 prompt finds
+/// its file in `sd_load_options.lora_dir`, a call without LoRAs afterwards is the plain
+/// image, and bad handles, counts, files and kinds are refused by name.
+#[test]
+fn loras_apply_per_call_through_handles_and_tags() {
+    let case = common::case_named("lora", "cases", "sd1_both");
+    let want = common::Refs::open("lora").get("out_sd1_both");
+    let want: Vec<f32> = Vec::try_from(want.flatten(0, -1)).unwrap();
+    let levels = |got: &[u8]| {
+        got.iter()
+            .zip(&want)
+            .map(|(&a, &b)| (a as f32 - (b * 255.0).round()).abs())
+            .fold(0.0f32, f32::max)
+    };
+    let dir = common::fixtures().join("lora");
+    let load_lora = |file: &str| {
+        let path = CString::new(dir.join(file).to_str().unwrap()).unwrap();
+        let mut lora = null_mut();
+        let status = unsafe { sd_lora_load(path.as_ptr(), &mut lora) };
+        (status, lora)
+    };
+    let handles: Vec<*mut sd_lora> = case["loras"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            let (status, lora) = load_lora(l["file"].as_str().unwrap());
+            assert_eq!(status, sd_status::SD_OK, "{}", last_error());
+            lora
+        })
+        .collect();
+    let weights: Vec<sd_lora_weight> = case["loras"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(&handles)
+        .map(|(l, &h)| sd_lora_weight {
+            lora: h,
+            weight: l["weight"].as_f64().unwrap(),
+        })
+        .collect();
+
+    let lora_dir = CString::new(dir.to_str().unwrap()).unwrap();
+    let mut options = sd_load_options_with_defaults();
+    options.lora_dir = lora_dir.as_ptr();
+    let model = fixture("tiny-sd1");
+    let mut p = null_mut();
+    let status = unsafe { sd_pipeline_load(model.as_ptr(), &options, &mut p) };
+    assert_eq!(status, sd_status::SD_OK, "{}", last_error());
+
+    let prompt = CString::new(case["prompt"].as_str().unwrap()).unwrap();
+    let mut g = params(
+        &prompt,
+        case["steps"].as_u64().unwrap() as u32,
+        case["seed"].as_u64().unwrap(),
+    );
+    g.guidance = case["guidance"].as_f64().unwrap();
+    let negative = case["negative_prompt"]
+        .as_str()
+        .map(|n| CString::new(n).unwrap());
+    if let Some(n) = &negative {
+        g.negative_prompt = n.as_ptr();
+    }
+    let plain = generate(p, &g).unwrap()[0].0.clone();
+    g.loras = weights.as_ptr();
+    g.lora_count = weights.len();
+    let with = generate(p, &g).unwrap()[0].0.clone();
+    assert!(
+        levels(&with) <= 1.0,
+        "LoRAs through C: {} levels",
+        levels(&with)
+    );
+    assert!(with != plain);
+
+    // The same two LoRAs as tags, read from the load options' folder.
+    let weight = |i: usize| weights[i].weight;
+    let tagged = CString::new(format!(
+        "{} <lora:sd1-kohya:{}><lora:sd1-peft:{}>",
+        case["prompt"].as_str().unwrap(),
+        weight(0),
+        weight(1)
+    ))
+    .unwrap();
+    let mut t = g;
+    t.loras = ptr::null();
+    t.lora_count = 0;
+    t.prompt = tagged.as_ptr();
+    t.prompt_syntax = SD_PROMPT_A1111;
+    let by_tag = generate(p, &t).unwrap()[0].0.clone();
+    assert!(
+        levels(&by_tag) <= 1.0,
+        "tags through C: {} levels",
+        levels(&by_tag)
+    );
+
+    // Freeing a handle after the call leaves later calls alone; no LoRA = the plain image.
+    let mut none = g;
+    none.loras = ptr::null();
+    none.lora_count = 0;
+    assert!(generate(p, &none).unwrap()[0].0 == plain);
+    // An older caller's struct ends before the LoRA fields: none are read.
+    let mut older = g;
+    older.struct_size = std::mem::offset_of!(sd_generate_params, loras);
+    assert!(generate(p, &older).unwrap()[0].0 == plain);
+
+    let bogus = [0u64; 4];
+    let mut bad = g;
+    for (loras, count, needle) in [
+        (ptr::null(), 1, "params->loras is NULL"),
+        (weights.as_ptr(), 65, "at most 64"),
+    ] {
+        bad.loras = loras;
+        bad.lora_count = count;
+        let (status, message) = generate(p, &bad).unwrap_err();
+        assert_eq!(status, sd_status::SD_ERR_INVALID_ARGUMENT, "{message}");
+        assert!(message.contains(needle), "{message}");
+    }
+    let wrong = [
+        sd_lora_weight {
+            lora: bogus.as_ptr() as *const sd_lora,
+            weight: 1.0,
+        },
+        sd_lora_weight {
+            lora: handles[0],
+            weight: f64::NAN,
+        },
+    ];
+    for (i, needle) in [(0, "loras[0].lora is not a live"), (1, "weight NaN")] {
+        bad.loras = &wrong[i];
+        bad.lora_count = 1;
+        let (status, message) = generate(p, &bad).unwrap_err();
+        assert_eq!(status, sd_status::SD_ERR_INVALID_ARGUMENT, "{message}");
+        assert!(message.contains(needle), "{message}");
+    }
+    // Files: another kind, another family, missing.
+    let (status, lora) = load_lora("loha.safetensors");
+    assert_eq!(status, sd_status::SD_ERR_UNSUPPORTED);
+    assert!(lora.is_null() && last_error().contains("LoHa"));
+    let (status, lora) = load_lora("missing.safetensors");
+    assert_eq!(status, sd_status::SD_ERR_IO);
+    assert!(lora.is_null());
+    let (status, sdxl) = load_lora("sdxl-kohya.safetensors");
+    assert_eq!(status, sd_status::SD_OK);
+    let other = [sd_lora_weight {
+        lora: sdxl,
+        weight: 1.0,
+    }];
+    bad.loras = other.as_ptr();
+    let (status, message) = generate(p, &bad).unwrap_err();
+    assert_eq!(status, sd_status::SD_ERR_INVALID_ARGUMENT, "{message}");
+    assert!(message.contains("tensor `lora_"), "{message}");
+    let status = unsafe { sd_lora_load(ptr::null(), &mut null_mut()) };
+    assert_eq!(status, sd_status::SD_ERR_INVALID_ARGUMENT);
+    unsafe {
+        sd_lora_free(sdxl);
+        for h in handles {
+            sd_lora_free(h);
+        }
+        sd_lora_free(ptr::null_mut());
+        sd_pipeline_free(p);
+    }
+}
+
+fn sd_load_options_with_defaults() -> sd_load_options {
+    let mut o = std::mem::MaybeUninit::<sd_load_options>::zeroed();
+    let status = unsafe { sd_load_options_init(o.as_mut_ptr(), size_of::<sd_load_options>()) };
+    assert_eq!(status, sd_status::SD_OK);
+    unsafe { o.assume_init() }
+}

@@ -3,6 +3,7 @@
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use stable_diffusion::image_io::{self, Image};
+use stable_diffusion::lora::{LoraCache, LoraWeight};
 use stable_diffusion::pipeline::{
     Control, FastModes, GenerateParams, LoadOptions, MicroConditioning, PromptSyntax,
     StableDiffusion, StepInfo, WeightKernels,
@@ -231,6 +232,14 @@ struct CommonArgs {
     /// as diffusers).
     #[arg(long, value_enum, default_value = "a1111")]
     prompt_syntax: SyntaxArg,
+    /// A LoRA to apply, PATH_OR_NAME[:WEIGHT]: a .safetensors file, or the name of one in
+    /// --lora-dir; the weight is 1 by default and may be negative. Repeatable.
+    #[arg(long = "lora", value_name = "PATH_OR_NAME[:WEIGHT]")]
+    loras: Vec<String>,
+    /// The folder where --lora names and the prompt's <lora:NAME:WEIGHT> tags find
+    /// NAME.safetensors.
+    #[arg(long)]
+    lora_dir: Option<PathBuf>,
     /// SDXL micro-conditioning: the size the image is said to come from, WIDTHxHEIGHT
     /// (default: the output size).
     #[arg(long, value_parser = parse_size)]
@@ -441,6 +450,22 @@ fn a1111_parameters(
     s
 }
 
+/// A `--lora PATH_OR_NAME[:WEIGHT]` argument, read.
+fn lora_arg(spec: &str, dir: Option<&Path>) -> Result<LoraWeight> {
+    let (what, weight) = match spec.rsplit_once(':') {
+        Some((what, w)) if w.trim().parse::<f64>().is_ok() => (what, w.trim().parse::<f64>()),
+        _ => (spec, Ok(1.0)),
+    };
+    let weight = weight.map_err(|_| Error::invalid(format!("--lora {spec}: bad weight")))?;
+    let lora = LoraCache::default()
+        .path_or_name(what, dir)
+        .map_err(|e| match e {
+            Error::InvalidArgument(m) => Error::invalid(format!("--lora {spec}: {m}")),
+            other => other,
+        })?;
+    Ok(LoraWeight::new(lora, weight))
+}
+
 /// The folder of `--out` must exist before minutes are spent generating into it.
 fn check_out_folder(out: &Path) -> Result<()> {
     let parent = match out.parent() {
@@ -468,6 +493,7 @@ fn run(a: &CommonArgs, edit: Edit) -> Result<()> {
             (_, true) => WeightKernels::Packed,
             _ => WeightKernels::Auto,
         },
+        lora_dir: a.lora_dir.clone(),
     };
     let init_image = edit.init.as_deref().map(Image::load).transpose()?;
     let mask = edit.mask.as_deref().map(Image::load).transpose()?;
@@ -528,6 +554,12 @@ fn run(a: &CommonArgs, edit: Edit) -> Result<()> {
             SyntaxArg::A1111 => PromptSyntax::A1111,
             SyntaxArg::Plain => PromptSyntax::Plain,
         },
+        loras: a
+            .loras
+            .iter()
+            .map(|spec| lora_arg(spec, a.lora_dir.as_deref()))
+            .collect::<Result<_>>()?,
+        lora_dir: None,
     };
     // A1111's sampler name where it has one (its PNG-info readers know those), else the
     // scheduler as it was asked for or configured.

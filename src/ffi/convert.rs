@@ -239,6 +239,8 @@ pub(crate) unsafe fn request(
                 )))
             }
         },
+        loras: super::lora::lora_weights(c.loras, c.lora_count)?,
+        lora_dir: None,
     };
     if params.mask.is_some() && params.init_image.is_none() {
         return Err(Fail::invalid(

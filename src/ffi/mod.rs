@@ -19,6 +19,9 @@ mod types;
 /// Loading, logging and the blocking generate call.
 mod pipeline;
 
+/// LoRA handles.
+mod lora;
+
 /// Preview and latents inside the step callback.
 mod step;
 
@@ -35,6 +38,7 @@ pub use images::{sd_images, sd_images_count, sd_images_free, sd_images_get};
 pub use job::{
     sd_job, sd_job_cancel, sd_job_free, sd_job_poll, sd_job_submit, sd_job_take_images, sd_job_wait,
 };
+pub use lora::{sd_lora, sd_lora_free, sd_lora_load};
 pub use pipeline::{
     sd_generate, sd_pipeline, sd_pipeline_free, sd_pipeline_get_info, sd_pipeline_load,
     sd_pipeline_set_log_callback,
@@ -44,11 +48,11 @@ pub use step::{sd_step_latents, sd_step_preview};
 pub use types::{
     sd_device_type, sd_dtype, sd_family, sd_generate_params, sd_generate_params_init, sd_image,
     sd_job_progress, sd_job_state, sd_load_options, sd_load_options_init, sd_log_fn, sd_log_level,
-    sd_pipeline_info, sd_prediction, sd_prompt_syntax, sd_step_fn, sd_step_info, sd_weights,
-    SD_DEVICE_CPU, SD_DEVICE_CUDA, SD_DEVICE_MPS, SD_DTYPE_BF16, SD_DTYPE_FP16, SD_DTYPE_FP32,
-    SD_FAMILY_SD1, SD_FAMILY_SD2, SD_FAMILY_SDXL, SD_FAMILY_SDXL_REFINER, SD_PREDICTION_EPSILON,
-    SD_PREDICTION_SAMPLE, SD_PREDICTION_V, SD_PROMPT_A1111, SD_PROMPT_PLAIN, SD_STEP_CANCEL,
-    SD_STEP_CONTINUE, SD_WEIGHTS_AUTO, SD_WEIGHTS_PACKED, SD_WEIGHTS_PLAIN,
+    sd_lora_weight, sd_pipeline_info, sd_prediction, sd_prompt_syntax, sd_step_fn, sd_step_info,
+    sd_weights, SD_DEVICE_CPU, SD_DEVICE_CUDA, SD_DEVICE_MPS, SD_DTYPE_BF16, SD_DTYPE_FP16,
+    SD_DTYPE_FP32, SD_FAMILY_SD1, SD_FAMILY_SD2, SD_FAMILY_SDXL, SD_FAMILY_SDXL_REFINER,
+    SD_PREDICTION_EPSILON, SD_PREDICTION_SAMPLE, SD_PREDICTION_V, SD_PROMPT_A1111, SD_PROMPT_PLAIN,
+    SD_STEP_CANCEL, SD_STEP_CONTINUE, SD_WEIGHTS_AUTO, SD_WEIGHTS_PACKED, SD_WEIGHTS_PLAIN,
 };
 
 use std::ffi::c_char;

@@ -325,6 +325,7 @@ unsafe fn load(
         kind: parse_dtype(opts.dtype)?,
         copy_weights: opts.copy_weights != 0,
         weight_kernels: parse_weights(opts.plain_weights)?,
+        lora_dir: optional_str(opts.lora_dir, "options->lora_dir")?.map(PathBuf::from),
     };
     let scheduler = optional_str(opts.scheduler, "options->scheduler")?.map(str::to_owned);
     if !Path::new(path).exists() {

@@ -105,6 +105,21 @@ pub struct sd_load_options {
     /// `SD_WEIGHTS_PACKED` (2) force one. The two differ by rounding only (within 1e-5); a
     /// pipeline always uses the same, so its images depend on each call's parameters only.
     pub plain_weights: i32,
+    /// The folder where the `<lora:NAME:WEIGHT>` tags of prompts read with
+    /// `SD_PROMPT_A1111` find `NAME.safetensors`. UTF-8, copied; NULL or "" (default): none
+    /// (a tag is then an error).
+    pub lora_dir: *const c_char,
+}
+
+/// One LoRA of a call and its weight (`sd_generate_params.loras`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct sd_lora_weight {
+    /// A live `sd_lora`, borrowed for the call.
+    pub lora: *const super::lora::sd_lora,
+    /// How strongly it applies to the UNet and the text encoders: 1 as trained, 0 not at all,
+    /// negative to push away from it; finite, at most 1000 in size.
+    pub weight: f64,
 }
 
 /// What to generate. Fill it with `sd_generate_params_init`, then set at least `prompt`.
@@ -205,8 +220,18 @@ pub struct sd_generate_params {
     pub refiner_start: f64,
     /// How the prompts are read, one of `SD_PROMPT_*`: `SD_PROMPT_PLAIN` (0, default) as
     /// diffusers (the text as it is, cut at 77 tokens); `SD_PROMPT_A1111` (1) as the A1111 web
-    /// UI (`(word:1.2)`, `[word]`, `BREAK`, prompts longer than 75 tokens in chunks).
+    /// UI (`(word:1.2)`, `[word]`, `BREAK`, prompts longer than 75 tokens in chunks, and
+    /// `<lora:NAME:WEIGHT>` tags in the prompt, which apply `NAME.safetensors` from
+    /// `sd_load_options.lora_dir`).
     pub prompt_syntax: i32,
+    /// LoRAs applied to this call only (after those of the prompt's tags): `lora_count`
+    /// entries, borrowed for the call (a job keeps what it needs). NULL / 0 (default): none.
+    /// The model is never changed: a call without them runs as if they had never been
+    /// applied. A LoRA that does not fit the model is refused (`SD_ERR_INVALID_ARGUMENT`,
+    /// naming its first tensor at fault); another kind of network was refused by
+    /// `sd_lora_load`. At most 64. An SDXL refiner phase runs without them.
+    pub loras: *const sd_lora_weight,
+    pub lora_count: usize,
 }
 
 /// What the step callback sees. Owned by the library, valid during the callback only.
@@ -359,6 +384,7 @@ unsafe impl Versioned for sd_load_options {
             use_ema: 0,
             copy_weights: 0,
             plain_weights: 0,
+            lora_dir: std::ptr::null(),
         }
     }
 }
@@ -508,6 +534,8 @@ unsafe impl Versioned for sd_generate_params {
             refiner: std::ptr::null(),
             refiner_start: SD_DEFAULT_REFINER_START,
             prompt_syntax: SD_PROMPT_PLAIN,
+            loras: std::ptr::null(),
+            lora_count: 0,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Layers shared by the UNet, the VAE and the text encoder. Each holds its variables in the
 //! `VarStore` under diffusers' names, so weights load by name, and every forward is fallible.
+use super::adapters::{self, LayerId, LayerShape};
 use super::int8::{self, Int8Linear};
 use super::packed;
 use crate::Result;
@@ -203,6 +204,7 @@ pub struct Linear {
     packed: PackedWeight,
     /// The int8 form, packed the first time the layer runs in that mode.
     int8: OnceLock<std::result::Result<Int8Linear, String>>,
+    adapter: LayerId,
 }
 
 impl Linear {
@@ -210,15 +212,23 @@ impl Linear {
         let weight = variable(&vs, "weight", &[out_dim, in_dim], kaiming());
         let bias = bias.then(|| variable(&vs, "bias", &[out_dim], Init::Const(0.)));
         let packed = PackedWeight::new(&weight);
+        let adapter = adapters::register(&vs, LayerShape::Linear { in_dim, out_dim });
         Self {
             weight,
             bias,
             packed,
             int8: OnceLock::new(),
+            adapter,
         }
     }
 
+    /// The layer's output plus the deltas of the LoRAs installed for this call
+    /// ([`adapters::activate`]).
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        adapters::add_deltas(self.adapter, xs, self.forward_own(xs)?, None)
+    }
+
+    fn forward_own(&self, xs: &Tensor) -> Result<Tensor> {
         if int8::enabled()
             && self.weight.device() == Device::Cpu
             && self.weight.kind() == Kind::Float
@@ -252,6 +262,7 @@ pub struct Conv2d {
     stride: i64,
     padding: i64,
     packed: PackedWeight,
+    adapter: LayerId,
 }
 
 impl Conv2d {
@@ -266,16 +277,32 @@ impl Conv2d {
         let weight = variable(&vs, "weight", &[out_c, in_c, kernel, kernel], kaiming());
         let bias = Some(variable(&vs, "bias", &[out_c], Init::Const(0.)));
         let packed = PackedWeight::new(&weight);
+        let shape = LayerShape::Conv {
+            in_c,
+            out_c,
+            kernel,
+            stride,
+            padding,
+        };
+        let adapter = adapters::register(&vs, shape);
         Self {
             weight,
             bias,
             stride,
             padding,
             packed,
+            adapter,
         }
     }
 
+    /// The layer's output plus the deltas of the LoRAs installed for this call
+    /// ([`adapters::activate`]).
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let conv = Some((self.stride, self.padding));
+        adapters::add_deltas(self.adapter, xs, self.forward_own(xs)?, conv)
+    }
+
+    fn forward_own(&self, xs: &Tensor) -> Result<Tensor> {
         let (stride, padding) = (self.stride, self.padding);
         let packed = self.packed.get(&self.weight, xs, || {
             packed::pack_conv(&self.weight, &xs.size(), stride, padding)

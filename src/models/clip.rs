@@ -1,4 +1,5 @@
 //! The CLIP text transformer (transformers' `CLIPTextModel`) that conditions the UNet.
+use super::adapters::{self, Targets};
 use super::blocks::{multi_head_attention, variable, LayerNorm, Linear};
 use super::config::read_json;
 use crate::limits::{
@@ -214,6 +215,7 @@ pub struct ClipTextTransformer {
     final_layer_norm: LayerNorm,
     text_projection: Option<Linear>,
     config: ClipTextConfig,
+    adapter_targets: Targets,
 }
 
 /// SDXL's view of a text encoder's output (see [`ClipTextTransformer::forward_penultimate`]).
@@ -229,6 +231,17 @@ pub struct TextStates {
 impl ClipTextTransformer {
     /// `vs` is the model's root; variables live under `text_model.`.
     pub fn new(vs: nn::Path, config: &ClipTextConfig) -> Result<Self> {
+        let (mut encoder, targets) = adapters::collect(|| Self::build(vs, config))?;
+        encoder.adapter_targets = targets;
+        Ok(encoder)
+    }
+
+    /// The layers a LoRA may target, by module path (`text_model.encoder.layers.0.mlp.fc1`).
+    pub fn adapter_targets(&self) -> &Targets {
+        &self.adapter_targets
+    }
+
+    fn build(vs: nn::Path, config: &ClipTextConfig) -> Result<Self> {
         config.validate()?;
         let act = Activation::parse(&config.hidden_act)?;
         let tm = &vs / "text_model";
@@ -264,6 +277,7 @@ impl ClipTextTransformer {
             final_layer_norm,
             text_projection,
             config: config.clone(),
+            adapter_targets: Targets::new(),
         })
     }
 

@@ -1,4 +1,5 @@
 //! The networks of Stable Diffusion.
+pub mod adapters;
 pub mod blocks;
 pub mod clip;
 pub mod clip_vision;

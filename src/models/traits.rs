@@ -1,5 +1,6 @@
 //! What the pipeline needs from each network. The native tch modules implement these traits,
 //! and so does the TorchScript backend, so one pipeline drives both.
+use super::adapters::Targets;
 use super::clip::TextStates;
 use super::fast::FastPass;
 use super::unet::AddedConditions;
@@ -31,6 +32,10 @@ pub trait TextEncoder: Send {
     }
     /// Width of the pooled output [`TextEncoder::forward_penultimate`] gives, when known.
     fn pooled_width(&self) -> Option<i64> {
+        None
+    }
+    /// The layers a LoRA may target; `None` for a backend that cannot take one.
+    fn adapter_targets(&self) -> Option<&Targets> {
         None
     }
 }
@@ -70,6 +75,10 @@ pub trait Denoiser: Send {
     /// Skip connections available to step caching; `None` when the fast modes are not
     /// supported.
     fn skip_connections(&self) -> Option<usize> {
+        None
+    }
+    /// The layers a LoRA may target; `None` for a backend that cannot take one.
+    fn adapter_targets(&self) -> Option<&Targets> {
         None
     }
 }
@@ -127,6 +136,9 @@ impl TextEncoder for ClipTextTransformer {
             c.hidden_size
         })
     }
+    fn adapter_targets(&self) -> Option<&Targets> {
+        Some(ClipTextTransformer::adapter_targets(self))
+    }
 }
 
 impl Denoiser for UNet2DConditionModel {
@@ -154,6 +166,9 @@ impl Denoiser for UNet2DConditionModel {
     }
     fn skip_connections(&self) -> Option<usize> {
         Some(UNet2DConditionModel::skip_connections(self))
+    }
+    fn adapter_targets(&self) -> Option<&Targets> {
+        Some(UNet2DConditionModel::adapter_targets(self))
     }
 }
 

@@ -1,4 +1,5 @@
 //! UNet2DConditionModel: predicts the noise (or v) in a latent from the timestep and the text.
+use super::adapters::{self, Target, Targets};
 use super::blocks::{
     add_into, Attention, Conv2d, Downsample2D, GroupNorm, LayerNorm, Linear, ResnetBlock2D,
     ResnetConfig, Upsample2D,
@@ -9,6 +10,7 @@ use crate::limits::{
     check_each_positive, check_finite, check_level_sizes, check_positive, MAX_CONFIG_CHANNELS,
     MAX_CONFIG_LAYERS, MAX_CONFIG_POSITIONS,
 };
+use crate::weights::single_file::UNetMap;
 use crate::{Error, Result};
 use std::path::Path;
 use tch::nn;
@@ -625,10 +627,33 @@ pub struct UNet2DConditionModel {
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
     config: UNetConfig,
+    adapter_targets: Targets,
 }
 
 impl UNet2DConditionModel {
     pub fn new(vs: nn::Path, config: &UNetConfig) -> Result<Self> {
+        let (mut unet, mut targets) = adapters::collect(|| Self::build(vs, config))?;
+        // LoRAs made for the original (LDM / SGM) layout name the layers that way
+        // (`input_blocks.4.1.proj_in`): both names lead to the same layer.
+        let map = UNetMap::new(config)?;
+        let aliases: Vec<(String, Target)> = targets
+            .iter()
+            .filter_map(|(name, target)| {
+                let original = map.original(&format!("{name}.weight"))?;
+                Some((original.strip_suffix(".weight")?.to_string(), *target))
+            })
+            .collect();
+        targets.extend(aliases);
+        unet.adapter_targets = targets;
+        Ok(unet)
+    }
+
+    /// The layers a LoRA may target, by diffusers' module path and by the original layout's.
+    pub fn adapter_targets(&self) -> &Targets {
+        &self.adapter_targets
+    }
+
+    fn build(vs: nn::Path, config: &UNetConfig) -> Result<Self> {
         config.validate()?;
         let c = config;
         let r = c.resolve()?;
@@ -765,6 +790,7 @@ impl UNet2DConditionModel {
             ),
             conv_out: Conv2d::new(&vs / "conv_out", ch[0], c.out_channels, 3, 1, 1),
             config: config.clone(),
+            adapter_targets: Targets::new(),
         })
     }
 

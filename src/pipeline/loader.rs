@@ -38,6 +38,9 @@ pub struct LoadOptions {
     pub copy_weights: bool,
     /// Which kernels float32 models run with on the CPU (see [`WeightKernels`]).
     pub weight_kernels: WeightKernels,
+    /// The folder a prompt's `<lora:NAME:W>` tags find `NAME.safetensors` in (a call may
+    /// give its own, [`super::GenerateParams::lora_dir`]).
+    pub lora_dir: Option<PathBuf>,
 }
 
 /// Which kernels a float32 model runs with on the CPU. The two round differently (within
@@ -79,6 +82,7 @@ impl Default for LoadOptions {
             kind: Kind::Float,
             copy_weights: false,
             weight_kernels: WeightKernels::Auto,
+            lora_dir: None,
         }
     }
 }

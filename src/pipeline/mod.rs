@@ -7,6 +7,8 @@ pub use loader::{LoadOptions, ModelFiles, WeightKernels};
 
 use crate::image_io::Image;
 use crate::limits::MAX_PROMPT_BYTES;
+use crate::lora::{AdapterTargets, LoraCache, LoraWeight};
+use crate::models::adapters::{self, ActiveAdapters};
 use crate::models::fast::{DeepCache, FastPass, TokenMerging, NEEDS_NATIVE_UNET};
 use crate::models::traits::{Autoencoder, Denoiser, TextEncoder};
 use crate::models::AddedConditions;
@@ -16,7 +18,20 @@ use crate::rng::{NoiseSource, PredrawnNoise};
 use crate::schedulers::{self, PredictionType, Scheduler, SchedulerConfig};
 use crate::tokenizer::ClipTokenizer;
 use crate::{Error, Result};
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 use tch::{Device, Kind, Tensor};
+
+/// The text a prompt read with A1111's syntax encodes: a positive prompt without its
+/// extra-network tags (`<lora:...>`, applied as LoRAs); a negative prompt as it is (A1111
+/// reads tags in the positive prompt only).
+fn prompt_text<'a>(text: &'a str, what: &str) -> std::borrow::Cow<'a, str> {
+    if what.starts_with("negative") {
+        std::borrow::Cow::Borrowed(text)
+    } else {
+        std::borrow::Cow::Owned(prompt::extra_networks(text).0)
+    }
+}
 
 /// Largest number of images one call may generate.
 pub const MAX_BATCH: usize = 64;
@@ -73,6 +88,15 @@ pub struct GenerateParams {
     /// How the prompts' text is read: as it is (diffusers, the default) or with A1111's
     /// attention weights, `BREAK` and long prompts.
     pub prompt_syntax: PromptSyntax,
+    /// LoRAs applied to this call only, each with its weights, after those of the prompt's
+    /// `<lora:NAME:W>` tags. The model's weights are never changed: the next call without
+    /// them runs exactly as if they had never been applied. An SDXL refiner phase runs
+    /// without them.
+    pub loras: Vec<LoraWeight>,
+    /// The folder a prompt's `<lora:NAME:W>` tags name files in (`NAME.safetensors`), for
+    /// this call; `None` takes [`LoadOptions::lora_dir`]. Tags are read only with
+    /// [`PromptSyntax::A1111`].
+    pub lora_dir: Option<PathBuf>,
 }
 
 /// SDXL's micro-conditioning, as `(height, width)` and `(top, left)` pairs in pixels
@@ -273,6 +297,8 @@ impl Default for GenerateParams {
             negative_prompt_2: None,
             micro: MicroConditioning::default(),
             prompt_syntax: PromptSyntax::Plain,
+            loras: Vec::new(),
+            lora_dir: None,
         }
     }
 }
@@ -346,6 +372,12 @@ pub struct StableDiffusion {
     device: Device,
     kind: Kind,
     logger: Option<Logger>,
+    /// What a LoRA may target in this pipeline, gathered from the parts at the first call.
+    adapter_targets: OnceLock<Arc<AdapterTargets>>,
+    /// Where a prompt's `<lora:NAME:W>` tags find their files, unless a call says.
+    lora_dir: Option<PathBuf>,
+    /// LoRAs read for tags, kept while their files are unchanged.
+    lora_cache: Arc<LoraCache>,
     /// The file maps that weights point into (see [`LoadOptions::copy_weights`]): declared
     /// after the models, so that they are dropped after them.
     mapped_weights: Vec<crate::weights::MappingOwner>,
@@ -482,8 +514,44 @@ impl StableDiffusion {
             device: options.device,
             kind: options.kind,
             logger: None,
+            adapter_targets: OnceLock::new(),
+            lora_dir: options.lora_dir.clone(),
+            lora_cache: Arc::default(),
             mapped_weights: Vec::new(),
         }
+    }
+
+    /// The layers of this pipeline a LoRA may target.
+    fn adapter_targets(&self) -> Arc<AdapterTargets> {
+        self.adapter_targets
+            .get_or_init(|| {
+                let refiner = self.sdxl.as_ref().is_some_and(|x| x.second.is_none());
+                let second = self
+                    .sdxl
+                    .as_ref()
+                    .and_then(|x| x.second.as_ref())
+                    .map(|(_, e)| e.adapter_targets());
+                let first = self.text_encoder.adapter_targets();
+                let (first, second) = if refiner {
+                    (None, Some(first))
+                } else {
+                    (Some(first), second)
+                };
+                let unet = self.unet.adapter_targets();
+                let native = unet.is_some() && first.flatten().is_some() == first.is_some();
+                Arc::new(AdapterTargets::new(
+                    self.family().name(),
+                    unet,
+                    first.flatten(),
+                    second.flatten(),
+                    (!native).then(|| {
+                        "this pipeline's modules (TorchScript) cannot take one; load the \
+                         model's diffusers folder or single file"
+                            .to_string()
+                    }),
+                ))
+            })
+            .clone()
     }
 
     /// Routes this pipeline's log messages to `logger` (none: dropped).
@@ -566,7 +634,8 @@ impl StableDiffusion {
     /// joined. SD 1.x / 2.x models.
     pub fn encode_prompt_a1111(&self, prompt: &str, clip_skip: usize) -> Result<Tensor> {
         check_prompt("prompt", prompt)?;
-        let chunks = prompt::prompt_chunks(&self.tokenizer, prompt, "prompt")?;
+        let chunks =
+            prompt::prompt_chunks(&self.tokenizer, &prompt_text(prompt, "prompt"), "prompt")?;
         Ok(self
             .encode_weighted(self.text_encoder.as_ref(), &chunks, clip_skip, false)?
             .0)
@@ -677,6 +746,9 @@ impl StableDiffusion {
                         .map(|(t, _)| t.clone()),
                 )
                 .collect(),
+            adapter_targets: self.adapter_targets(),
+            lora_dir: self.lora_dir.clone(),
+            lora_cache: self.lora_cache.clone(),
         }
     }
 
@@ -853,7 +925,11 @@ impl StableDiffusion {
             height,
             mut scheduler,
             fallback,
+            adapters,
         } = validated;
+        // The call's LoRAs, on this thread, for every layer that runs until the latents are
+        // done (the text encoders and the UNet).
+        let _adapters = adapters::activate(adapters);
         if let Some(why) = fallback {
             self.log(LogLevel::Warn, || why);
         }
@@ -1132,7 +1208,8 @@ impl StableDiffusion {
         stop: &dyn Fn() -> Result<()>,
     ) -> Result<(Tensor, Option<AddedConditions>)> {
         let tokenizer = &self.tokenizer;
-        let mut cond = prompt::prompt_chunks(tokenizer, &params.prompt, "prompt")?;
+        let positive = prompt_text(&params.prompt, "prompt");
+        let mut cond = prompt::prompt_chunks(tokenizer, &positive, "prompt")?;
         let negative = params.negative_prompt.as_deref().unwrap_or("");
         let mut uncond = prompt::prompt_chunks(tokenizer, negative, "negative prompt")?;
         if cfg {
@@ -1267,7 +1344,11 @@ impl StableDiffusion {
         let negative_2 = params.negative_prompt_2.as_deref().unwrap_or(negative);
         let mut a1111_negative = None;
         let (context, pooled) = if params.prompt_syntax == PromptSyntax::A1111 {
-            let texts = (&params.prompt[..], prompt_2, params.clip_skip);
+            let (prompt, prompt_2) = (
+                prompt_text(&params.prompt, "prompt"),
+                prompt_text(prompt_2, "prompt 2"),
+            );
+            let texts = (&prompt[..], &prompt_2[..], params.clip_skip);
             // As with plain prompts, clip_skip applies to the prompt only.
             let negatives = (cfg && !zero_negative).then_some((negative, negative_2, 0));
             let (positive, negative) = self.sdxl_a1111(sdxl, texts, negatives, batch)?;
@@ -1441,6 +1522,9 @@ pub struct Validator {
     scheduler_config: SchedulerConfig,
     /// An SDXL refiner: it refines latents or an image, it does not start from text alone.
     refiner: bool,
+    adapter_targets: Arc<AdapterTargets>,
+    lora_dir: Option<PathBuf>,
+    lora_cache: Arc<LoraCache>,
     /// The tokenizers the prompts go through (SDXL's second one after the first), to check
     /// prompts read with A1111's syntax as encoding will.
     tokenizers: Vec<ClipTokenizer>,
@@ -1454,6 +1538,8 @@ pub struct Validated {
     pub scheduler: Box<dyn Scheduler>,
     /// Why the model's own scheduler could not be used (DDIM with its settings runs instead).
     pub fallback: Option<String>,
+    /// The call's LoRAs, bound to the model's layers.
+    pub adapters: Option<Arc<ActiveAdapters>>,
 }
 
 impl Validator {
@@ -1467,6 +1553,41 @@ impl Validator {
 
     /// [`Validator::validate`] for a run that may continue latents handed over by another
     /// model (`handed_over`), which a refiner accepts without an init image.
+    /// The LoRAs of a request: its `<lora:...>` tags' (read with A1111's syntax) then its
+    /// `loras`, bound to this model's layers.
+    fn bind_loras(&self, p: &GenerateParams) -> Result<Option<Arc<ActiveAdapters>>> {
+        let mut loras = Vec::new();
+        if p.prompt_syntax == PromptSyntax::A1111 {
+            let mut texts = vec![(&p.prompt[..], "prompt")];
+            if let Some(prompt_2) = &p.prompt_2 {
+                texts.push((prompt_2, "prompt 2"));
+            }
+            for (text, what) in texts {
+                for tag in prompt::lora_tags(text, what)? {
+                    let dir = p
+                        .lora_dir
+                        .as_ref()
+                        .or(self.lora_dir.as_ref())
+                        .ok_or_else(|| {
+                            Error::invalid(format!(
+                                "{what} names the LoRA `{}` (<lora:...>) but no LoRA folder was \
+                             given (lora_dir)",
+                                tag.name
+                            ))
+                        })?;
+                    let lora = self.lora_cache.by_name(dir, &tag.name)?;
+                    loras.push(LoraWeight {
+                        lora,
+                        unet: tag.unet,
+                        text: tag.text,
+                    });
+                }
+            }
+        }
+        loras.extend(p.loras.iter().cloned());
+        self.adapter_targets.bind(&loras, self.kind, self.device)
+    }
+
     /// Prompts read with A1111's syntax, each through the tokenizer that will read it: weights
     /// that overflow and prompts over the chunk limit are refused here, before a run, with the
     /// names encoding uses.
@@ -1484,7 +1605,7 @@ impl Validator {
             texts.push((second, negative_2, "negative prompt 2"));
         }
         for (tokenizer, text, what) in texts {
-            prompt::prompt_chunks(tokenizer, text, what)?;
+            prompt::prompt_chunks(tokenizer, &prompt_text(text, what), what)?;
         }
         Ok(())
     }
@@ -1612,11 +1733,18 @@ impl Validator {
         let (mut scheduler, fallback) = self.scheduler(p.scheduler.as_deref())?;
         scheduler.set_eta(p.eta)?;
         scheduler.set_timesteps(p.steps)?;
+        // A refiner phase continues the base model's latents with the refiner as it is.
+        let adapters = if handed_over {
+            None
+        } else {
+            self.bind_loras(p)?
+        };
         Ok(Validated {
             width,
             height,
             scheduler,
             fallback,
+            adapters,
         })
     }
 

@@ -34,6 +34,8 @@ pub struct SafetensorsFile {
     mmap: Arc<MmapMut>,
     data_start: usize,
     tensors: std::collections::HashMap<String, TensorInfo>,
+    /// The header's `__metadata__` strings.
+    user_metadata: Option<std::collections::HashMap<String, String>>,
 }
 
 impl SafetensorsFile {
@@ -51,6 +53,7 @@ impl SafetensorsFile {
                 ))
             })?;
         let data_start = 8 + header_len;
+        let user_metadata = metadata.metadata().clone();
         let mut tensors = std::collections::HashMap::new();
         for (name, info) in metadata.tensors() {
             let (start, end) = info.data_offsets;
@@ -78,6 +81,7 @@ impl SafetensorsFile {
             mmap,
             data_start,
             tensors,
+            user_metadata,
         })
     }
 
@@ -87,6 +91,11 @@ impl SafetensorsFile {
 
     pub fn info(&self, name: &str) -> Option<&TensorInfo> {
         self.tensors.get(name)
+    }
+
+    /// The header's `__metadata__` strings, if it has any.
+    pub fn user_metadata(&self) -> Option<&std::collections::HashMap<String, String>> {
+        self.user_metadata.as_ref()
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
