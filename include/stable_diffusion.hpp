@@ -114,6 +114,23 @@ class Images {
   std::unique_ptr<sd_images, Free> images_;
 };
 
+/// A LoRA file read once (sd_lora_load); apply it to any call with Params::add_lora.
+class Lora {
+ public:
+  explicit Lora(const std::string& path) {
+    sd_lora* l = nullptr;
+    detail::check(sd_lora_load(path.c_str(), &l));
+    lora_.reset(l);
+  }
+  const sd_lora* get() const { return lora_.get(); }
+
+ private:
+  struct Free {
+    void operator()(sd_lora* l) const { sd_lora_free(l); }
+  };
+  std::unique_ptr<sd_lora, Free> lora_;
+};
+
 /// What to generate; defaults are the library's (sd_generate_params_init).
 struct Params {
   std::string prompt;
@@ -133,6 +150,14 @@ struct Params {
   const sd_pipeline* refiner = nullptr;
   double refiner_start;  // the fraction where the refiner takes over, in (0, 1)
   sd_prompt_syntax prompt_syntax;  // SD_PROMPT_PLAIN (default) or SD_PROMPT_A1111
+  /// This call's LoRAs; each Lora must outlive the calls that use it (a job keeps its own).
+  std::vector<sd_lora_weight> loras;
+
+  /// Applies `lora` at `weight` (1: as trained; may be negative) to this call.
+  Params& add_lora(const Lora& lora, double weight = 1.0) {
+    loras.push_back(sd_lora_weight{lora.get(), weight});
+    return *this;
+  }
 
   Params() {
     sd_generate_params d;
@@ -179,6 +204,8 @@ struct Params {
     c.refiner = refiner;
     c.refiner_start = refiner_start;
     c.prompt_syntax = prompt_syntax;
+    c.loras = loras.empty() ? nullptr : loras.data();
+    c.lora_count = loras.size();
     return c;
   }
 };
@@ -289,6 +316,7 @@ struct LoadOptions {
   bool use_ema = false;
   bool copy_weights = false;
   sd_weights weights = SD_WEIGHTS_AUTO;  // the kernels for float32 on the CPU
+  std::string lora_dir;  // where <lora:NAME:W> tags of A1111 prompts find NAME.safetensors
 };
 
 /// A loaded model. Calls on one Pipeline are serialised by the library.
@@ -304,6 +332,7 @@ class Pipeline {
     o.use_ema = options.use_ema ? 1 : 0;
     o.copy_weights = options.copy_weights ? 1 : 0;
     o.plain_weights = options.weights;
+    o.lora_dir = detail::c_str_or_null(options.lora_dir);
     sd_pipeline* p = nullptr;
     detail::check(sd_pipeline_load(model_path.c_str(), &o, &p));
     pipeline_.reset(p);

@@ -14,6 +14,8 @@ cd "$root"
 work="$root/target/clients"
 prefix="$work/prefix"
 model="$root/models/tiny"
+# A LoRA and the model it was made for: the clients show a per-call LoRA with them.
+lora_args=("$root/tests/fixtures/tiny-sd1" "$root/tests/fixtures/lora/sd1-kohya.safetensors")
 rm -rf "$work"
 mkdir -p "$work"
 
@@ -115,7 +117,7 @@ old_header_client() {
 cpp_client() {
   c++ -std=c++17 -Wall -Wextra -Wpedantic -Werror examples/cpp/txt2img.cpp "${sd_flags[@]}" \
     -pthread -o "$work/cpp_txt2img" &&
-    "$work/cpp_txt2img" "$model" "$work/cpp.ppm"
+    "$work/cpp_txt2img" "$model" "$work/cpp.ppm" "${lora_args[@]}"
 }
 
 csharp_client() {
@@ -123,13 +125,13 @@ csharp_client() {
   mcs -warnaserror -out:"$work/csharp_example.exe" \
     examples/csharp/StableDiffusion.cs examples/csharp/Example.cs &&
     LD_LIBRARY_PATH="$prefix/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
-      mono "$work/csharp_example.exe" "$model" "$work/csharp.ppm"
+      mono "$work/csharp_example.exe" "$model" "$work/csharp.ppm" "${lora_args[@]}"
 }
 
 python_client() {
   need python3 || return 1
   python3 examples/python/txt2img.py --lib "$prefix/lib/libstable_diffusion.so" \
-    "$model" "$work/python.ppm"
+    "$model" "$work/python.ppm" "${lora_args[@]}"
 }
 
 run c c_client

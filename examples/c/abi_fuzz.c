@@ -214,7 +214,7 @@ static const char *mutate(struct big_params *b, struct owned_image *images, int 
   const double bad_score[] = {NAN, INFINITY, -INFINITY, 1e300, -1e7};
   static const double good_start[] = {0.5, 0.8, 1e-9, 0.999999};
   const double bad_start[] = {NAN, INFINITY, -INFINITY, 0.0, 1.0, -0.5, 1.5};
-  switch (below(24)) {
+  switch (below(25)) {
     case 0:
       g->width = good ? PICK(good_sides) : PICK(bad_sides);
       return "width";
@@ -356,6 +356,28 @@ static const char *mutate(struct big_params *b, struct owned_image *images, int 
         g->prompt_syntax = PICK(bad_syntax);
       }
       return "prompt_syntax";
+    case 23: {
+      /* Per-call LoRAs: none (NULL or an empty array); a NULL array with a count, a count
+         over the limit, or an entry whose handle is not a live sd_lora are refused. */
+      static const uint64_t not_a_handle[4] = {0};
+      static sd_lora_weight entries[2];
+      entries[0].lora = (const sd_lora *)not_a_handle;
+      entries[0].weight = 1.0;
+      entries[1].lora = NULL;
+      entries[1].weight = 0.5;
+      if (good) {
+        g->loras = chance(50) ? NULL : entries;
+        g->lora_count = 0;
+      } else {
+        switch (below(4)) {
+          case 0: g->loras = NULL; g->lora_count = 1 + below(3); break;
+          case 1: g->loras = entries; g->lora_count = 65 + below(1000); break;
+          case 2: g->loras = &entries[0]; g->lora_count = 1; break;
+          default: g->loras = &entries[1]; g->lora_count = 1; break;
+        }
+      }
+      return "loras";
+    }
     default:
       random_image(&images[0], good || chance(50));
       random_image(&images[1], good || chance(50));

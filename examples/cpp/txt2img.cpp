@@ -3,7 +3,10 @@
 // behave as documented, so the test suite runs it as a check.
 //
 //     c++ -std=c++17 txt2img.cpp $(pkg-config --cflags --libs stable_diffusion) -o txt2img
-//     ./txt2img models/tiny out.ppm
+//     ./txt2img models/tiny out.ppm [LORA_MODEL LORA_FILE]
+//
+// With LORA_MODEL and LORA_FILE (a LoRA made for that model, e.g. tests/fixtures/tiny-sd1 and
+// tests/fixtures/lora/sd1-kohya.safetensors) it also applies the LoRA per call.
 #include "stable_diffusion.hpp"
 #include <algorithm>
 
@@ -114,6 +117,33 @@ int main(int argc, char** argv) {
     expect(x.width == y.width && x.height == y.height &&
                !std::equal(x.data, x.data + size_t(x.stride) * x.height, y.data),
            "A1111 syntax changes the image");
+  }
+
+  // A LoRA per call: read once, applied to the calls that ask for it, at any weight; the model
+  // is never changed, so a call without it gives the image of before.
+  if (argc > 4) {
+    sd::Pipeline base(argv[3]);
+    sd::Lora lora(argv[4]);
+    sd::Params p;
+    p.prompt = "a red circle";
+    p.steps = 2;
+    p.width = p.height = 32;
+    sd::Images before = base.generate(p);
+    sd::Params with = p;
+    with.add_lora(lora, 0.8);
+    sd::Images styled = base.generate(with);
+    sd::Images after = base.generate(p);
+    const sd_image &b = before[0], &s = styled[0], &a = after[0];
+    const size_t bytes = size_t(b.stride) * b.height;
+    expect(!std::equal(b.data, b.data + bytes, s.data), "the LoRA changes the image");
+    expect(std::equal(b.data, b.data + bytes, a.data), "without it, the image of before");
+    try {
+      sd::Lora missing("no/such/lora.safetensors");
+      expect(false, "a missing LoRA must throw");
+    } catch (const sd::Error& e) {
+      expect(e.status() == SD_ERR_IO, "missing LoRA: SD_ERR_IO");
+    }
+    std::cout << "LoRA: applied per call\n";
   }
 
   // An exception in the callback cancels the run and comes back out of generate().

@@ -3,7 +3,9 @@
 // anything does not behave as documented, so the test suite runs it as a check.
 //
 //     mcs -out:example.exe StableDiffusion.cs Example.cs
-//     LD_LIBRARY_PATH=path/to/lib mono example.exe models/tiny out.ppm
+//     LD_LIBRARY_PATH=path/to/lib mono example.exe models/tiny out.ppm [LORA_MODEL LORA_FILE]
+//
+// With LORA_MODEL and LORA_FILE (a LoRA made for that model) it also applies the LoRA per call.
 using System;
 using System.IO;
 using System.Threading;
@@ -144,6 +146,33 @@ static class Example
                     Expect(job.Poll().State == JobState.Cancelled, "JobState.Cancelled");
                 }
             }
+        }
+
+        // A LoRA per call: read once, applied to the calls that ask for it; a call without it
+        // gives the image of before.
+        if (args.Length > 3)
+        {
+            using (var basePipe = new Pipeline(args[2]))
+            using (var lora = new Lora(args[3]))
+            {
+                var plain = new GenerateOptions { Prompt = "a red circle", Steps = 2, Width = 32, Height = 32 };
+                var styled = new GenerateOptions { Prompt = "a red circle", Steps = 2, Width = 32, Height = 32 }.AddLora(lora, 0.8);
+                var before = basePipe.Generate(plain)[0].Pixels;
+                var with = basePipe.Generate(styled)[0].Pixels;
+                var after = basePipe.Generate(plain)[0].Pixels;
+                Expect(!System.Linq.Enumerable.SequenceEqual(before, with), "the LoRA changes the image");
+                Expect(System.Linq.Enumerable.SequenceEqual(before, after), "without it, the image of before");
+            }
+            try
+            {
+                new Lora("no/such/lora.safetensors").Dispose();
+                Expect(false, "a missing LoRA must throw");
+            }
+            catch (SdException e)
+            {
+                Expect(e.Status == Status.Io, "missing LoRA gives Status.Io");
+            }
+            Console.WriteLine("LoRA: applied per call");
         }
 
         if (failures > 0)

@@ -72,6 +72,14 @@ namespace StableDiffusion
         public IntPtr Scheduler;
         public IntPtr ConfigDir;
         public int UseEma, CopyWeights, PlainWeights;
+        public IntPtr LoraDir;
+    }
+
+    [StructLayout(LayoutKind.Sequential)]
+    internal struct LoraWeightNative
+    {
+        public IntPtr Lora;
+        public double Weight;
     }
 
     [StructLayout(LayoutKind.Sequential)]
@@ -96,6 +104,8 @@ namespace StableDiffusion
         public IntPtr Refiner;
         public double RefinerStart;
         public int PromptSyntax;
+        public IntPtr Loras;
+        public UIntPtr LoraCount;
     }
 
     /// <summary>sd_prompt_syntax: how prompts are read.</summary>
@@ -166,6 +176,8 @@ namespace StableDiffusion
         [DllImport(Lib)] public static extern Status sd_job_wait(JobHandle job, long timeoutMs);
         [DllImport(Lib)] public static extern Status sd_job_take_images(JobHandle job, out ImagesHandle images);
         [DllImport(Lib)] public static extern void sd_job_free(IntPtr job);
+        [DllImport(Lib)] public static extern Status sd_lora_load(byte[] path, out LoraHandle lora);
+        [DllImport(Lib)] public static extern void sd_lora_free(IntPtr lora);
 
         /// <summary>A NUL-terminated UTF-8 string owned by the library.</summary>
         public static string Utf8ToString(IntPtr p)
@@ -185,6 +197,30 @@ namespace StableDiffusion
     {
         public PipelineHandle() : base(true) { }
         protected override bool ReleaseHandle() { Native.sd_pipeline_free(handle); return true; }
+    }
+
+    public sealed class LoraHandle : SafeHandleZeroOrMinusOneIsInvalid
+    {
+        public LoraHandle() : base(true) { }
+        protected override bool ReleaseHandle() { Native.sd_lora_free(handle); return true; }
+    }
+
+    /// <summary>A LoRA file read once (sd_lora_load); add it to any call's
+    /// `GenerateOptions.Loras` with a weight. The model is never changed.</summary>
+    public sealed class Lora : IDisposable
+    {
+        internal readonly LoraHandle Handle;
+
+        public Lora(string path) { SdException.Check(Native.sd_lora_load(Native.Utf8(path), out Handle)); }
+
+        public void Dispose() { Handle.Dispose(); }
+    }
+
+    /// <summary>A LoRA of one call with its weight (1: as trained; may be negative).</summary>
+    public sealed class LoraWeight
+    {
+        public Lora Lora;
+        public double Weight = 1.0;
     }
 
     public sealed class JobHandle : SafeHandleZeroOrMinusOneIsInvalid
@@ -287,6 +323,15 @@ namespace StableDiffusion
         /// <summary>Plain (default, as diffusers) or A1111: `(word:1.2)`, `[word]`, `BREAK`,
         /// prompts longer than 75 tokens.</summary>
         public PromptSyntax Syntax;
+        /// <summary>LoRAs applied to this call only.</summary>
+        public readonly System.Collections.Generic.List<LoraWeight> Loras =
+            new System.Collections.Generic.List<LoraWeight>();
+
+        public GenerateOptions AddLora(Lora lora, double weight = 1.0)
+        {
+            Loras.Add(new LoraWeight { Lora = lora, Weight = weight });
+            return this;
+        }
 
         public GenerateOptions()
         {
@@ -327,8 +372,19 @@ namespace StableDiffusion
                 p.GuidanceRescale = GuidanceRescale; p.RefinerStart = RefinerStart;
                 p.PromptSyntax = (int)Syntax;
                 p.Refiner = Refiner == null ? IntPtr.Zero : Refiner.RawHandle;
+                if (Loras.Count > 0)
+                {
+                    var native = new LoraWeightNative[Loras.Count];
+                    for (int i = 0; i < native.Length; i++)
+                        native[i] = new LoraWeightNative { Lora = Loras[i].Lora.Handle.DangerousGetHandle(), Weight = Loras[i].Weight };
+                    var h = GCHandle.Alloc(native, GCHandleType.Pinned);
+                    pins.Add(h);
+                    p.Loras = h.AddrOfPinnedObject();
+                    p.LoraCount = new UIntPtr((uint)native.Length);
+                }
                 var result = body(p);
                 GC.KeepAlive(Refiner);
+                GC.KeepAlive(Loras);
                 return result;
             }
             finally
@@ -419,14 +475,16 @@ namespace StableDiffusion
         static readonly IntPtr LogThunkPtr = Marshal.GetFunctionPointerForDelegate(LogThunk);
 
         public Pipeline(string modelPath, string device = null, DType dtype = DType.Fp32, string scheduler = null,
-                        Weights weights = Weights.Auto)
+                        Weights weights = Weights.Auto, string loraDir = null)
         {
             var o = new LoadOptionsNative();
             SdException.Check(Native.sd_load_options_init(ref o, new UIntPtr((uint)Marshal.SizeOf(typeof(LoadOptionsNative)))));
             var dev = device == null ? default(GCHandle) : GCHandle.Alloc(Native.Utf8(device), GCHandleType.Pinned);
             var sch = scheduler == null ? default(GCHandle) : GCHandle.Alloc(Native.Utf8(scheduler), GCHandleType.Pinned);
+            var lor = loraDir == null ? default(GCHandle) : GCHandle.Alloc(Native.Utf8(loraDir), GCHandleType.Pinned);
             try
             {
+                if (lor.IsAllocated) o.LoraDir = lor.AddrOfPinnedObject();
                 if (dev.IsAllocated) o.Device = dev.AddrOfPinnedObject();
                 if (sch.IsAllocated) o.Scheduler = sch.AddrOfPinnedObject();
                 o.DType = (int)dtype;
@@ -437,6 +495,7 @@ namespace StableDiffusion
             {
                 if (dev.IsAllocated) dev.Free();
                 if (sch.IsAllocated) sch.Free();
+                if (lor.IsAllocated) lor.Free();
             }
         }
 

@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """The C ABI from Python with ctypes (standard library only).
 
-    python3 examples/python/txt2img.py [--lib path/to/libstable_diffusion.so] MODEL OUT.ppm
+    python3 examples/python/txt2img.py [--lib path/to/libstable_diffusion.so] MODEL OUT.ppm \
+        [LORA_MODEL LORA_FILE]
 
 Loads a model, generates with a progress callback and a preview, writes a PPM, runs a job
-polled without blocking, cancels another, and checks the error codes. Exits non-zero when
+polled without blocking, cancels another, and checks the error codes; with LORA_MODEL and
+LORA_FILE (a LoRA made for that model) it also applies the LoRA per call. Exits non-zero when
 anything does not behave as documented, so the test suite runs it as a check.
 """
 import argparse
@@ -40,6 +42,10 @@ STEP_FN = C.CFUNCTYPE(C.c_int32, C.POINTER(StepInfo), C.c_void_p)
 LOG_FN = C.CFUNCTYPE(None, C.c_int32, C.c_char_p, C.c_void_p)
 
 
+class LoraWeight(C.Structure):
+    _fields_ = [("lora", C.c_void_p), ("weight", C.c_double)]
+
+
 class GenerateParams(C.Structure):
     _fields_ = [("struct_size", C.c_size_t), ("prompt", C.c_char_p),
                 ("negative_prompt", C.c_char_p), ("steps", C.c_uint32), ("batch", C.c_uint32),
@@ -48,7 +54,17 @@ class GenerateParams(C.Structure):
                 ("clip_skip", C.c_uint32), ("output_channels", C.c_uint32),
                 ("scheduler", C.c_char_p), ("init_image", C.POINTER(Image)),
                 ("mask", C.POINTER(Image)), ("paste_back", C.c_int32), ("on_step", STEP_FN),
-                ("step_user_data", C.c_void_p)]
+                ("step_user_data", C.c_void_p),
+                ("cache_interval", C.c_uint32), ("cache_branch", C.c_uint32),
+                ("token_merging", C.c_double), ("int8_linear", C.c_int32),
+                ("prompt_2", C.c_char_p), ("negative_prompt_2", C.c_char_p),
+                ("original_width", C.c_uint32), ("original_height", C.c_uint32),
+                ("crop_left", C.c_uint32), ("crop_top", C.c_uint32),
+                ("target_width", C.c_uint32), ("target_height", C.c_uint32),
+                ("guidance_rescale", C.c_double), ("aesthetic_score", C.c_double),
+                ("negative_aesthetic_score", C.c_double), ("refiner", C.c_void_p),
+                ("refiner_start", C.c_double), ("prompt_syntax", C.c_int32),
+                ("loras", C.POINTER(LoraWeight)), ("lora_count", C.c_size_t)]
 
 
 class JobProgress(C.Structure):
@@ -90,6 +106,8 @@ def bind(path):
         "sd_job_wait": (C.c_int32, [P, C.c_int64]),
         "sd_job_take_images": (C.c_int32, [P, C.POINTER(P)]),
         "sd_job_free": (None, [P]),
+        "sd_lora_load": (C.c_int32, [C.c_char_p, C.POINTER(P)]),
+        "sd_lora_free": (None, [P]),
     }
     for name, (res, args) in signatures.items():
         fn = getattr(lib, name)
@@ -109,6 +127,8 @@ def main():
     ap.add_argument("--lib")
     ap.add_argument("model", nargs="?", default=os.path.join(ROOT, "models/tiny"))
     ap.add_argument("out", nargs="?", default="txt2img-python.ppm")
+    ap.add_argument("lora_model", nargs="?")
+    ap.add_argument("lora_file", nargs="?")
     args = ap.parse_args()
     lib = bind(find_library(args.lib))
     failures = []
@@ -194,6 +214,39 @@ def main():
     expect(lib.sd_job_wait(job, -1) == SD_ERR_CANCELLED, "cancelled job")
     lib.sd_job_free(job)
     lib.sd_pipeline_free(pipe)
+
+    if args.lora_file:
+        # A LoRA per call: read once, applied to the calls that ask for it; a call without it
+        # gives the image of before.
+        base, lora = C.c_void_p(), C.c_void_p()
+        check(lib.sd_pipeline_load(args.lora_model.encode(), None, C.byref(base)))
+        check(lib.sd_lora_load(args.lora_file.encode(), C.byref(lora)))
+        p = GenerateParams()
+        check(lib.sd_generate_params_init(C.byref(p), C.sizeof(p)))
+        p.prompt, p.steps, p.width, p.height = b"a red circle", 2, 32, 32
+
+        def render(params):
+            out = C.c_void_p()
+            check(lib.sd_generate(base, C.byref(params), C.byref(out)))
+            first = C.POINTER(Image)()
+            check(lib.sd_images_get(out, 0, C.byref(first)))
+            pixels = C.string_at(first.contents.data, first.contents.stride * first.contents.height)
+            lib.sd_images_free(out)
+            return pixels
+
+        before = render(p)
+        weights = (LoraWeight * 1)(LoraWeight(lora, 0.8))
+        p.loras, p.lora_count = weights, 1
+        styled = render(p)
+        p.loras, p.lora_count = None, 0
+        expect(styled != before, "the LoRA changes the image")
+        expect(render(p) == before, "without it, the image of before")
+        missing = C.c_void_p()
+        status = lib.sd_lora_load(b"no/such/lora.safetensors", C.byref(missing))
+        expect(status == SD_ERR_IO and not missing, "missing LoRA gives SD_ERR_IO")
+        lib.sd_lora_free(lora)
+        lib.sd_pipeline_free(base)
+        print("LoRA: applied per call")
 
     if failures:
         print(f"{len(failures)} check(s) failed", file=sys.stderr)
