@@ -2,6 +2,7 @@
 //! loadable from the checkpoints users download, with a stable C ABI on top.
 pub mod error;
 pub mod ffi;
+pub mod hashes;
 pub mod image_io;
 pub mod limits;
 pub mod lora;

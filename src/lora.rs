@@ -80,6 +80,8 @@ pub struct Lora {
     name: String,
     path: PathBuf,
     modules: Vec<Module>,
+    /// A1111's hash of the file (see [`crate::hashes`]).
+    hash: String,
 }
 
 // SAFETY: a `Lora`'s tensors are written only while `Lora::load` builds it; afterwards they
@@ -386,6 +388,13 @@ impl Lora {
         for ((component, name), pieces) in grouped {
             modules.push(Self::module(component, name, pieces, &metadata).map_err(at)?);
         }
+        // A1111's hash: the trainer's `sshs_model_hash`, else the SHA-256 of the tensors' bytes.
+        let hash = file
+            .user_metadata()
+            .and_then(|m| m.get("sshs_model_hash"))
+            .filter(|h| h.len() >= 12 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .map(|h| h.to_ascii_lowercase())
+            .unwrap_or_else(|| crate::hashes::sha256_bytes(file.data()));
         Ok(Self {
             name: path
                 .file_stem()
@@ -393,6 +402,7 @@ impl Lora {
                 .unwrap_or_default(),
             path: path.to_path_buf(),
             modules,
+            hash,
         })
     }
 
@@ -484,6 +494,11 @@ impl Lora {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The first 12 hex digits of A1111's hash of the file (its `Lora hashes` in PNG info).
+    pub fn short_hash(&self) -> &str {
+        &self.hash[..12]
     }
 
     /// Number of adapted layers.

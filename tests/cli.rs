@@ -10,7 +10,10 @@ use std::path::PathBuf;
 
 /// Runs `sd` with `args`, quietly, 2 steps at 32x32, writing to `out`.
 fn run_sd(args: &[&str], out: &std::path::Path) {
+    // The model-hash cache goes to a folder of the test's own, not the user's.
+    let cache = std::env::temp_dir().join(format!("sd-cli-cache-{}", std::process::id()));
     let run = std::process::Command::new(env!("CARGO_BIN_EXE_sd"))
+        .env("XDG_CACHE_HOME", cache)
         .args(args)
         .args(["--quiet", "--steps", "2", "--width", "32", "--height", "32"])
         .arg("--out")
@@ -136,8 +139,13 @@ fn prompt_syntax_defaults_to_a1111() {
 /// Runs `sd` with `args` and returns the `parameters` text of each image written to `out`
 /// (`out-1.png`, `out-2.png`, ... for a batch).
 fn cli_parameters(args: &[&str], batch: usize) -> Vec<String> {
+    cli_parameters_of(&fixtures().join("tiny-sd1"), args, batch)
+}
+
+/// [`cli_parameters`] with `model`.
+fn cli_parameters_of(model: &std::path::Path, args: &[&str], batch: usize) -> Vec<String> {
     let out = std::env::temp_dir().join(format!("sd-cli-info-{}-{batch}.png", std::process::id()));
-    let model_dir = fixtures().join("tiny-sd1").display().to_string();
+    let model_dir = model.display().to_string();
     let mut full = args.to_vec();
     full.extend(["--model", model_dir.as_str()]);
     run_sd(&full, &out);
@@ -200,4 +208,80 @@ fn png_info_speaks_a1111() {
     let info = cli_parameters(&["img2img", "--prompt", "a cat", "--init", init_arg], 1);
     assert!(info[0].contains("Denoising strength: 0.8"), "{}", info[0]);
     let _ = std::fs::remove_file(&init);
+}
+
+/// `--lora PATH:W`, `--lora NAME:W` with `--lora-dir`, and `<lora:NAME:W>` in the prompt reach
+/// the library as its own LoRA fields (the library's image, byte for byte); the PNG info
+/// carries A1111's `Model hash` (a single file's SHA-256), the LoRAs as tags in the prompt and
+/// `Lora hashes` (each file's SHA-256 after its header), quoted as A1111 quotes them.
+#[test]
+fn loras_reach_the_library_and_the_png_info() {
+    use stable_diffusion::hashes::{sha256_bytes, sha256_file};
+    use stable_diffusion::lora::{Lora, LoraWeight};
+    use std::sync::Arc;
+    let dir = fixtures().join("lora");
+    let file = dir.join("sd1-kohya.safetensors");
+    let lora = Arc::new(Lora::load(&file).unwrap());
+    let expected = library_image(
+        "tiny-sd1",
+        GenerateParams {
+            prompt: "a fox".into(),
+            loras: vec![LoraWeight::new(lora, 0.7)],
+            ..Default::default()
+        },
+    );
+    let plain = library_image(
+        "tiny-sd1",
+        GenerateParams {
+            prompt: "a fox".into(),
+            ..Default::default()
+        },
+    );
+    assert!(expected != plain, "the LoRA changes the image");
+    let by_path = format!("{}:0.7", file.display());
+    assert!(cli_image("tiny-sd1", &["--prompt", "a fox", "--lora", &by_path]) == expected);
+    let dir_arg = dir.display().to_string();
+    let by_name = ["--lora", "sd1-kohya:0.7", "--lora-dir", dir_arg.as_str()];
+    let mut args = vec!["--prompt", "a fox"];
+    args.extend(by_name);
+    assert!(cli_image("tiny-sd1", &args) == expected);
+    // A tag is the same request; the text around it is encoded without it.
+    let tagged = library_image(
+        "tiny-sd1",
+        GenerateParams {
+            prompt: "a fox <lora:sd1-kohya:0.7>".into(),
+            prompt_syntax: PromptSyntax::A1111,
+            lora_dir: Some(dir.clone()),
+            ..Default::default()
+        },
+    );
+    let prompt = [
+        "--prompt",
+        "a fox <lora:sd1-kohya:0.7>",
+        "--lora-dir",
+        &dir_arg,
+    ];
+    assert!(cli_image("tiny-sd1", &prompt) == tagged);
+
+    let model = fixtures().join("single").join("tiny-sd1.safetensors");
+    // (The tiny model's own tokenizer and configs come from its folder.)
+    let config = fixtures().join("tiny-sd1").display().to_string();
+    let args = [
+        "txt2img", "--prompt", "a fox", "--lora", &by_path, "--config", &config,
+    ];
+    let info = cli_parameters_of(&model, &args, 1);
+    let text = &info[0];
+    let model_hash = &sha256_file(&model).unwrap()[..10];
+    let bytes = std::fs::read(&file).unwrap();
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let lora_hash = &sha256_bytes(&bytes[8 + header..])[..12];
+    assert!(text.starts_with("a fox <lora:sd1-kohya:0.7>\n"), "{text}");
+    assert!(
+        text.contains(&format!("Model hash: {model_hash}, Model: tiny-sd1,")),
+        "{text}"
+    );
+    assert!(
+        text.ends_with(&format!("Lora hashes: \"sd1-kohya: {lora_hash}\"")),
+        "{text}"
+    );
 }

@@ -402,22 +402,51 @@ fn output_paths(out: &Path, n: usize) -> Vec<PathBuf> {
         .collect()
 }
 
-/// A1111's `parameters` text: prompt, negative prompt, then the settings line.
-fn a1111_parameters(
-    a: &CommonArgs,
-    scheduler: &str,
+/// What PNG info says about the model and the LoRAs of a run.
+struct RunInfo<'a> {
+    scheduler: &'a str,
     width: u32,
     height: u32,
-    model: &str,
-) -> String {
-    let mut s = a.prompt.clone();
+    model: &'a str,
+    /// A1111's `Model hash` (single files only).
+    model_hash: Option<String>,
+    /// `--lora` LoRAs as the `<lora:NAME:W>` tags that A1111 would read them from.
+    tags: String,
+    /// Each LoRA's name and short hash (A1111's `Lora hashes`).
+    lora_hashes: Vec<(String, String)>,
+}
+
+/// A value of A1111's settings line, quoted as A1111 quotes it when it holds `,`, `:` or a
+/// line break (a JSON string).
+fn a1111_quote(text: &str) -> String {
+    if text.contains([',', ':', '\n']) {
+        serde_json::Value::from(text).to_string()
+    } else {
+        text.to_string()
+    }
+}
+
+/// A1111's `parameters` text: prompt, negative prompt, then the settings line.
+fn a1111_parameters(a: &CommonArgs, run: &RunInfo) -> String {
+    let RunInfo {
+        scheduler,
+        width,
+        height,
+        model,
+        ..
+    } = run;
+    let mut s = format!("{}{}", a.prompt, run.tags);
     if let Some(n) = &a.negative_prompt {
         s.push_str(&format!("\nNegative prompt: {n}"));
     }
     s.push_str(&format!(
-        "\nSteps: {}, Sampler: {scheduler}, CFG scale: {}, Seed: {}, Size: {width}x{height}, Model: {model}",
+        "\nSteps: {}, Sampler: {scheduler}, CFG scale: {}, Seed: {}, Size: {width}x{height}",
         a.steps, a.guidance, a.seed
     ));
+    if let Some(hash) = &run.model_hash {
+        s.push_str(&format!(", Model hash: {hash}"));
+    }
+    s.push_str(&format!(", Model: {}", a1111_quote(model)));
     if a.clip_skip > 0 {
         s.push_str(&format!(", Clip skip: {}", a.clip_skip + 1));
     }
@@ -447,16 +476,23 @@ fn a1111_parameters(
             a.fast.step_cache, a.fast.step_cache_branch
         ));
     }
+    if !run.lora_hashes.is_empty() {
+        let list: Vec<String> = run
+            .lora_hashes
+            .iter()
+            .map(|(name, hash)| format!("{}: {hash}", name.replace([':', ','], "")))
+            .collect();
+        s.push_str(&format!(", Lora hashes: {}", a1111_quote(&list.join(", "))));
+    }
     s
 }
 
 /// A `--lora PATH_OR_NAME[:WEIGHT]` argument, read.
 fn lora_arg(spec: &str, dir: Option<&Path>) -> Result<LoraWeight> {
-    let (what, weight) = match spec.rsplit_once(':') {
-        Some((what, w)) if w.trim().parse::<f64>().is_ok() => (what, w.trim().parse::<f64>()),
-        _ => (spec, Ok(1.0)),
-    };
-    let weight = weight.map_err(|_| Error::invalid(format!("--lora {spec}: bad weight")))?;
+    let weighted = spec
+        .rsplit_once(':')
+        .and_then(|(what, w)| Some((what, w.trim().parse::<f64>().ok()?)));
+    let (what, weight) = weighted.unwrap_or((spec, 1.0));
     let lora = LoraCache::default()
         .path_or_name(what, dir)
         .map_err(|e| match e {
@@ -600,18 +636,41 @@ fn run(a: &CommonArgs, edit: Edit) -> Result<()> {
         None => sd.generate(&params, Some(&mut on_step))?,
     };
     bar.finish_and_clear();
-    let model_name = a
-        .model
-        .file_name()
-        .and_then(|s| s.to_str())
-        .unwrap_or("model");
-    let mut text = a1111_parameters(
-        a,
-        &scheduler_name,
-        images.width(),
-        images.height(),
-        model_name,
-    );
+    // A1111 names a checkpoint file without its extension; a folder keeps its whole name.
+    let model_name = if a.model.is_file() {
+        a.model.file_stem()
+    } else {
+        a.model.file_name()
+    };
+    let model_name = model_name.and_then(|s| s.to_str()).unwrap_or("model");
+    let model_hash = match stable_diffusion::hashes::model_hash(&a.model) {
+        Ok(hash) => hash,
+        Err(e) => {
+            eprintln!("warning: no Model hash in the PNG info: {e}");
+            None
+        }
+    };
+    let mut lora_hashes: Vec<(String, String)> = Vec::new();
+    for (name, w) in sd.requested_loras(&params)? {
+        if !lora_hashes.iter().any(|(n, _)| *n == name) {
+            lora_hashes.push((name, w.lora.short_hash().to_string()));
+        }
+    }
+    let tags: String = params
+        .loras
+        .iter()
+        .map(|w| format!(" <lora:{}:{}>", w.lora.name(), w.unet))
+        .collect();
+    let run = RunInfo {
+        scheduler: &scheduler_name,
+        width: images.width(),
+        height: images.height(),
+        model: model_name,
+        model_hash,
+        tags,
+        lora_hashes,
+    };
+    let mut text = a1111_parameters(a, &run);
     if params.init_image.is_some() {
         // The strength that ran, the model family's default included.
         text.push_str(&format!(", Denoising strength: {}", sd.strength(&params)));

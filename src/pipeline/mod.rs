@@ -752,6 +752,11 @@ impl StableDiffusion {
         }
     }
 
+    /// The LoRAs `params` applies (see [`Validator::requested_loras`]), e.g. to describe a run.
+    pub fn requested_loras(&self, params: &GenerateParams) -> Result<Vec<(String, LoraWeight)>> {
+        self.validator().requested_loras(params)
+    }
+
     /// Checks a complete request as [`StableDiffusion::generate`] does first thing, and
     /// resolves its size and scheduler: whatever this accepts, `generate` only refuses for
     /// reasons found while running (memory, the backend, cancellation).
@@ -1553,9 +1558,9 @@ impl Validator {
 
     /// [`Validator::validate`] for a run that may continue latents handed over by another
     /// model (`handed_over`), which a refiner accepts without an init image.
-    /// The LoRAs of a request: its `<lora:...>` tags' (read with A1111's syntax) then its
-    /// `loras`, bound to this model's layers.
-    fn bind_loras(&self, p: &GenerateParams) -> Result<Option<Arc<ActiveAdapters>>> {
+    /// The LoRAs a request applies, each with the name it goes by (a tag's name, or a file's
+    /// stem): its `<lora:NAME:W>` tags' (read with A1111's syntax), then its `loras`.
+    pub fn requested_loras(&self, p: &GenerateParams) -> Result<Vec<(String, LoraWeight)>> {
         let mut loras = Vec::new();
         if p.prompt_syntax == PromptSyntax::A1111 {
             let mut texts = vec![(&p.prompt[..], "prompt")];
@@ -1576,15 +1581,30 @@ impl Validator {
                             ))
                         })?;
                     let lora = self.lora_cache.by_name(dir, &tag.name)?;
-                    loras.push(LoraWeight {
+                    let weight = LoraWeight {
                         lora,
                         unet: tag.unet,
                         text: tag.text,
-                    });
+                    };
+                    loras.push((tag.name, weight));
                 }
             }
         }
-        loras.extend(p.loras.iter().cloned());
+        loras.extend(
+            p.loras
+                .iter()
+                .map(|w| (w.lora.name().to_string(), w.clone())),
+        );
+        Ok(loras)
+    }
+
+    /// The request's LoRAs bound to this model's layers.
+    fn bind_loras(&self, p: &GenerateParams) -> Result<Option<Arc<ActiveAdapters>>> {
+        let loras: Vec<LoraWeight> = self
+            .requested_loras(p)?
+            .into_iter()
+            .map(|(_, w)| w)
+            .collect();
         self.adapter_targets.bind(&loras, self.kind, self.device)
     }
 
