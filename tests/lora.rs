@@ -5,7 +5,7 @@ mod common;
 
 use common::{assert_close, fixtures, max_abs_diff, Refs};
 use stable_diffusion::lora::{Lora, LoraWeight};
-use stable_diffusion::pipeline::{GenerateParams, LoadOptions, PromptSyntax, StableDiffusion};
+use stable_diffusion::pipeline::{GenerateParams, PromptSyntax, StableDiffusion};
 use stable_diffusion::Error;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -17,26 +17,6 @@ fn lora_dir() -> PathBuf {
 
 fn lora(file: &str) -> Arc<Lora> {
     Arc::new(Lora::load(&lora_dir().join(file)).unwrap_or_else(|e| panic!("{file}: {e}")))
-}
-
-fn load(model: &str) -> StableDiffusion {
-    StableDiffusion::load(&fixtures().join(model), &LoadOptions::default())
-        .unwrap_or_else(|e| panic!("{model}: {e}"))
-}
-
-fn params_of(case: &serde_json::Value) -> GenerateParams {
-    GenerateParams {
-        prompt: case["prompt"].as_str().unwrap().to_string(),
-        negative_prompt: case["negative_prompt"].as_str().map(str::to_string),
-        steps: case["steps"].as_u64().unwrap() as usize,
-        guidance: case["guidance"].as_f64().unwrap(),
-        seed: case["seed"].as_u64().unwrap(),
-        width: case["width"].as_i64(),
-        height: case["height"].as_i64(),
-        batch: case["batch"].as_u64().unwrap() as usize,
-        scheduler: case["scheduler"].as_str().map(str::to_string),
-        ..Default::default()
-    }
 }
 
 fn loras_of(case: &serde_json::Value) -> Vec<LoraWeight> {
@@ -75,8 +55,8 @@ fn lora_images_match_diffusers() {
         let model = case["model"].as_str().unwrap();
         let sd = pipelines
             .entry(model.to_string())
-            .or_insert_with(|| load(model));
-        let mut params = params_of(case);
+            .or_insert_with(|| common::load_model(model));
+        let mut params = common::case_params(case);
         let base = run(sd, &params);
         assert_close(
             &format!("{name} without LoRA"),
@@ -120,8 +100,8 @@ fn a_call_without_loras_is_untouched_by_the_calls_before_it() {
             height: Some(32),
             ..Default::default()
         };
-        let fresh = run(&load(model), &params);
-        let sd = load(model);
+        let fresh = run(&common::load_model(model), &params);
+        let sd = common::load_model(model);
         for (i, file) in files.iter().enumerate() {
             // Negative weights too.
             let with = GenerateParams {
@@ -155,8 +135,8 @@ fn a_call_without_loras_is_untouched_by_the_calls_before_it() {
 fn prompt_tags_apply_loras_by_name() {
     let case = common::case_named("lora", "cases", "sd1_kohya_half");
     let refs = Refs::open("lora");
-    let sd = load("tiny-sd1");
-    let mut params = params_of(&case);
+    let sd = common::load_model("tiny-sd1");
+    let mut params = common::case_params(&case);
     params.prompt_syntax = PromptSyntax::A1111;
     params.lora_dir = Some(lora_dir());
     // Mid-prompt, as people write them.
@@ -222,8 +202,8 @@ fn refused_loras_name_the_tensor_at_fault() {
         .or_else(|| misshaped["misshaped_key"].as_str())
         .unwrap_or_else(|| panic!("no wrong key in {misshaped}"))
         .to_string();
-    let sd1 = load("tiny-sd1");
-    let sdxl = load("tiny-sdxl");
+    let sd1 = common::load_model("tiny-sd1");
+    let sdxl = common::load_model("tiny-sdxl");
     for (sd, file, says) in [
         (&sd1, "sd1-misshaped.safetensors", wrong_key.as_str()),
         (&sdxl, "sd1-kohya.safetensors", "lora_unet_"),
@@ -255,7 +235,7 @@ fn hostile_lora_files_are_refused_or_applied_never_crash() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(300);
-    let sd = load("tiny-sd1");
+    let sd = common::load_model("tiny-sd1");
     let mut rng = Rng::new(0x10ba);
     let bases: Vec<Vec<StTensor>> = ["sd1-kohya.safetensors", "sd1-peft.safetensors"]
         .iter()

@@ -6,36 +6,14 @@ use common::{assert_close, cases, fixtures, Refs};
 use stable_diffusion::pipeline::{Control, GenerateParams, LoadOptions, StableDiffusion, StepInfo};
 use stable_diffusion::Error;
 
-fn load(model: &str) -> StableDiffusion {
-    StableDiffusion::load(&fixtures().join(model), &LoadOptions::default())
-        .unwrap_or_else(|e| panic!("{model}: {e}"))
-}
-
-fn params_of(case: &serde_json::Value) -> GenerateParams {
-    GenerateParams {
-        prompt: case["prompt"].as_str().unwrap().to_string(),
-        negative_prompt: case["negative_prompt"].as_str().map(String::from),
-        steps: case["steps"].as_u64().unwrap() as usize,
-        guidance: case["guidance"].as_f64().unwrap(),
-        seed: case["seed"].as_u64().unwrap(),
-        width: case["width"].as_i64(),
-        height: case["height"].as_i64(),
-        batch: case["batch"].as_u64().unwrap() as usize,
-        scheduler: case["scheduler"].as_str().map(String::from),
-        clip_skip: case["clip_skip"].as_u64().unwrap_or(0) as usize,
-        eta: case["eta"].as_f64().unwrap_or(0.0),
-        ..Default::default()
-    }
-}
-
 #[test]
 fn txt2img_matches_diffusers() {
     for model in ["tiny-sd1", "tiny-sd2"] {
-        let sd = load(model);
+        let sd = common::load_model(model);
         let refs = Refs::open(model);
         for case in cases(model)["cases"].as_array().unwrap() {
             let name = case["name"].as_str().unwrap();
-            let params = params_of(case);
+            let params = common::case_params(case);
             common::check_txt2img_case(&format!("{model}/{name}"), &sd, &params, case, &refs);
         }
     }
@@ -49,11 +27,11 @@ fn seeded_runs_ignore_models_built_on_other_threads() {
     use stable_diffusion::models::{UNet2DConditionModel, UNetConfig};
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     let model = "tiny-sd1";
-    let sd = load(model);
+    let sd = common::load_model(model);
     let refs = Refs::open(model);
     let case = &cases(model)["cases"][0];
     let name = case["name"].as_str().unwrap();
-    let params = params_of(case);
+    let params = common::case_params(case);
     let cfg = UNetConfig::from_file(&fixtures().join(model).join("unet/config.json")).unwrap();
     let stop = AtomicBool::new(false);
     let built = AtomicUsize::new(0);
@@ -90,7 +68,7 @@ fn seeded_runs_ignore_models_built_on_other_threads() {
 
 #[test]
 fn same_seed_same_image_other_seed_other_image() {
-    let sd = load("tiny-sd1");
+    let sd = common::load_model("tiny-sd1");
     let p = GenerateParams {
         prompt: "a blue square".into(),
         steps: 3,
@@ -111,7 +89,7 @@ fn same_seed_same_image_other_seed_other_image() {
 
 #[test]
 fn callback_cancels_the_run() {
-    let sd = load("tiny-sd1");
+    let sd = common::load_model("tiny-sd1");
     let p = GenerateParams {
         prompt: "x".into(),
         steps: 5,
@@ -140,7 +118,7 @@ fn callback_cancels_the_run() {
 
 #[test]
 fn bad_arguments_are_clear_errors() {
-    let sd = load("tiny-sd1");
+    let sd = common::load_model("tiny-sd1");
     let base = GenerateParams {
         prompt: "x".into(),
         steps: 2,
@@ -217,7 +195,7 @@ fn load_errors_name_the_problem() {
 /// StableDiffusionPipeline with `Cls.from_config(config, **overrides)`.
 #[test]
 fn txt2img_with_each_scheduler_matches_diffusers() {
-    let sd = load("tiny-sd1");
+    let sd = common::load_model("tiny-sd1");
     let refs = Refs::open("scheduler-pipeline");
     let all = cases("scheduler-pipeline");
     let list = all["cases"].as_array().unwrap();
@@ -226,7 +204,7 @@ fn txt2img_with_each_scheduler_matches_diffusers() {
         let name = case["name"].as_str().unwrap();
         let params = GenerateParams {
             scheduler: Some(case["a1111"].as_str().unwrap().to_string()),
-            ..params_of(case)
+            ..common::case_params(case)
         };
         let mut seen = Vec::new();
         let mut on_step = |info: &StepInfo| {
@@ -280,7 +258,7 @@ fn guidance_rescale_matches_its_closed_form() {
         let mix = &full * 0.3 + &guided * 0.7;
         assert!(common::max_abs_diff(&half, &mix) < 1e-5);
     }
-    let sd = load("tiny-sd1");
+    let sd = common::load_model("tiny-sd1");
     for bad in [-0.1, 1.5, f64::NAN] {
         let r = sd.txt2img(
             &GenerateParams {

@@ -84,6 +84,34 @@ pub fn case_named(set: &str, group: &str, name: &str) -> serde_json::Value {
         .clone()
 }
 
+/// The fixture model folder `name`, loaded with the default options.
+pub fn load_model(name: &str) -> stable_diffusion::pipeline::StableDiffusion {
+    stable_diffusion::pipeline::StableDiffusion::load(
+        &fixtures().join(name),
+        &stable_diffusion::pipeline::LoadOptions::default(),
+    )
+    .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// A fixture case's request: prompt, negative prompt, steps, guidance, seed, size, batch,
+/// scheduler, and `clip_skip` / `eta` where the case has them.
+pub fn case_params(case: &serde_json::Value) -> stable_diffusion::pipeline::GenerateParams {
+    stable_diffusion::pipeline::GenerateParams {
+        prompt: case["prompt"].as_str().unwrap().to_string(),
+        negative_prompt: case["negative_prompt"].as_str().map(String::from),
+        steps: case["steps"].as_u64().unwrap() as usize,
+        guidance: case["guidance"].as_f64().unwrap(),
+        seed: case["seed"].as_u64().unwrap(),
+        width: case["width"].as_i64(),
+        height: case["height"].as_i64(),
+        batch: case["batch"].as_u64().unwrap_or(1) as usize,
+        scheduler: case["scheduler"].as_str().map(String::from),
+        clip_skip: case["clip_skip"].as_u64().unwrap_or(0) as usize,
+        eta: case["eta"].as_f64().unwrap_or(0.0),
+        ..Default::default()
+    }
+}
+
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.size(), b.size(), "shapes differ");
     let a = a.to_kind(Kind::Double);
