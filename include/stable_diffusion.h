@@ -277,6 +277,14 @@ typedef struct sd_load_options {
    * (a tag is then an error).
    */
   const char *lora_dir;
+  /**
+   * A folder of textual-inversion embeddings (A1111 `.pt` / `.safetensors`, diffusers
+   * `learned_embeds`, SDXL `clip_l` / `clip_g`), each used in prompts by its file's name.
+   * Files that are not embeddings, or are made for another model, are skipped and named in
+   * a warning at the first generate call. UTF-8, copied; NULL or "" (default): none. A
+   * missing folder fails the load (`SD_ERR_INVALID_ARGUMENT`).
+   */
+  const char *embeddings_dir;
 } sd_load_options;
 
 /**

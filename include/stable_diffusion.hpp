@@ -317,6 +317,7 @@ struct LoadOptions {
   bool copy_weights = false;
   sd_weights weights = SD_WEIGHTS_AUTO;  // the kernels for float32 on the CPU
   std::string lora_dir;  // where <lora:NAME:W> tags of A1111 prompts find NAME.safetensors
+  std::string embeddings_dir;  // textual-inversion embeddings, used in prompts by file name
 };
 
 /// A loaded model. Calls on one Pipeline are serialised by the library.
@@ -333,6 +334,7 @@ class Pipeline {
     o.copy_weights = options.copy_weights ? 1 : 0;
     o.plain_weights = options.weights;
     o.lora_dir = detail::c_str_or_null(options.lora_dir);
+    o.embeddings_dir = detail::c_str_or_null(options.embeddings_dir);
     sd_pipeline* p = nullptr;
     detail::check(sd_pipeline_load(model_path.c_str(), &o, &p));
     pipeline_.reset(p);

@@ -1,5 +1,6 @@
 //! Stable Diffusion on libtorch: CLIP text encoder, UNet, VAE, schedulers and one pipeline,
 //! loadable from the checkpoints users download, with a stable C ABI on top.
+pub mod embeddings;
 pub mod error;
 pub mod ffi;
 pub mod hashes;

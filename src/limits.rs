@@ -50,6 +50,15 @@ pub const MAX_PROMPT_CHUNKS: usize = 32;
 /// the UNet and both text encoders has about 3 x 2,500; a file with more is not a LoRA.
 pub const MAX_LORA_TENSORS: usize = 100_000;
 
+/// Files an embeddings folder may hold (A1111 users keep hundreds); each file at most
+/// [`MAX_EMBEDDING_FILE_BYTES`] (an embedding is a few KB: a handful of vectors), at most
+/// [`MAX_EMBEDDING_VECTORS`] vectors (a chunk's 75 tokens), searched at most
+/// [`MAX_EMBEDDING_DEPTH`] folders deep.
+pub const MAX_EMBEDDING_FILES: usize = 4096;
+pub const MAX_EMBEDDING_FILE_BYTES: u64 = 16 << 20;
+pub const MAX_EMBEDDING_VECTORS: i64 = 75;
+pub const MAX_EMBEDDING_DEPTH: usize = 4;
+
 /// Width and height and channels of the model configs, checked before a model is built.
 /// The largest real width is 1280 (UNet) / 1280 (text encoder, SDXL's second).
 pub const MAX_CONFIG_CHANNELS: i64 = 16_384;

@@ -15,6 +15,7 @@
 //! that is not a number (`(a:.)`, `:..)`) is literal text where A1111 raises an error; `BREAK`
 //! inside brackets still breaks the chunk, where A1111 encodes the word with a negative weight;
 //! a weight that is not finite (`(a:1` followed by 400 digits`)`) is an error naming it.
+use crate::embeddings::{embedding_at, TokenEmbedding};
 use crate::limits::MAX_PROMPT_CHUNKS;
 use crate::tokenizer::ClipTokenizer;
 use crate::{Error, Result};
@@ -242,20 +243,43 @@ fn truncate(text: &str, chars: usize) -> String {
 pub struct PromptChunk {
     pub tokens: Vec<i64>,
     pub weights: Vec<f64>,
+    /// Where embeddings' vectors go: each at a token position, by its index in the list
+    /// [`chunk_tokens`] was given; its placeholder tokens are 0, as A1111's.
+    pub fixes: Vec<ChunkFix>,
+}
+
+/// Embedding `embedding`'s vectors take tokens `position..` of a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkFix {
+    pub position: usize,
+    pub embedding: usize,
 }
 
 /// The chunks A1111's CLIP wrapper encodes for `pieces` (its `tokenize_line`): each text
 /// tokenised on its own, tokens packed into chunks of `max_length - 2`, a full chunk handing
 /// the words after its last comma to the next one when that comma is at most
 /// [`COMMA_BACKTRACK`] tokens back, `BREAK` closing the chunk. At least one chunk.
-pub fn chunk_tokens(tokenizer: &ClipTokenizer, pieces: &[Piece]) -> Vec<PromptChunk> {
+///
+/// Where the tokens of an embedding's name appear (the longest name first), its vectors take
+/// their place, as many tokens as it has vectors, in the current chunk or, when they do not fit,
+/// the next (A1111's rule). Where A1111 leaves an embedding behind when the comma backtracking
+/// moves the words after a comma on, ours moves with them.
+pub fn chunk_tokens(
+    tokenizer: &ClipTokenizer,
+    pieces: &[Piece],
+    embeddings: &[TokenEmbedding],
+) -> Vec<PromptChunk> {
     let length = tokenizer.max_length().saturating_sub(2).max(1);
     let comma = tokenizer.vocab_id(",</w>");
     let mut chunks = Vec::new();
     let mut tokens: Vec<i64> = Vec::with_capacity(length);
     let mut weights: Vec<f64> = Vec::with_capacity(length);
+    let mut fixes: Vec<ChunkFix> = Vec::new();
     let mut last_comma: Option<usize> = None;
-    let close = |tokens: &mut Vec<i64>, weights: &mut Vec<f64>, chunks: &mut Vec<PromptChunk>| {
+    let close = |tokens: &mut Vec<i64>,
+                 weights: &mut Vec<f64>,
+                 fixes: &mut Vec<ChunkFix>,
+                 chunks: &mut Vec<PromptChunk>| {
         let mut ids = Vec::with_capacity(length + 2);
         ids.push(tokenizer.bos_id());
         ids.append(tokens);
@@ -268,41 +292,82 @@ pub fn chunk_tokens(tokenizer: &ClipTokenizer, pieces: &[Piece]) -> Vec<PromptCh
         chunks.push(PromptChunk {
             tokens: ids,
             weights: w,
+            // Positions count the start token.
+            fixes: fixes
+                .drain(..)
+                .map(|f| ChunkFix {
+                    position: f.position + 1,
+                    ..f
+                })
+                .collect(),
         });
     };
     for piece in pieces {
         let (text, weight) = match piece {
             Piece::Break => {
-                close(&mut tokens, &mut weights, &mut chunks);
+                close(&mut tokens, &mut weights, &mut fixes, &mut chunks);
                 last_comma = None;
                 continue;
             }
             Piece::Text { text, weight } => (text, *weight),
         };
         let ids = tokenizer.encode(text);
-        for &id in &ids[1..ids.len().saturating_sub(1)] {
+        let inner = &ids[1..ids.len().saturating_sub(1)];
+        let mut i = 0;
+        while i < inner.len() {
+            let id = inner[i];
             if Some(id) == comma {
                 last_comma = Some(tokens.len());
             } else if tokens.len() == length {
                 if let Some(at) = last_comma.filter(|&at| length - at <= COMMA_BACKTRACK) {
                     let moved_tokens = tokens.split_off(at + 1);
                     let moved_weights = weights.split_off(at + 1);
-                    close(&mut tokens, &mut weights, &mut chunks);
+                    let kept = fixes.iter().take_while(|f| f.position <= at).count();
+                    let moved_fixes: Vec<ChunkFix> = fixes
+                        .split_off(kept)
+                        .into_iter()
+                        .map(|f| ChunkFix {
+                            position: f.position - (at + 1),
+                            ..f
+                        })
+                        .collect();
+                    close(&mut tokens, &mut weights, &mut fixes, &mut chunks);
                     tokens = moved_tokens;
                     weights = moved_weights;
+                    fixes = moved_fixes;
                     last_comma = None;
                 }
             }
             if tokens.len() == length {
-                close(&mut tokens, &mut weights, &mut chunks);
+                close(&mut tokens, &mut weights, &mut fixes, &mut chunks);
                 last_comma = None;
+            }
+            let found = embedding_at(&inner[i..], embeddings).filter(|&k| {
+                let n = embeddings[k].len();
+                n > 0 && n <= length
+            });
+            if let Some(k) = found {
+                let n = embeddings[k].len();
+                if tokens.len() + n > length {
+                    close(&mut tokens, &mut weights, &mut fixes, &mut chunks);
+                    last_comma = None;
+                }
+                fixes.push(ChunkFix {
+                    position: tokens.len(),
+                    embedding: k,
+                });
+                tokens.resize(tokens.len() + n, 0);
+                weights.resize(weights.len() + n, weight);
+                i += embeddings[k].ids.len();
+                continue;
             }
             tokens.push(id);
             weights.push(weight);
+            i += 1;
         }
     }
     if !tokens.is_empty() || chunks.is_empty() {
-        close(&mut tokens, &mut weights, &mut chunks);
+        close(&mut tokens, &mut weights, &mut fixes, &mut chunks);
     }
     chunks
 }
@@ -312,9 +377,10 @@ pub fn prompt_chunks(
     tokenizer: &ClipTokenizer,
     prompt: &str,
     what: &str,
+    embeddings: &[TokenEmbedding],
 ) -> Result<Vec<PromptChunk>> {
     let pieces = parse_attention(prompt).map_err(|e| Error::invalid(format!("{what}: {e}")))?;
-    let chunks = chunk_tokens(tokenizer, &pieces);
+    let chunks = chunk_tokens(tokenizer, &pieces, embeddings);
     if chunks.len() > MAX_PROMPT_CHUNKS {
         let per = tokenizer.max_length().saturating_sub(2);
         return Err(Error::invalid(format!(
@@ -328,7 +394,7 @@ pub fn prompt_chunks(
 /// Pads `chunks` to `count` with the empty prompt's chunk (what A1111 adds to the shorter of
 /// the prompt and the negative prompt).
 pub fn pad_chunks(tokenizer: &ClipTokenizer, chunks: &mut Vec<PromptChunk>, count: usize) {
-    let empty = chunk_tokens(tokenizer, &[]);
+    let empty = chunk_tokens(tokenizer, &[], &[]);
     while chunks.len() < count {
         chunks.extend(empty.iter().cloned());
     }
@@ -706,7 +772,7 @@ mod tests {
                 .collect::<Vec<_>>()
                 .join(" ");
             let pieces = parse_attention(&prompt).unwrap();
-            let chunks = chunk_tokens(&tk, &pieces);
+            let chunks = chunk_tokens(&tk, &pieces, &[]);
             let want = stream(&tk, &pieces);
             let mut got = Vec::new();
             for (i, c) in chunks.iter().enumerate() {
@@ -750,7 +816,7 @@ mod tests {
         };
         let cat = tk.encode("cat")[1];
         let comma = tk.encode(",")[1];
-        let chunks = chunk_tokens(&tk, &parse_attention("cat BREAK cat cat").unwrap());
+        let chunks = chunk_tokens(&tk, &parse_attention("cat BREAK cat cat").unwrap(), &[]);
         assert_eq!(chunks.len(), 2);
         assert_eq!(
             (body(&chunks[0]), body(&chunks[1])),
@@ -760,7 +826,7 @@ mod tests {
             // 75 - back cats, a comma, then cats past the end of the chunk
             let before = 74 - back;
             let prompt = format!("{}, {}", "cat ".repeat(before), "cat ".repeat(back + 10));
-            let chunks = chunk_tokens(&tk, &parse_attention(&prompt).unwrap());
+            let chunks = chunk_tokens(&tk, &parse_attention(&prompt).unwrap(), &[]);
             let first = body(&chunks[0]);
             assert_eq!(first[before], comma, "back {back}");
             if back < COMMA_BACKTRACK {
@@ -831,5 +897,78 @@ mod tests {
             let e = lora_tags(bad, "prompt").unwrap_err().to_string();
             assert!(e.contains(says) && e.contains("prompt"), "{bad}: {e}");
         }
+    }
+
+    /// Embeddings in chunks as A1111 places them: the longest name first, as many tokens as
+    /// vectors (placeholders 0, the text's weight), into the next chunk when they do not fit,
+    /// and moved along with the words after a comma by the backtracking.
+    #[test]
+    fn embeddings_take_their_vectors_places_in_chunks() {
+        let tk = ClipTokenizer::standard().unwrap();
+        let word = |w: &str| {
+            let ids = tk.encode(w);
+            ids[1..ids.len() - 1].to_vec()
+        };
+        let emb = |name: &str, n: i64| TokenEmbedding {
+            name: name.into(),
+            ids: word(name),
+            vectors: Tensor::zeros([n, 4], (Kind::Float, tch::Device::Cpu)),
+            placeholder: 0,
+        };
+        // "red car" (two tokens) is longer than "red": it wins where both match.
+        let list = vec![emb("red", 1), emb("red car", 3)];
+        let chunks = chunk_tokens(
+            &tk,
+            &parse_attention("a (red car:1.5) and red").unwrap(),
+            &list,
+        );
+        let c = &chunks[0];
+        let a = word("a")[0];
+        let and = word("and")[0];
+        assert_eq!(&c.tokens[1..8], &[a, 0, 0, 0, and, 0, tk.eos_id()]);
+        assert_eq!(&c.weights[1..7], &[1.0, 1.5, 1.5, 1.5, 1.0, 1.0]);
+        assert_eq!(
+            c.fixes,
+            vec![
+                ChunkFix {
+                    position: 2,
+                    embedding: 1
+                },
+                ChunkFix {
+                    position: 6,
+                    embedding: 0
+                }
+            ]
+        );
+        // 74 words, then a 3-vector embedding: it does not fit, so it opens the next chunk.
+        let prompt = format!("{} red car", vec!["cat"; 74].join(" "));
+        let chunks = chunk_tokens(&tk, &parse_attention(&prompt).unwrap(), &list);
+        assert_eq!(chunks.len(), 2);
+        assert!(chunks[0].fixes.is_empty());
+        assert_eq!(
+            chunks[1].fixes,
+            vec![ChunkFix {
+                position: 1,
+                embedding: 1
+            }]
+        );
+        // A chunk filled to its end 6 tokens after a comma: the words after the comma,
+        // embedding included, move to the next chunk, and so does the embedding's fix.
+        let prompt = format!("{}, dog red car dog dog", vec!["cat"; 69].join(" "));
+        let chunks = chunk_tokens(&tk, &parse_attention(&prompt).unwrap(), &list);
+        assert_eq!(chunks.len(), 2);
+        assert!(chunks[0].fixes.is_empty(), "{:?}", chunks[0].fixes);
+        let dog = word("dog")[0];
+        assert_eq!(
+            &chunks[1].tokens[1..8],
+            &[dog, 0, 0, 0, dog, dog, tk.eos_id()]
+        );
+        assert_eq!(
+            chunks[1].fixes,
+            vec![ChunkFix {
+                position: 2,
+                embedding: 1
+            }]
+        );
     }
 }

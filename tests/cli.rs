@@ -285,3 +285,40 @@ fn loras_reach_the_library_and_the_png_info() {
         "{text}"
     );
 }
+
+/// `--embeddings-dir` reaches the library's `LoadOptions::embeddings_dir`: the CLI's image is
+/// the library's for a prompt naming an embedding, and differs from the one without the folder.
+#[test]
+fn embeddings_dir_reaches_the_library() {
+    let dir = fixtures().join("embeddings");
+    let options = LoadOptions {
+        embeddings_dir: Some(dir.clone()),
+        ..Default::default()
+    };
+    let sd = StableDiffusion::load(&fixtures().join("tiny-sd1"), &options).unwrap();
+    let params = GenerateParams {
+        prompt: "a photo of torin in a garden".into(),
+        prompt_syntax: PromptSyntax::A1111,
+        steps: 2,
+        width: Some(32),
+        height: Some(32),
+        seed: 3,
+        guidance: 5.0,
+        ..Default::default()
+    };
+    let expected = sd
+        .txt2img(&params, None)
+        .unwrap()
+        .to_rgb8()
+        .unwrap()
+        .remove(0);
+    let dir_arg = dir.display().to_string();
+    let args = [
+        "--prompt",
+        "a photo of torin in a garden",
+        "--embeddings-dir",
+        &dir_arg,
+    ];
+    assert!(cli_image("tiny-sd1", &args) == expected);
+    assert!(cli_image("tiny-sd1", &args[..2]) != expected);
+}

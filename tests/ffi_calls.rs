@@ -1563,3 +1563,48 @@ fn sd_load_options_with_defaults() -> sd_load_options {
     assert_eq!(status, sd_status::SD_OK);
     unsafe { o.assume_init() }
 }
+
+/// `sd_load_options.embeddings_dir`: a prompt naming an embedding gives diffusers' image for
+/// it (within a level), and a folder that does not exist fails the load by name.
+#[test]
+fn load_options_embeddings_dir_reaches_the_prompts() {
+    let case = common::case_named("embeddings", "cases", "sd1_pt");
+    let want = common::Refs::open("embeddings").get("out_sd1_pt");
+    let want: Vec<f32> = Vec::try_from(want.flatten(0, -1)).unwrap();
+    let dir = CString::new(common::fixtures().join("embeddings").to_str().unwrap()).unwrap();
+    let mut options = sd_load_options_with_defaults();
+    options.embeddings_dir = dir.as_ptr();
+    let model = fixture("tiny-sd1");
+    let mut p = null_mut();
+    let status = unsafe { sd_pipeline_load(model.as_ptr(), &options, &mut p) };
+    assert_eq!(status, sd_status::SD_OK, "{}", last_error());
+    let prompt = CString::new(case["prompt"].as_str().unwrap()).unwrap();
+    let mut g = params(
+        &prompt,
+        case["steps"].as_u64().unwrap() as u32,
+        case["seed"].as_u64().unwrap(),
+    );
+    g.guidance = case["guidance"].as_f64().unwrap();
+    let got = generate(p, &g).unwrap()[0].0.clone();
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(&a, &b)| (a as f32 - (b * 255.0).round()).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        worst <= 1.0,
+        "embeddings through C differ by {worst} levels"
+    );
+    unsafe { sd_pipeline_free(p) };
+
+    let missing = CString::new("no/such/embeddings").unwrap();
+    options.embeddings_dir = missing.as_ptr();
+    let mut p = null_mut();
+    let status = unsafe { sd_pipeline_load(model.as_ptr(), &options, &mut p) };
+    assert_eq!(status, sd_status::SD_ERR_INVALID_ARGUMENT);
+    assert!(
+        p.is_null() && last_error().contains("no/such/embeddings"),
+        "{}",
+        last_error()
+    );
+}

@@ -41,7 +41,7 @@ fn prompts_parse_chunk_and_encode_as_a1111() {
                 })
                 .collect();
             assert_eq!(pieces, want, "{name}: fragments");
-            let chunks = chunk_tokens(&sd.tokenizer, &pieces);
+            let chunks = chunk_tokens(&sd.tokenizer, &pieces, &[]);
             let tokens: Vec<Vec<i64>> = chunks.iter().map(|c| c.tokens.clone()).collect();
             let want_tokens: Vec<Vec<i64>> =
                 serde_json::from_value(case["chunks"].clone()).unwrap();

@@ -72,7 +72,7 @@ namespace StableDiffusion
         public IntPtr Scheduler;
         public IntPtr ConfigDir;
         public int UseEma, CopyWeights, PlainWeights;
-        public IntPtr LoraDir;
+        public IntPtr LoraDir, EmbeddingsDir;
     }
 
     [StructLayout(LayoutKind.Sequential)]
@@ -475,16 +475,18 @@ namespace StableDiffusion
         static readonly IntPtr LogThunkPtr = Marshal.GetFunctionPointerForDelegate(LogThunk);
 
         public Pipeline(string modelPath, string device = null, DType dtype = DType.Fp32, string scheduler = null,
-                        Weights weights = Weights.Auto, string loraDir = null)
+                        Weights weights = Weights.Auto, string loraDir = null, string embeddingsDir = null)
         {
             var o = new LoadOptionsNative();
             SdException.Check(Native.sd_load_options_init(ref o, new UIntPtr((uint)Marshal.SizeOf(typeof(LoadOptionsNative)))));
             var dev = device == null ? default(GCHandle) : GCHandle.Alloc(Native.Utf8(device), GCHandleType.Pinned);
             var sch = scheduler == null ? default(GCHandle) : GCHandle.Alloc(Native.Utf8(scheduler), GCHandleType.Pinned);
             var lor = loraDir == null ? default(GCHandle) : GCHandle.Alloc(Native.Utf8(loraDir), GCHandleType.Pinned);
+            var emb = embeddingsDir == null ? default(GCHandle) : GCHandle.Alloc(Native.Utf8(embeddingsDir), GCHandleType.Pinned);
             try
             {
                 if (lor.IsAllocated) o.LoraDir = lor.AddrOfPinnedObject();
+                if (emb.IsAllocated) o.EmbeddingsDir = emb.AddrOfPinnedObject();
                 if (dev.IsAllocated) o.Device = dev.AddrOfPinnedObject();
                 if (sch.IsAllocated) o.Scheduler = sch.AddrOfPinnedObject();
                 o.DType = (int)dtype;
@@ -496,6 +498,7 @@ namespace StableDiffusion
                 if (dev.IsAllocated) dev.Free();
                 if (sch.IsAllocated) sch.Free();
                 if (lor.IsAllocated) lor.Free();
+                if (emb.IsAllocated) emb.Free();
             }
         }
 

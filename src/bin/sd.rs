@@ -240,6 +240,10 @@ struct CommonArgs {
     /// NAME.safetensors.
     #[arg(long)]
     lora_dir: Option<PathBuf>,
+    /// A folder of textual-inversion embeddings (A1111 .pt / .safetensors, diffusers
+    /// learned_embeds, SDXL clip_l / clip_g), each used in prompts by its file name.
+    #[arg(long)]
+    embeddings_dir: Option<PathBuf>,
     /// SDXL micro-conditioning: the size the image is said to come from, WIDTHxHEIGHT
     /// (default: the output size).
     #[arg(long, value_parser = parse_size)]
@@ -530,6 +534,7 @@ fn run(a: &CommonArgs, edit: Edit) -> Result<()> {
             _ => WeightKernels::Auto,
         },
         lora_dir: a.lora_dir.clone(),
+        embeddings_dir: a.embeddings_dir.clone(),
     };
     let init_image = edit.init.as_deref().map(Image::load).transpose()?;
     let mask = edit.mask.as_deref().map(Image::load).transpose()?;
@@ -548,6 +553,9 @@ fn run(a: &CommonArgs, edit: Edit) -> Result<()> {
         use_ema: a.ema,
     };
     let sd = StableDiffusion::load_with(&a.model, &options, &overrides)?;
+    for why in sd.unused_embeddings() {
+        eprintln!("warning: embedding not used: {why}");
+    }
     let refiner = match &a.refiner {
         Some(path) => {
             stable_diffusion::pipeline::check_denoising_fraction(

@@ -326,6 +326,8 @@ unsafe fn load(
         copy_weights: opts.copy_weights != 0,
         weight_kernels: parse_weights(opts.plain_weights)?,
         lora_dir: optional_str(opts.lora_dir, "options->lora_dir")?.map(PathBuf::from),
+        embeddings_dir: optional_str(opts.embeddings_dir, "options->embeddings_dir")?
+            .map(PathBuf::from),
     };
     let scheduler = optional_str(opts.scheduler, "options->scheduler")?.map(str::to_owned);
     if !Path::new(path).exists() {

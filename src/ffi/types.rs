@@ -109,6 +109,12 @@ pub struct sd_load_options {
     /// `SD_PROMPT_A1111` find `NAME.safetensors`. UTF-8, copied; NULL or "" (default): none
     /// (a tag is then an error).
     pub lora_dir: *const c_char,
+    /// A folder of textual-inversion embeddings (A1111 `.pt` / `.safetensors`, diffusers
+    /// `learned_embeds`, SDXL `clip_l` / `clip_g`), each used in prompts by its file's name.
+    /// Files that are not embeddings, or are made for another model, are skipped and named in
+    /// a warning at the first generate call. UTF-8, copied; NULL or "" (default): none. A
+    /// missing folder fails the load (`SD_ERR_INVALID_ARGUMENT`).
+    pub embeddings_dir: *const c_char,
 }
 
 /// One LoRA of a call and its weight (`sd_generate_params.loras`).
@@ -385,6 +391,7 @@ unsafe impl Versioned for sd_load_options {
             copy_weights: 0,
             plain_weights: 0,
             lora_dir: std::ptr::null(),
+            embeddings_dir: std::ptr::null(),
         }
     }
 }

@@ -2,6 +2,7 @@
 use super::adapters::{self, Targets};
 use super::blocks::{multi_head_attention, variable, LayerNorm, Linear};
 use super::config::read_json;
+use super::traits::EmbeddingFix;
 use crate::limits::{
     check_finite, check_positive, MAX_CONFIG_CHANNELS, MAX_CONFIG_LAYERS, MAX_CONFIG_POSITIONS,
     MAX_CONFIG_VOCAB,
@@ -289,13 +290,23 @@ impl ClipTextTransformer {
     /// stops that many layers before the last (diffusers' `clip_skip`); the final layer norm
     /// is applied either way, as the SD pipelines do.
     pub fn forward(&self, input_ids: &Tensor, clip_skip: usize) -> Result<Tensor> {
+        self.forward_fixed(input_ids, &[], clip_skip)
+    }
+
+    /// [`ClipTextTransformer::forward`] with `fixes` in place of token embeddings.
+    pub fn forward_fixed(
+        &self,
+        input_ids: &Tensor,
+        fixes: &[EmbeddingFix],
+        clip_skip: usize,
+    ) -> Result<Tensor> {
         if clip_skip >= self.layers.len() {
             return Err(Error::invalid(format!(
                 "clip_skip {clip_skip} must be below the text encoder's {} layers",
                 self.layers.len()
             )));
         }
-        let mut xs = self.embed(input_ids)?;
+        let mut xs = self.embed(input_ids, fixes)?;
         for layer in &self.layers[..self.layers.len() - clip_skip] {
             xs = layer.forward(&xs)?;
         }
@@ -311,6 +322,19 @@ impl ClipTextTransformer {
         clip_skip: usize,
         pooled: bool,
     ) -> Result<TextStates> {
+        self.forward_penultimate_fixed(input_ids, &[], clip_skip, pooled)
+    }
+
+    /// [`ClipTextTransformer::forward_penultimate`] with `fixes` in place of token
+    /// embeddings; pooling reads the ids as given (diffusers' placeholder ids lie past the
+    /// vocabulary, and the legacy rule pools at the largest id).
+    pub fn forward_penultimate_fixed(
+        &self,
+        input_ids: &Tensor,
+        fixes: &[EmbeddingFix],
+        clip_skip: usize,
+        pooled: bool,
+    ) -> Result<TextStates> {
         let n = self.layers.len();
         if clip_skip + 1 > n {
             return Err(Error::invalid(format!(
@@ -318,7 +342,7 @@ impl ClipTextTransformer {
             )));
         }
         let keep = n - 1 - clip_skip;
-        let mut xs = self.embed(input_ids)?;
+        let mut xs = self.embed(input_ids, fixes)?;
         let mut hidden = None;
         for (i, layer) in self.layers.iter().enumerate() {
             if i == keep {
@@ -358,9 +382,33 @@ impl ClipTextTransformer {
         })
     }
 
-    /// Token plus position embeddings, after checking the ids.
-    fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+    /// Token plus position embeddings, after checking the ids; `fixes` replace the token
+    /// embeddings they cover (their placeholder ids are not looked up).
+    fn embed(&self, input_ids: &Tensor, fixes: &[EmbeddingFix]) -> Result<Tensor> {
         let (_, len) = input_ids.size2()?;
+        let d = self.config.hidden_size;
+        for f in fixes {
+            let (n, width) = f.vectors.size2()?;
+            if f.position < 0 || f.position + n > len || width != d {
+                return Err(Error::invalid(format!(
+                    "embedding vectors {:?} at token {} do not fit {len} tokens of width {d}",
+                    f.vectors.size(),
+                    f.position
+                )));
+            }
+        }
+        let lookup = if fixes.is_empty() {
+            input_ids.shallow_clone()
+        } else {
+            let mut lookup = input_ids.f_zeros_like()?;
+            lookup.f_copy_(input_ids)?;
+            for f in fixes {
+                let n = f.vectors.size()[0];
+                let _ = lookup.f_narrow(1, f.position, n)?.f_fill_(0)?;
+            }
+            lookup
+        };
+        let input_ids = &lookup;
         if len > self.config.max_position_embeddings {
             return Err(Error::invalid(format!(
                 "{len} tokens exceed the text encoder's {} positions",
@@ -378,6 +426,11 @@ impl ClipTextTransformer {
             )));
         }
         let tokens = Tensor::f_embedding(&self.token_embedding, input_ids, -1, false, false)?;
+        for f in fixes {
+            let n = f.vectors.size()[0];
+            let vectors = f.vectors.f_to_kind(tokens.kind())?;
+            tokens.f_narrow(1, f.position, n)?.f_copy_(&vectors)?;
+        }
         let positions = self.position_embedding.f_narrow(0, 0, len)?;
         Ok(tokens.f_add(&positions)?)
     }

@@ -8,6 +8,16 @@ use super::{AutoencoderKL, ClipTextTransformer, DiagonalGaussian, UNet2DConditio
 use crate::{Error, Result};
 use tch::Tensor;
 
+/// Vectors that take the place of token embeddings (textual inversion): `vectors`
+/// `[n, dim]` at positions `position..position + n` of every row.
+#[derive(Debug)]
+pub struct EmbeddingFix {
+    pub position: i64,
+    pub vectors: Tensor,
+}
+
+const NEEDS_NATIVE_ENCODER: &str = "textual-inversion embeddings need the native text encoder";
+
 /// Token ids `[batch, tokens]` to hidden states `[batch, tokens, dim]`.
 pub trait TextEncoder: Send {
     /// `clip_skip` layers are skipped from the end; the final layer norm is applied either way.
@@ -30,12 +40,45 @@ pub trait TextEncoder: Send {
             "SDXL's text conditioning needs the native text encoder".into(),
         ))
     }
+    /// [`TextEncoder::forward`] with `fixes` in place of token embeddings; the ids under a
+    /// fix are placeholders (only pooling looks at them).
+    fn forward_fixed(
+        &self,
+        input_ids: &Tensor,
+        fixes: &[EmbeddingFix],
+        clip_skip: usize,
+    ) -> Result<Tensor> {
+        if fixes.is_empty() {
+            self.forward(input_ids, clip_skip)
+        } else {
+            Err(Error::Unsupported(NEEDS_NATIVE_ENCODER.into()))
+        }
+    }
+    /// [`TextEncoder::forward_penultimate`] with `fixes` (see [`TextEncoder::forward_fixed`]).
+    fn forward_penultimate_fixed(
+        &self,
+        input_ids: &Tensor,
+        fixes: &[EmbeddingFix],
+        clip_skip: usize,
+        pooled: bool,
+    ) -> Result<TextStates> {
+        if fixes.is_empty() {
+            self.forward_penultimate(input_ids, clip_skip, pooled)
+        } else {
+            Err(Error::Unsupported(NEEDS_NATIVE_ENCODER.into()))
+        }
+    }
     /// Width of the pooled output [`TextEncoder::forward_penultimate`] gives, when known.
     fn pooled_width(&self) -> Option<i64> {
         None
     }
     /// The layers a LoRA may target; `None` for a backend that cannot take one.
     fn adapter_targets(&self) -> Option<&Targets> {
+        None
+    }
+    /// The width of a token embedding, when the backend takes embedding vectors
+    /// ([`TextEncoder::forward_fixed`]).
+    fn embedding_width(&self) -> Option<i64> {
         None
     }
 }
@@ -138,6 +181,26 @@ impl TextEncoder for ClipTextTransformer {
     }
     fn adapter_targets(&self) -> Option<&Targets> {
         Some(ClipTextTransformer::adapter_targets(self))
+    }
+    fn embedding_width(&self) -> Option<i64> {
+        Some(self.config().hidden_size)
+    }
+    fn forward_fixed(
+        &self,
+        input_ids: &Tensor,
+        fixes: &[EmbeddingFix],
+        clip_skip: usize,
+    ) -> Result<Tensor> {
+        ClipTextTransformer::forward_fixed(self, input_ids, fixes, clip_skip)
+    }
+    fn forward_penultimate_fixed(
+        &self,
+        input_ids: &Tensor,
+        fixes: &[EmbeddingFix],
+        clip_skip: usize,
+        pooled: bool,
+    ) -> Result<TextStates> {
+        ClipTextTransformer::forward_penultimate_fixed(self, input_ids, fixes, clip_skip, pooled)
     }
 }
 

@@ -41,6 +41,10 @@ pub struct LoadOptions {
     /// The folder a prompt's `<lora:NAME:W>` tags find `NAME.safetensors` in (a call may
     /// give its own, [`super::GenerateParams::lora_dir`]).
     pub lora_dir: Option<PathBuf>,
+    /// A folder of textual-inversion embeddings, each used in prompts by its file's name
+    /// (see [`crate::embeddings`]); files that are not embeddings are skipped, with a warning
+    /// at the first call.
+    pub embeddings_dir: Option<PathBuf>,
 }
 
 /// Which kernels a float32 model runs with on the CPU. The two round differently (within
@@ -83,6 +87,7 @@ impl Default for LoadOptions {
             copy_weights: false,
             weight_kernels: WeightKernels::Auto,
             lora_dir: None,
+            embeddings_dir: None,
         }
     }
 }
@@ -278,6 +283,9 @@ impl StableDiffusion {
         };
         if let Some(p) = overrides.prediction_type {
             sd.scheduler_config.prediction_type = Some(p);
+        }
+        if let Some(dir) = &options.embeddings_dir {
+            sd.set_embeddings(crate::embeddings::Embeddings::from_dir(dir)?);
         }
         Ok(sd)
     }

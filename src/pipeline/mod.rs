@@ -5,12 +5,13 @@ pub mod preview;
 
 pub use loader::{LoadOptions, ModelFiles, WeightKernels};
 
+use crate::embeddings::{self, Embeddings, TokenEmbedding};
 use crate::image_io::Image;
 use crate::limits::MAX_PROMPT_BYTES;
 use crate::lora::{AdapterTargets, LoraCache, LoraWeight};
 use crate::models::adapters::{self, ActiveAdapters};
 use crate::models::fast::{DeepCache, FastPass, TokenMerging, NEEDS_NATIVE_UNET};
-use crate::models::traits::{Autoencoder, Denoiser, TextEncoder};
+use crate::models::traits::{Autoencoder, Denoiser, EmbeddingFix, TextEncoder};
 use crate::models::AddedConditions;
 use crate::prompt;
 pub use crate::prompt::PromptSyntax;
@@ -31,6 +32,35 @@ fn prompt_text<'a>(text: &'a str, what: &str) -> std::borrow::Cow<'a, str> {
     } else {
         std::borrow::Cow::Owned(prompt::extra_networks(text).0)
     }
+}
+
+/// A pipeline's embeddings as each of its text encoders sees them, and why the others are
+/// not used.
+#[derive(Debug, Default)]
+pub struct EncoderEmbeddings {
+    per_encoder: Vec<Vec<TokenEmbedding>>,
+    unused: Vec<String>,
+}
+
+impl EncoderEmbeddings {
+    /// Encoder `i`'s embeddings (none past the encoders).
+    fn of(&self, i: usize) -> &[TokenEmbedding] {
+        self.per_encoder.get(i).map(Vec::as_slice).unwrap_or(&[])
+    }
+}
+
+/// The vectors of `chunk`'s embeddings, from the list its fixes index.
+fn chunk_fixes(chunk: &prompt::PromptChunk, embeddings: &[TokenEmbedding]) -> Vec<EmbeddingFix> {
+    chunk
+        .fixes
+        .iter()
+        .filter_map(|f| {
+            Some(EmbeddingFix {
+                position: f.position as i64,
+                vectors: embeddings.get(f.embedding)?.vectors.shallow_clone(),
+            })
+        })
+        .collect()
 }
 
 /// Largest number of images one call may generate.
@@ -378,6 +408,12 @@ pub struct StableDiffusion {
     lora_dir: Option<PathBuf>,
     /// LoRAs read for tags, kept while their files are unchanged.
     lora_cache: Arc<LoraCache>,
+    /// Textual-inversion embeddings ([`LoadOptions::embeddings_dir`]).
+    embeddings: Arc<Embeddings>,
+    /// The embeddings as each text encoder sees them, made at the first call.
+    token_embeddings: OnceLock<Arc<EncoderEmbeddings>>,
+    /// Whether the embeddings that could not be used were reported (once, at the first run).
+    embeddings_reported: std::sync::atomic::AtomicBool,
     /// The file maps that weights point into (see [`LoadOptions::copy_weights`]): declared
     /// after the models, so that they are dropped after them.
     mapped_weights: Vec<crate::weights::MappingOwner>,
@@ -517,8 +553,80 @@ impl StableDiffusion {
             adapter_targets: OnceLock::new(),
             lora_dir: options.lora_dir.clone(),
             lora_cache: Arc::default(),
+            embeddings: Arc::default(),
+            token_embeddings: OnceLock::new(),
+            embeddings_reported: Default::default(),
             mapped_weights: Vec::new(),
         }
+    }
+
+    /// Uses `embeddings` in this pipeline's prompts from now on.
+    pub fn set_embeddings(&mut self, embeddings: Embeddings) {
+        self.embeddings = Arc::new(embeddings);
+        self.token_embeddings = OnceLock::new();
+        self.embeddings_reported = Default::default();
+    }
+
+    /// The textual-inversion embeddings this pipeline reads prompts with.
+    pub fn embeddings(&self) -> &Embeddings {
+        &self.embeddings
+    }
+
+    /// Why each embedding that this pipeline does not use is not used (a file that is not an
+    /// embedding, one made for another model family, a name taken twice); also logged once,
+    /// as warnings, at the first run.
+    pub fn unused_embeddings(&self) -> Vec<String> {
+        self.token_embeddings().unused.clone()
+    }
+
+    /// The text encoders with their tokenizers, in order (SDXL: CLIP-L, then bigG).
+    fn encoders(&self) -> Vec<(&ClipTokenizer, &dyn TextEncoder)> {
+        let first = (&self.tokenizer, self.text_encoder.as_ref());
+        match self.sdxl.as_ref().and_then(|x| x.second.as_ref()) {
+            Some((t, e)) => vec![first, (t, e.as_ref())],
+            None => vec![first],
+        }
+    }
+
+    /// The embeddings as each text encoder sees them.
+    fn token_embeddings(&self) -> Arc<EncoderEmbeddings> {
+        self.token_embeddings
+            .get_or_init(|| {
+                let encoders = self.encoders();
+                let mut out = EncoderEmbeddings {
+                    per_encoder: encoders.iter().map(|_| Vec::new()).collect(),
+                    unused: self.embeddings.skipped().to_vec(),
+                };
+                if self.embeddings.is_empty() {
+                    return Arc::new(out);
+                }
+                let tokenizers: Vec<&ClipTokenizer> = encoders.iter().map(|(t, _)| *t).collect();
+                let widths: Option<Vec<i64>> =
+                    encoders.iter().map(|(_, e)| e.embedding_width()).collect();
+                let refiner = self.sdxl.as_ref().is_some_and(|x| x.second.is_none());
+                let found = match widths {
+                    Some(widths) => embeddings::for_encoders(
+                        &self.embeddings,
+                        &tokenizers,
+                        &widths,
+                        refiner,
+                        self.kind,
+                        self.device,
+                    ),
+                    None => Err(Error::Unsupported(
+                        "textual-inversion embeddings need the native text encoders".into(),
+                    )),
+                };
+                match found {
+                    Ok((per_encoder, unfit)) => {
+                        out.per_encoder = per_encoder;
+                        out.unused.extend(unfit);
+                    }
+                    Err(e) => out.unused.push(format!("no embedding is used: {e}")),
+                }
+                Arc::new(out)
+            })
+            .clone()
     }
 
     /// The layers of this pipeline a LoRA may target.
@@ -634,26 +742,35 @@ impl StableDiffusion {
     /// joined. SD 1.x / 2.x models.
     pub fn encode_prompt_a1111(&self, prompt: &str, clip_skip: usize) -> Result<Tensor> {
         check_prompt("prompt", prompt)?;
-        let chunks =
-            prompt::prompt_chunks(&self.tokenizer, &prompt_text(prompt, "prompt"), "prompt")?;
-        Ok(self
-            .encode_weighted(self.text_encoder.as_ref(), &chunks, clip_skip, false)?
-            .0)
+        let embeddings = self.token_embeddings();
+        let text = prompt_text(prompt, "prompt");
+        let chunks = prompt::prompt_chunks(&self.tokenizer, &text, "prompt", embeddings.of(0))?;
+        let encoder = (self.text_encoder.as_ref(), embeddings.of(0));
+        Ok(self.encode_weighted(encoder, &chunks, clip_skip, false)?.0)
     }
 
     /// Text embeddings `[batch, tokens, dim]` for one prompt repeated `batch` times. A prompt
     /// longer than the tokenizer's `max_length` is cut (with a warning to the logger); the
     /// tokenizer stops as soon as it has enough tokens, so a long prompt costs no more.
     pub fn encode_prompt(&self, prompt: &str, batch: usize, clip_skip: usize) -> Result<Tensor> {
-        let ids = self.token_ids(&self.tokenizer, prompt)?;
-        let hidden = self.text_encoder.forward(&ids, clip_skip)?;
+        let (ids, fixes) = self.token_ids(0, prompt)?;
+        let hidden = self.text_encoder.forward_fixed(&ids, &fixes, clip_skip)?;
         Ok(hidden.f_repeat([batch as i64, 1, 1])?)
     }
 
-    /// Token ids `[1, max_length]` of `prompt`, cut (with a warning to the logger) when longer.
-    fn token_ids(&self, tokenizer: &ClipTokenizer, prompt: &str) -> Result<Tensor> {
+    /// Token ids `[1, max_length]` of `prompt` for text encoder `encoder`, cut (with a warning
+    /// to the logger) when longer, and the vectors of the embeddings it names.
+    fn token_ids(&self, encoder: usize, prompt: &str) -> Result<(Tensor, Vec<EmbeddingFix>)> {
         check_prompt("prompt", prompt)?;
-        let (ids, truncated) = tokenizer.encode_padded_checked(prompt);
+        let tokenizer = self.encoders()[encoder].0;
+        let embeddings = self.token_embeddings();
+        let (ids, fixes, truncated) = match embeddings.of(encoder) {
+            [] => {
+                let (ids, truncated) = tokenizer.encode_padded_checked(prompt);
+                (ids, Vec::new(), truncated)
+            }
+            some => embeddings::plain_tokens(tokenizer, prompt, some)?,
+        };
         if truncated {
             self.log(LogLevel::Warn, || {
                 format!(
@@ -663,9 +780,12 @@ impl StableDiffusion {
                 )
             });
         }
-        Ok(Tensor::from_slice(&ids)
-            .f_unsqueeze(0)?
-            .f_to_device(self.device)?)
+        Ok((
+            Tensor::from_slice(&ids)
+                .f_unsqueeze(0)?
+                .f_to_device(self.device)?,
+            fixes,
+        ))
     }
 
     /// SDXL's text conditioning for one prompt pair, repeated `batch` times: both encoders'
@@ -682,29 +802,24 @@ impl StableDiffusion {
         let Some(sdxl) = &self.sdxl else {
             return Err(Error::invalid("SDXL prompts need an SDXL model"));
         };
-        let Some((tokenizer_2, encoder_2)) = &sdxl.second else {
+        let Some((_, encoder_2)) = &sdxl.second else {
             // The refiner: the one encoder's states and pooled projection, of `prompt` (as
             // diffusers pairs the prompts with the encoders it has).
-            let states = self.text_encoder.forward_penultimate(
-                &self.token_ids(&self.tokenizer, prompt)?,
-                clip_skip,
-                true,
-            )?;
+            let (ids, fixes) = self.token_ids(0, prompt)?;
+            let states = self
+                .text_encoder
+                .forward_penultimate_fixed(&ids, &fixes, clip_skip, true)?;
             let pooled = states
                 .pooled
                 .ok_or_else(|| Error::Internal("the text encoder gave no pooled output".into()))?;
             return Ok((states.hidden.f_repeat([b, 1, 1])?, pooled.f_repeat([b, 1])?));
         };
-        let first = self.text_encoder.forward_penultimate(
-            &self.token_ids(&self.tokenizer, prompt)?,
-            clip_skip,
-            false,
-        )?;
-        let second = encoder_2.forward_penultimate(
-            &self.token_ids(tokenizer_2, prompt_2)?,
-            clip_skip,
-            true,
-        )?;
+        let (ids, fixes) = self.token_ids(0, prompt)?;
+        let first = self
+            .text_encoder
+            .forward_penultimate_fixed(&ids, &fixes, clip_skip, false)?;
+        let (ids_2, fixes_2) = self.token_ids(1, prompt_2)?;
+        let second = encoder_2.forward_penultimate_fixed(&ids_2, &fixes_2, clip_skip, true)?;
         let pooled = second.pooled.ok_or_else(|| {
             Error::Internal("the second text encoder gave no pooled output".into())
         })?;
@@ -749,6 +864,7 @@ impl StableDiffusion {
             adapter_targets: self.adapter_targets(),
             lora_dir: self.lora_dir.clone(),
             lora_cache: self.lora_cache.clone(),
+            token_embeddings: self.token_embeddings(),
         }
     }
 
@@ -932,6 +1048,14 @@ impl StableDiffusion {
             fallback,
             adapters,
         } = validated;
+        if !self
+            .embeddings_reported
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            for why in &self.token_embeddings().unused {
+                self.log(LogLevel::Warn, || format!("embedding not used: {why}"));
+            }
+        }
         // The call's LoRAs, on this thread, for every layer that runs until the latents are
         // done (the text encoders and the UNet).
         let _adapters = adapters::activate(adapters);
@@ -1213,17 +1337,19 @@ impl StableDiffusion {
         stop: &dyn Fn() -> Result<()>,
     ) -> Result<(Tensor, Option<AddedConditions>)> {
         let tokenizer = &self.tokenizer;
+        let all = self.token_embeddings();
+        let embeddings = all.of(0);
         let positive = prompt_text(&params.prompt, "prompt");
-        let mut cond = prompt::prompt_chunks(tokenizer, &positive, "prompt")?;
+        let mut cond = prompt::prompt_chunks(tokenizer, &positive, "prompt", embeddings)?;
         let negative = params.negative_prompt.as_deref().unwrap_or("");
-        let mut uncond = prompt::prompt_chunks(tokenizer, negative, "negative prompt")?;
+        let mut uncond = prompt::prompt_chunks(tokenizer, negative, "negative prompt", embeddings)?;
         if cfg {
             let count = cond.len().max(uncond.len());
             prompt::pad_chunks(tokenizer, &mut cond, count);
             prompt::pad_chunks(tokenizer, &mut uncond, count);
         }
         let b = params.batch as i64;
-        let encoder = self.text_encoder.as_ref();
+        let encoder = (self.text_encoder.as_ref(), embeddings);
         let cond = self
             .encode_weighted(encoder, &cond, params.clip_skip, false)?
             .0;
@@ -1258,6 +1384,7 @@ impl StableDiffusion {
             None => vec![first],
         };
         let pairs: Vec<(&str, &str, usize)> = std::iter::once(positive).chain(negative).collect();
+        let all = self.token_embeddings();
         let mut chunks = Vec::new();
         for (i, (text, text_2, _)) in pairs.iter().enumerate() {
             let what = if i == 0 { "prompt" } else { "negative prompt" };
@@ -1269,7 +1396,8 @@ impl StableDiffusion {
                 } else {
                     format!("{what} 2")
                 };
-                per_encoder.push(prompt::prompt_chunks(tokenizer, text, &what)?);
+                let embeddings = all.of(e);
+                per_encoder.push(prompt::prompt_chunks(tokenizer, text, &what, embeddings)?);
             }
             chunks.push(per_encoder);
         }
@@ -1279,9 +1407,12 @@ impl StableDiffusion {
         for (per_encoder, &(_, _, clip_skip)) in chunks.iter_mut().zip(&pairs) {
             let mut states = Vec::new();
             let mut pooled = None;
-            for (list, (tokenizer, encoder)) in per_encoder.iter_mut().zip(&encoders) {
+            for (e, (list, (tokenizer, encoder))) in
+                per_encoder.iter_mut().zip(&encoders).enumerate()
+            {
                 prompt::pad_chunks(tokenizer, list, count);
-                let (hidden, p) = self.encode_weighted(*encoder, list, clip_skip, true)?;
+                let encoder = (*encoder, all.of(e));
+                let (hidden, p) = self.encode_weighted(encoder, list, clip_skip, true)?;
                 states.push(hidden);
                 pooled = p;
             }
@@ -1305,7 +1436,7 @@ impl StableDiffusion {
     /// SDXL also the first chunk's pooled output, as A1111 takes it.
     fn encode_weighted(
         &self,
-        encoder: &dyn TextEncoder,
+        (encoder, embeddings): (&dyn TextEncoder, &[TokenEmbedding]),
         chunks: &[prompt::PromptChunk],
         clip_skip: usize,
         sdxl: bool,
@@ -1316,14 +1447,15 @@ impl StableDiffusion {
             let ids = Tensor::f_from_slice(&chunk.tokens)?
                 .f_unsqueeze(0)?
                 .f_to_device(self.device)?;
+            let fixes = chunk_fixes(chunk, embeddings);
             let hidden = if sdxl {
-                let out = encoder.forward_penultimate(&ids, clip_skip, i == 0)?;
+                let out = encoder.forward_penultimate_fixed(&ids, &fixes, clip_skip, i == 0)?;
                 if i == 0 {
                     pooled = out.pooled;
                 }
                 out.hidden
             } else {
-                encoder.forward(&ids, clip_skip)?
+                encoder.forward_fixed(&ids, &fixes, clip_skip)?
             };
             states.push(prompt::apply_emphasis(&hidden, &chunk.weights)?);
         }
@@ -1530,6 +1662,7 @@ pub struct Validator {
     adapter_targets: Arc<AdapterTargets>,
     lora_dir: Option<PathBuf>,
     lora_cache: Arc<LoraCache>,
+    token_embeddings: Arc<EncoderEmbeddings>,
     /// The tokenizers the prompts go through (SDXL's second one after the first), to check
     /// prompts read with A1111's syntax as encoding will.
     tokenizers: Vec<ClipTokenizer>,
@@ -1625,7 +1758,9 @@ impl Validator {
             texts.push((second, negative_2, "negative prompt 2"));
         }
         for (tokenizer, text, what) in texts {
-            prompt::prompt_chunks(tokenizer, &prompt_text(text, what), what)?;
+            let e = if what.ends_with('2') { 1 } else { 0 };
+            let embeddings = self.token_embeddings.of(e);
+            prompt::prompt_chunks(tokenizer, &prompt_text(text, what), what, embeddings)?;
         }
         Ok(())
     }

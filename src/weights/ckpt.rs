@@ -482,6 +482,10 @@ pub(crate) fn index(path: &Path, data: &[u8]) -> Result<CkptIndex> {
     let root = pickle::unpickle(&pickled, &file_name(path))?;
     drop(pickled);
     let mut state = root.root().clone();
+    // An A1111 textual-inversion `.pt` keeps its vectors in `string_to_param` (`{"*": tensor}`).
+    if let Some(inner @ Value::Dict(_)) = state.get("string_to_param") {
+        state = inner;
+    }
     for level in 0.. {
         match state.get("state_dict") {
             Some(inner @ Value::Dict(_)) if level < 8 => state = inner,
