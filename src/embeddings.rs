@@ -14,6 +14,7 @@ use crate::limits::{
 };
 use crate::models::traits::EmbeddingFix;
 use crate::tokenizer::ClipTokenizer;
+use crate::weights::finite_float32;
 use crate::weights::single_file::Checkpoint;
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
@@ -44,16 +45,7 @@ unsafe impl Sync for Embedding {}
 /// A float tensor of `ckpt` as `[n, dim]`, checked.
 fn vectors_of(ckpt: &Checkpoint, key: &str) -> Result<Tensor> {
     let path = ckpt.path().display();
-    let t = ckpt.tensor(key)?;
-    if !matches!(
-        t.kind(),
-        Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double
-    ) {
-        return Err(Error::bad_model(format!(
-            "embedding {path}: tensor `{key}` has dtype {:?}, not floating point",
-            t.kind()
-        )));
-    }
+    let t = finite_float32(ckpt.tensor(key)?, key, ckpt.path())?;
     let t = match t.size().as_slice() {
         [d] => t.f_reshape([1, *d])?,
         [_, _] => t,
@@ -68,12 +60,6 @@ fn vectors_of(ckpt: &Checkpoint, key: &str) -> Result<Tensor> {
         return Err(Error::bad_model(format!(
             "embedding {path}: tensor `{key}` has {n} vectors of width {d}: at most \
              {MAX_EMBEDDING_VECTORS} vectors (one chunk) of width at most {MAX_CONFIG_CHANNELS}"
-        )));
-    }
-    let t = t.f_to_kind(Kind::Float)?;
-    if !bool::try_from(t.f_isfinite()?.f_all()?)? {
-        return Err(Error::bad_model(format!(
-            "embedding {path}: tensor `{key}` holds values that are not finite"
         )));
     }
     Ok(t)

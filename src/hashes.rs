@@ -45,6 +45,28 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     sha256_of(std::io::BufReader::new(file), path)
 }
 
+/// The SHA-256 of a `.safetensors` file's bytes after its header (A1111's "addnet" hash of a
+/// LoRA), in hex.
+pub fn safetensors_data_sha256(path: &Path) -> Result<String> {
+    use std::io::{Seek, SeekFrom};
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut head = [0u8; 8];
+    file.read_exact(&mut head).map_err(|e| Error::io(path, e))?;
+    let start = u64::from_le_bytes(head)
+        .checked_add(8)
+        .filter(|&start| start <= len)
+        .ok_or_else(|| {
+            Error::bad_model(format!(
+                "{}: the safetensors header runs past the end of the file",
+                path.display()
+            ))
+        })?;
+    file.seek(SeekFrom::Start(start))
+        .map_err(|e| Error::io(path, e))?;
+    sha256_of(std::io::BufReader::new(file), path)
+}
+
 /// The SHA-256 of `bytes`, in hex.
 pub fn sha256_bytes(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
@@ -171,6 +193,32 @@ mod tests {
         }
         assert_eq!(model_hash_cached_in(&dir, Some(cache)).unwrap(), None);
         assert!(model_hash_cached_in(&dir.join("missing"), None).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The hash after a safetensors header: the bytes past `8 + header length`; a header
+    /// length past the end of the file (or overflowing) is refused.
+    #[test]
+    fn safetensors_data_hash_skips_the_header() {
+        let dir = std::env::temp_dir().join(format!("sd-addnet-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("x.safetensors");
+        let mut bytes = 3u64.to_le_bytes().to_vec();
+        bytes.extend_from_slice(b"{} abc");
+        std::fs::write(&file, &bytes).unwrap();
+        assert_eq!(
+            safetensors_data_sha256(&file).unwrap(),
+            sha256_bytes(b"abc")
+        );
+        for bad in [7u64, u64::MAX] {
+            let mut bytes = bad.to_le_bytes().to_vec();
+            bytes.extend_from_slice(b"{}");
+            std::fs::write(&file, &bytes).unwrap();
+            let e = safetensors_data_sha256(&file).unwrap_err().to_string();
+            assert!(e.contains("past the end"), "{e}");
+        }
+        std::fs::write(&file, b"abc").unwrap();
+        assert!(safetensors_data_sha256(&file).is_err());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

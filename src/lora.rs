@@ -15,6 +15,7 @@
 //! LoCon) are recognised and refused by name.
 use crate::limits::MAX_LORA_TENSORS;
 use crate::models::adapters::{ActiveAdapters, Delta, LayerShape, Target, Targets};
+use crate::weights::finite_float32;
 use crate::weights::safetensors_file::SafetensorsFile;
 use crate::{Error, Result};
 use std::collections::{BTreeMap, HashMap};
@@ -80,8 +81,11 @@ pub struct Lora {
     name: String,
     path: PathBuf,
     modules: Vec<Module>,
-    /// A1111's hash of the file (see [`crate::hashes`]).
-    hash: String,
+    /// The trainer's `sshs_model_hash`, A1111's hash when the file has one.
+    stored_hash: Option<String>,
+    /// A1111's hash computed from the file, the first time it is asked for (only PNG info
+    /// needs it: hashing a large LoRA at every load would cost more than reading it).
+    computed_hash: std::sync::OnceLock<String>,
 }
 
 // SAFETY: a `Lora`'s tensors are written only while `Lora::load` builds it; afterwards they
@@ -312,30 +316,6 @@ struct Pieces {
     alpha: Option<(String, Tensor)>,
 }
 
-/// A tensor of the file as float32, refused when its dtype is not a float one or it holds a
-/// value that is not finite.
-fn float_tensor(file: &SafetensorsFile, key: &str) -> Result<Tensor> {
-    let t = file.tensor(key)?;
-    if !matches!(
-        t.kind(),
-        Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double
-    ) {
-        return Err(Error::bad_model(format!(
-            "tensor `{key}` in {} has dtype {:?}: a LoRA holds floating-point values",
-            file.path().display(),
-            t.kind()
-        )));
-    }
-    let t = t.f_to_kind(Kind::Float)?;
-    if t.numel() > 0 && !bool::try_from(t.f_isfinite()?.f_all()?)? {
-        return Err(Error::bad_model(format!(
-            "tensor `{key}` in {} holds values that are not finite",
-            file.path().display()
-        )));
-    }
-    Ok(t)
-}
-
 impl Lora {
     /// Reads a LoRA `.safetensors` file; the file is read once and never written.
     pub fn load(path: &Path) -> Result<Self> {
@@ -370,7 +350,7 @@ impl Lora {
         let mut grouped: BTreeMap<(Component, ModuleName), Pieces> = BTreeMap::new();
         for key in names {
             let (component, module, part) = classify(key).map_err(at)?;
-            let tensor = float_tensor(&file, key)?;
+            let tensor = finite_float32(file.tensor(key)?, key, path)?;
             let pieces = grouped.entry((component, module)).or_default();
             let slot = match part {
                 Part::Down => &mut pieces.down,
@@ -388,13 +368,11 @@ impl Lora {
         for ((component, name), pieces) in grouped {
             modules.push(Self::module(component, name, pieces, &metadata).map_err(at)?);
         }
-        // A1111's hash: the trainer's `sshs_model_hash`, else the SHA-256 of the tensors' bytes.
-        let hash = file
+        let stored_hash = file
             .user_metadata()
             .and_then(|m| m.get("sshs_model_hash"))
             .filter(|h| h.len() >= 12 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-            .map(|h| h.to_ascii_lowercase())
-            .unwrap_or_else(|| crate::hashes::sha256_bytes(file.data()));
+            .map(|h| h.to_ascii_lowercase());
         Ok(Self {
             name: path
                 .file_stem()
@@ -402,7 +380,8 @@ impl Lora {
                 .unwrap_or_default(),
             path: path.to_path_buf(),
             modules,
-            hash,
+            stored_hash,
+            computed_hash: Default::default(),
         })
     }
 
@@ -496,9 +475,18 @@ impl Lora {
         &self.path
     }
 
-    /// The first 12 hex digits of A1111's hash of the file (its `Lora hashes` in PNG info).
-    pub fn short_hash(&self) -> &str {
-        &self.hash[..12]
+    /// The first 12 hex digits of A1111's hash of the file (its `Lora hashes` in PNG info):
+    /// the trainer's `sshs_model_hash`, else the SHA-256 of the file after its header, read
+    /// from the file the first time it is asked for.
+    pub fn short_hash(&self) -> Result<String> {
+        let hash = match (&self.stored_hash, self.computed_hash.get()) {
+            (Some(h), _) | (None, Some(h)) => h,
+            (None, None) => {
+                let h = crate::hashes::safetensors_data_sha256(&self.path)?;
+                self.computed_hash.get_or_init(|| h)
+            }
+        };
+        Ok(hash[..12].to_string())
     }
 
     /// Number of adapted layers.

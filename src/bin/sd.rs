@@ -660,8 +660,13 @@ fn run(a: &CommonArgs, edit: Edit) -> Result<()> {
     };
     let mut lora_hashes: Vec<(String, String)> = Vec::new();
     for (name, w) in sd.requested_loras(&params)? {
-        if !lora_hashes.iter().any(|(n, _)| *n == name) {
-            lora_hashes.push((name, w.lora.short_hash().to_string()));
+        if lora_hashes.iter().any(|(n, _)| *n == name) {
+            continue;
+        }
+        // A hash that cannot be read costs its entry in the PNG info, never the image.
+        match w.lora.short_hash() {
+            Ok(hash) => lora_hashes.push((name, hash)),
+            Err(e) => eprintln!("warning: no hash for LoRA {name} in the PNG info: {e}"),
         }
     }
     let tags: String = params

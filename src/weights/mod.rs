@@ -16,6 +16,30 @@ use std::sync::Arc;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
+/// Tensor `key` of `file` as float32, refused when its dtype is not a floating-point one or a
+/// value is not finite: what the small add-on files (LoRAs, embeddings) may hold, whose values
+/// go straight into a run.
+pub(crate) fn finite_float32(t: Tensor, key: &str, file: &Path) -> Result<Tensor> {
+    if !matches!(
+        t.kind(),
+        Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double
+    ) {
+        return Err(Error::bad_model(format!(
+            "tensor `{key}` in {} has dtype {:?}, not floating point",
+            file.display(),
+            t.kind()
+        )));
+    }
+    let t = t.f_to_kind(Kind::Float)?;
+    if t.numel() > 0 && !bool::try_from(t.f_isfinite()?.f_all()?)? {
+        return Err(Error::bad_model(format!(
+            "tensor `{key}` in {} holds values that are not finite",
+            file.display()
+        )));
+    }
+    Ok(t)
+}
+
 /// Where a model's tensors come from, under the model's own (diffusers) variable names.
 pub trait TensorSource {
     /// The shape of the tensor stored for `key`, if the source has it.

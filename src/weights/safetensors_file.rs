@@ -107,11 +107,6 @@ impl SafetensorsFile {
         self.mmap.len() as u64
     }
 
-    /// The bytes after the header: every tensor's data.
-    pub fn data(&self) -> &[u8] {
-        &self.mmap[self.data_start..]
-    }
-
     /// Size in bytes of the header plus data, as on disk.
     pub fn data_start(&self) -> usize {
         self.data_start
