@@ -23,15 +23,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use tch::{Device, Kind, Tensor};
 
-/// The text a prompt read with A1111's syntax encodes: a positive prompt without its
-/// extra-network tags (`<lora:...>`, applied as LoRAs); a negative prompt as it is (A1111
-/// reads tags in the positive prompt only).
-fn prompt_text<'a>(text: &'a str, what: &str) -> std::borrow::Cow<'a, str> {
-    if what.starts_with("negative") {
-        std::borrow::Cow::Borrowed(text)
-    } else {
-        std::borrow::Cow::Owned(prompt::extra_networks(text).0)
-    }
+/// The text a positive prompt read with A1111's syntax encodes: without its extra-network
+/// tags (`<lora:...>`, applied as LoRAs). Negative prompts are encoded as they are (A1111 reads
+/// tags in the positive prompt only).
+fn without_tags(text: &str) -> String {
+    prompt::extra_networks(text).0
 }
 
 /// A pipeline's embeddings as each of its text encoders sees them, and why the others are
@@ -743,7 +739,7 @@ impl StableDiffusion {
     pub fn encode_prompt_a1111(&self, prompt: &str, clip_skip: usize) -> Result<Tensor> {
         check_prompt("prompt", prompt)?;
         let embeddings = self.token_embeddings();
-        let text = prompt_text(prompt, "prompt");
+        let text = without_tags(prompt);
         let chunks = prompt::prompt_chunks(&self.tokenizer, &text, "prompt", embeddings.of(0))?;
         let encoder = (self.text_encoder.as_ref(), embeddings.of(0));
         Ok(self.encode_weighted(encoder, &chunks, clip_skip, false)?.0)
@@ -1339,7 +1335,7 @@ impl StableDiffusion {
         let tokenizer = &self.tokenizer;
         let all = self.token_embeddings();
         let embeddings = all.of(0);
-        let positive = prompt_text(&params.prompt, "prompt");
+        let positive = without_tags(&params.prompt);
         let mut cond = prompt::prompt_chunks(tokenizer, &positive, "prompt", embeddings)?;
         let negative = params.negative_prompt.as_deref().unwrap_or("");
         let mut uncond = prompt::prompt_chunks(tokenizer, negative, "negative prompt", embeddings)?;
@@ -1481,10 +1477,7 @@ impl StableDiffusion {
         let negative_2 = params.negative_prompt_2.as_deref().unwrap_or(negative);
         let mut a1111_negative = None;
         let (context, pooled) = if params.prompt_syntax == PromptSyntax::A1111 {
-            let (prompt, prompt_2) = (
-                prompt_text(&params.prompt, "prompt"),
-                prompt_text(prompt_2, "prompt 2"),
-            );
+            let (prompt, prompt_2) = (without_tags(&params.prompt), without_tags(prompt_2));
             let texts = (&prompt[..], &prompt_2[..], params.clip_skip);
             // As with plain prompts, clip_skip applies to the prompt only.
             let negatives = (cfg && !zero_negative).then_some((negative, negative_2, 0));
@@ -1746,21 +1739,21 @@ impl Validator {
     /// names encoding uses.
     fn check_a1111_prompts(&self, p: &GenerateParams) -> Result<()> {
         let negative = p.negative_prompt.as_deref().unwrap_or("");
+        // (encoder, text as encoded, name in errors)
         let mut texts = Vec::new();
-        if let Some(first) = self.tokenizers.first() {
-            texts.push((first, &p.prompt[..], "prompt"));
-            texts.push((first, negative, "negative prompt"));
+        if !self.tokenizers.is_empty() {
+            texts.push((0, without_tags(&p.prompt), "prompt"));
+            texts.push((0, negative.to_string(), "negative prompt"));
         }
-        if let Some(second) = self.tokenizers.get(1) {
+        if self.tokenizers.len() > 1 {
             let prompt_2 = p.prompt_2.as_deref().unwrap_or(&p.prompt);
-            texts.push((second, prompt_2, "prompt 2"));
+            texts.push((1, without_tags(prompt_2), "prompt 2"));
             let negative_2 = p.negative_prompt_2.as_deref().unwrap_or(negative);
-            texts.push((second, negative_2, "negative prompt 2"));
+            texts.push((1, negative_2.to_string(), "negative prompt 2"));
         }
-        for (tokenizer, text, what) in texts {
-            let e = if what.ends_with('2') { 1 } else { 0 };
+        for (e, text, what) in texts {
             let embeddings = self.token_embeddings.of(e);
-            prompt::prompt_chunks(tokenizer, &prompt_text(text, what), what, embeddings)?;
+            prompt::prompt_chunks(&self.tokenizers[e], &text, what, embeddings)?;
         }
         Ok(())
     }
