@@ -50,21 +50,11 @@ fn params_of(case: &serde_json::Value, refs: &Refs) -> GenerateParams {
         .as_str()
         .map(|m| image_of(&refs.get(&format!("mask_{m}"))));
     GenerateParams {
-        prompt: case["prompt"].as_str().unwrap().to_string(),
-        negative_prompt: case["negative_prompt"].as_str().map(String::from),
-        steps: case["steps"].as_u64().unwrap() as usize,
-        guidance: case["guidance"].as_f64().unwrap(),
-        seed: case["seed"].as_u64().unwrap(),
-        width: case["width"].as_i64(),
-        height: case["height"].as_i64(),
-        batch: case["batch"].as_u64().unwrap() as usize,
-        scheduler: case["scheduler"].as_str().map(String::from),
-        eta: case["eta"].as_f64().unwrap_or(0.0),
         init_image: Some(image),
         mask,
         strength: case["strength"].as_f64(),
         paste_back: false,
-        ..Default::default()
+        ..common::case_params(case)
     }
 }
 

@@ -1002,13 +1002,7 @@ fn generate_params_carry_sdxl_prompts_and_micro_conditioning() {
     g.negative_prompt_2 = negative_2.as_ptr();
     let got = generate(p, &g).unwrap();
     let want = common::Refs::open("tiny-sdxl").get("pipe_c");
-    let want: Vec<f32> = Vec::try_from(want.flatten(0, -1)).unwrap();
-    let worst = got[0]
-        .0
-        .iter()
-        .zip(&want)
-        .map(|(&a, &b)| (a as f32 - (b * 255.0).round()).abs())
-        .fold(0.0f32, f32::max);
+    let worst = levels_off(&got[0].0, &want);
     assert!(worst <= 1.0, "case c through C differs by {worst} levels");
 
     // An older caller's struct ends before prompt_2: the second prompts fall back to the
@@ -1121,14 +1115,8 @@ fn refiner_img2img_takes_the_aesthetic_scores() {
     g.aesthetic_score = case["aesthetic_score"].as_f64().unwrap();
     g.negative_aesthetic_score = case["negative_aesthetic_score"].as_f64().unwrap();
     let got = generate(p, &g).unwrap();
-    let want: Vec<f32> = Vec::try_from(refs.get("out_b").flatten(0, -1)).unwrap();
     let bytes: Vec<u8> = got.iter().flat_map(|img| img.0.clone()).collect();
-    assert_eq!(bytes.len(), want.len());
-    let worst = bytes
-        .iter()
-        .zip(&want)
-        .map(|(&a, &b)| (a as f32 - (b * 255.0).round()).abs())
-        .fold(0.0f32, f32::max);
+    let worst = levels_off(&bytes, &refs.get("out_b"));
     assert!(
         worst <= 1.0,
         "refiner case b through C differs by {worst} levels"
@@ -1171,14 +1159,8 @@ fn generate_params_carry_a_refiner() {
     g.height = case["height"].as_u64().unwrap() as u32;
     g.refiner = refiner;
     g.refiner_start = case["refiner_start"].as_f64().unwrap();
-    let want: Vec<f32> = Vec::try_from(refs.get("out_ensemble_txt2img").flatten(0, -1)).unwrap();
     let got = generate(base, &g).unwrap()[0].0.clone();
-    assert_eq!(got.len(), want.len());
-    let worst = got
-        .iter()
-        .zip(&want)
-        .map(|(&a, &b)| (a as f32 - (b * 255.0).round()).abs())
-        .fold(0.0f32, f32::max);
+    let worst = levels_off(&got, &refs.get("out_ensemble_txt2img"));
     assert!(worst <= 1.0, "ensemble through C differs by {worst} levels");
 
     // The same through a job, with the step count of both phases.
@@ -1338,12 +1320,7 @@ fn generate_params_read_prompts_as_a1111() {
     g.guidance = case["guidance"].as_f64().unwrap();
     g.prompt_syntax = SD_PROMPT_A1111;
     let a1111 = generate(p, &g).unwrap()[0].0.clone();
-    let want: Vec<f32> = Vec::try_from(want.flatten(0, -1)).unwrap();
-    let worst = a1111
-        .iter()
-        .zip(&want)
-        .map(|(&a, &b)| (a as f32 - (b * 255.0).round()).abs())
-        .fold(0.0f32, f32::max);
+    let worst = levels_off(&a1111, &want);
     assert!(
         worst <= 1.0,
         "A1111 prompts through C differ by {worst} levels"
@@ -1401,13 +1378,7 @@ fn generate_params_read_prompts_as_a1111() {
 fn loras_apply_per_call_through_handles_and_tags() {
     let case = common::case_named("lora", "cases", "sd1_both");
     let want = common::Refs::open("lora").get("out_sd1_both");
-    let want: Vec<f32> = Vec::try_from(want.flatten(0, -1)).unwrap();
-    let levels = |got: &[u8]| {
-        got.iter()
-            .zip(&want)
-            .map(|(&a, &b)| (a as f32 - (b * 255.0).round()).abs())
-            .fold(0.0f32, f32::max)
-    };
+    let levels = |got: &[u8]| levels_off(got, &want);
     let dir = common::fixtures().join("lora");
     let load_lora = |file: &str| {
         let path = CString::new(dir.join(file).to_str().unwrap()).unwrap();
@@ -1570,7 +1541,6 @@ fn sd_load_options_with_defaults() -> sd_load_options {
 fn load_options_embeddings_dir_reaches_the_prompts() {
     let case = common::case_named("embeddings", "cases", "sd1_pt");
     let want = common::Refs::open("embeddings").get("out_sd1_pt");
-    let want: Vec<f32> = Vec::try_from(want.flatten(0, -1)).unwrap();
     let dir = CString::new(common::fixtures().join("embeddings").to_str().unwrap()).unwrap();
     let mut options = sd_load_options_with_defaults();
     options.embeddings_dir = dir.as_ptr();
@@ -1586,11 +1556,7 @@ fn load_options_embeddings_dir_reaches_the_prompts() {
     );
     g.guidance = case["guidance"].as_f64().unwrap();
     let got = generate(p, &g).unwrap()[0].0.clone();
-    let worst = got
-        .iter()
-        .zip(&want)
-        .map(|(&a, &b)| (a as f32 - (b * 255.0).round()).abs())
-        .fold(0.0f32, f32::max);
+    let worst = levels_off(&got, &want);
     assert!(
         worst <= 1.0,
         "embeddings through C differ by {worst} levels"

@@ -196,19 +196,9 @@ fn pair(v: &serde_json::Value) -> Option<(i64, i64)> {
 fn params_of(case: &serde_json::Value) -> GenerateParams {
     let text = |k: &str| case[k].as_str().map(String::from);
     GenerateParams {
-        prompt: text("prompt").unwrap(),
-        negative_prompt: text("negative_prompt"),
         prompt_2: text("prompt_2"),
         negative_prompt_2: text("negative_prompt_2"),
-        steps: case["steps"].as_u64().unwrap() as usize,
-        guidance: case["guidance"].as_f64().unwrap(),
         guidance_rescale: case["guidance_rescale"].as_f64().unwrap_or(0.0),
-        seed: case["seed"].as_u64().unwrap(),
-        width: case["width"].as_i64(),
-        height: case["height"].as_i64(),
-        batch: case["batch"].as_u64().unwrap_or(1) as usize,
-        scheduler: text("scheduler"),
-        clip_skip: case["clip_skip"].as_u64().unwrap_or(0) as usize,
         micro: MicroConditioning {
             original_size: pair(&case["original_size"]),
             crops_coords_top_left: pair(&case["crops_coords_top_left"]).unwrap_or((0, 0)),
@@ -219,7 +209,7 @@ fn params_of(case: &serde_json::Value) -> GenerateParams {
             negative_target_size: pair(&case["negative_target_size"]),
             ..Default::default()
         },
-        ..Default::default()
+        ..common::case_params(case)
     }
 }
 

@@ -182,21 +182,6 @@ fn unet_matches_folder_and_diffusers() {
     assert!(err.contains("16 features"), "{err}");
 }
 
-fn txt2img_params(case: &serde_json::Value) -> GenerateParams {
-    GenerateParams {
-        prompt: case["prompt"].as_str().unwrap().to_string(),
-        negative_prompt: case["negative_prompt"].as_str().map(String::from),
-        steps: case["steps"].as_u64().unwrap() as usize,
-        guidance: case["guidance"].as_f64().unwrap(),
-        seed: case["seed"].as_u64().unwrap(),
-        width: case["width"].as_i64(),
-        height: case["height"].as_i64(),
-        batch: case["batch"].as_u64().unwrap() as usize,
-        scheduler: case["scheduler"].as_str().map(String::from),
-        ..Default::default()
-    }
-}
-
 /// Runs `params` through both loading paths and compares the float images.
 fn same_images(
     what: &str,
@@ -224,7 +209,7 @@ fn txt2img_ddim_and_euler_ancestral_match_folder() {
         .iter()
         .find(|c| c["scheduler"] == "DDIMScheduler")
         .expect("a DDIM case in tiny-sd2-cases.json");
-    let params = txt2img_params(case);
+    let params = common::case_params(case);
     let got = ts.txt2img(&params, None).unwrap();
     let want = folder.txt2img(&params, None).unwrap();
     assert_same("txt2img DDIM", &got.pixels, &want.pixels);

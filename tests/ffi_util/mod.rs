@@ -136,3 +136,14 @@ unsafe extern "C" fn trampoline(info: *const sd_step_info, user_data: *mut c_voi
     let hook = &mut *(user_data as *mut StepHook);
     (hook.0)(&*info)
 }
+
+/// The largest difference, in 8-bit levels, between `got` and a float reference image in
+/// [0, 1] (diffusers' `output_type="np"`) rounded to levels.
+pub fn levels_off(got: &[u8], want: &tch::Tensor) -> f32 {
+    let want: Vec<f32> = Vec::try_from(want.flatten(0, -1)).unwrap();
+    assert_eq!(got.len(), want.len(), "image sizes differ");
+    got.iter()
+        .zip(&want)
+        .map(|(&a, &b)| (a as f32 - (b * 255.0).round()).abs())
+        .fold(0.0f32, f32::max)
+}
