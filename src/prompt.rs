@@ -874,6 +874,60 @@ mod tests {
         assert_eq!(tags[0].args, vec!["n", "1"]);
     }
 
+    /// Seeded prompts of text and `<lora:NAME:W>` tags in any order: the tags come out in
+    /// order with their names and weights to the bit, the text is what is left; random text
+    /// with brackets, colons and non-ASCII never panics and never gains characters.
+    #[test]
+    fn tags_come_out_of_any_prompt() {
+        use crate::train::dataset::Rng;
+        let mut rng = Rng::new(0x7a9);
+        let words = [
+            "a cat",
+            ", ",
+            "(red:1.2)",
+            " BREAK ",
+            "x: y",
+            "ünï ",
+            "[b]",
+            " ",
+        ];
+        let names = ["style", "pixel-art", "a_b", "v1.5", "x"];
+        for _ in 0..2000 {
+            let (mut prompt, mut text, mut want) = (String::new(), String::new(), Vec::new());
+            for _ in 0..rng.below(8) {
+                if rng.below(3) == 0 {
+                    let name = names[rng.below(names.len())];
+                    let w = (rng.uniform() as f64 - 0.5) * 4.0;
+                    prompt.push_str(&format!("<lora:{name}:{w}>"));
+                    want.push((name.to_string(), w));
+                } else {
+                    let word = words[rng.below(words.len())];
+                    prompt.push_str(word);
+                    text.push_str(word);
+                }
+            }
+            let (left, tags) = extra_networks(&prompt);
+            assert_eq!(left, text, "{prompt}");
+            let got: Vec<(String, f64)> = lora_tags(&prompt, "prompt")
+                .unwrap()
+                .into_iter()
+                .map(|t| (t.name, t.unet))
+                .collect();
+            assert_eq!(got, want, "{prompt}");
+            assert_eq!(tags.len(), want.len());
+        }
+        let alphabet: Vec<char> = "<>:lora a1\\(é)".chars().collect();
+        for _ in 0..5000 {
+            let prompt: String = (0..rng.below(24))
+                .map(|_| alphabet[rng.below(alphabet.len())])
+                .collect();
+            let (left, tags) = extra_networks(&prompt);
+            assert!(left.chars().count() <= prompt.chars().count(), "{prompt}");
+            assert!(tags.len() <= prompt.matches('<').count(), "{prompt}");
+            let _ = lora_tags(&prompt, "prompt");
+        }
+    }
+
     #[test]
     fn lora_tags_read_weights_as_a1111() {
         let tag = |s: &str| lora_tags(s, "prompt").unwrap();
