@@ -41,7 +41,7 @@ for pkg, want in (("torch", "2.13.0"), ("diffusers", "0.42.1"), ("transformers",
 PYEOF
 
 status=0
-for script in tokenizer schedulers schedulers_k schedulers_multistep models sdxl single_file single_file_sdxl a1111_prompts lora embeddings; do
+for script in tokenizer schedulers schedulers_k schedulers_multistep models sdxl single_file single_file_sdxl a1111_prompts lora embeddings engine; do
   path="tools/fixtures/$script.py"
   if [[ ! -f "$path" ]]; then
     echo "== skipping $path (not written yet)"

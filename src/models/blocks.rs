@@ -274,8 +274,21 @@ impl Conv2d {
         stride: i64,
         padding: i64,
     ) -> Self {
+        Self::with_bias(vs, in_c, out_c, kernel, stride, padding, true)
+    }
+
+    /// [`Conv2d::new`], with a bias only when `bias` is set.
+    pub fn with_bias(
+        vs: nn::Path,
+        in_c: i64,
+        out_c: i64,
+        kernel: i64,
+        stride: i64,
+        padding: i64,
+        bias: bool,
+    ) -> Self {
         let weight = variable(&vs, "weight", &[out_c, in_c, kernel, kernel], kaiming());
-        let bias = Some(variable(&vs, "bias", &[out_c], Init::Const(0.)));
+        let bias = bias.then(|| variable(&vs, "bias", &[out_c], Init::Const(0.)));
         let packed = PackedWeight::new(&weight);
         let shape = LayerShape::Conv {
             in_c,
@@ -296,14 +309,24 @@ impl Conv2d {
     }
 
     /// The layer's output plus the deltas of the LoRAs installed for this call
-    /// ([`adapters::activate`]).
+    /// ([`adapters::activate`]). While [`wrap_around`] is in force, the input is padded
+    /// circularly along the wrapping axes (zeros along the others) and convolved without
+    /// padding, so the deltas see the same wrapped input.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let conv = Some((self.stride, self.padding));
-        adapters::add_deltas(self.adapter, xs, self.forward_own(xs)?, conv)
+        let wrapped = match self.padding {
+            0 => None,
+            p => wrap_padding(xs, p)?,
+        };
+        let (xs, padding) = match &wrapped {
+            Some(padded) => (padded, 0),
+            None => (xs, self.padding),
+        };
+        let conv = Some((self.stride, padding));
+        adapters::add_deltas(self.adapter, xs, self.forward_own(xs, padding)?, conv)
     }
 
-    fn forward_own(&self, xs: &Tensor) -> Result<Tensor> {
-        let (stride, padding) = (self.stride, self.padding);
+    fn forward_own(&self, xs: &Tensor, padding: i64) -> Result<Tensor> {
+        let stride = self.stride;
         let packed = self.packed.get(&self.weight, xs, || {
             packed::pack_conv(&self.weight, &xs.size(), stride, padding)
         });
@@ -316,12 +339,89 @@ impl Conv2d {
         Ok(xs.f_conv2d(
             &self.packed.dense(&self.weight)?,
             self.bias.as_ref(),
-            [self.stride, self.stride],
-            [self.padding, self.padding],
+            [stride, stride],
+            [padding, padding],
             [1, 1],
             1,
         )?)
     }
+}
+
+/// Which axes of the image wrap around: seamless tiling, as A1111's "Tiling" (every
+/// convolution padded circularly instead of with zeros) or only along one axis.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Seamless {
+    /// Left and right edges meet.
+    pub x: bool,
+    /// Top and bottom edges meet.
+    pub y: bool,
+}
+
+impl Seamless {
+    pub const OFF: Seamless = Seamless { x: false, y: false };
+    pub const XY: Seamless = Seamless { x: true, y: true };
+
+    pub fn is_off(self) -> bool {
+        !self.x && !self.y
+    }
+
+    /// `x`, `y`, `xy` (or `yx`, `both`) and `none` / `off`, as the CLI spells them.
+    pub fn parse(text: &str) -> Option<Self> {
+        let (x, y) = match text.trim().to_ascii_lowercase().as_str() {
+            "x" => (true, false),
+            "y" => (false, true),
+            "xy" | "yx" | "both" => (true, true),
+            "none" | "off" | "" => (false, false),
+            _ => return None,
+        };
+        Some(Self { x, y })
+    }
+
+    /// The spelling [`Seamless::parse`] reads back (`none` when off).
+    pub fn name(self) -> &'static str {
+        match (self.x, self.y) {
+            (true, true) => "xy",
+            (true, false) => "x",
+            (false, true) => "y",
+            (false, false) => "none",
+        }
+    }
+}
+
+thread_local! {
+    static WRAP_X: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static WRAP_Y: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// While the returned guards live, every [`Conv2d`] with padding that runs on this thread
+/// wraps around the axes `seamless` names (a per-call switch: the pipeline installs it for
+/// the UNet and VAE calls of a run, so nothing is rebuilt and other threads are untouched).
+pub fn wrap_around(seamless: Seamless) -> [FlagGuard; 2] {
+    [
+        FlagGuard::set(&WRAP_X, seamless.x),
+        FlagGuard::set(&WRAP_Y, seamless.y),
+    ]
+}
+
+/// `xs` padded by `p` on each side for a convolution while [`wrap_around`] is in force:
+/// circularly along the wrapping axes, with zeros along the others (`None` when nothing
+/// wraps, so the convolution pads as usual).
+fn wrap_padding(xs: &Tensor, p: i64) -> Result<Option<Tensor>> {
+    let (x, y) = (WRAP_X.with(|w| w.get()), WRAP_Y.with(|w| w.get()));
+    if !x && !y {
+        return Ok(None);
+    }
+    let size = xs.size();
+    if size.len() != 4 || (x && size[3] < p) || (y && size[2] < p) {
+        return Err(crate::Error::invalid(format!(
+            "seamless tiling needs at least {p} cells along each wrapping axis of a \
+             convolution's input, got {size:?}"
+        )));
+    }
+    let mode = |wraps: bool| if wraps { "circular" } else { "constant" };
+    let value = |wraps: bool| if wraps { None } else { Some(0.0) };
+    let padded = xs.f_pad([p, p, 0, 0], mode(x), value(x))?;
+    Ok(Some(padded.f_pad([0, 0, p, p], mode(y), value(y))?))
 }
 
 /// `fresh + other`, written into `fresh` (a tensor no one else holds, with the result's shape)

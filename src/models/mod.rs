@@ -7,6 +7,8 @@ pub mod config;
 pub mod fast;
 pub mod int8;
 pub mod packed;
+pub mod tiling;
+pub mod tiny_vae;
 pub mod torchscript;
 pub mod traits;
 pub mod unet;
@@ -14,6 +16,7 @@ pub mod vae;
 
 pub use clip::{ClipTextConfig, ClipTextTransformer, TextStates};
 pub use fast::{DeepCache, FastPass, TokenMerging};
+pub use tiny_vae::{AutoencoderTiny, TinyVaeConfig};
 pub use traits::{Autoencoder, Denoiser, TextEncoder};
 pub use unet::{AddedConditions, UNet2DConditionModel, UNetConfig};
 pub use vae::{AutoencoderKL, DiagonalGaussian, VaeConfig};

@@ -124,6 +124,10 @@ pub trait Denoiser: Send {
     fn adapter_targets(&self) -> Option<&Targets> {
         None
     }
+    /// Whether its convolutions follow [`super::blocks::wrap_around`] (seamless tiling).
+    fn wraps_around(&self) -> bool {
+        false
+    }
 }
 
 /// The VAE between pixels in [-1, 1] and unscaled latents.
@@ -136,6 +140,14 @@ pub trait Autoencoder: Send {
     /// The config's `scaling_factor` (0.18215 for SD 1.x).
     fn scaling_factor(&self) -> f64;
     fn shift_factor(&self) -> Option<f64>;
+    /// Whether its convolutions follow [`super::blocks::wrap_around`] (seamless tiling).
+    fn wraps_around(&self) -> bool {
+        false
+    }
+    /// The image side it was made for (the config's `sample_size`), when known.
+    fn sample_size(&self) -> Option<i64> {
+        None
+    }
 
     /// Latents as the UNet sees them: `(z - shift) * scaling_factor`.
     fn scale_latents(&self, z: &Tensor) -> Result<Tensor> {
@@ -233,6 +245,9 @@ impl Denoiser for UNet2DConditionModel {
     fn adapter_targets(&self) -> Option<&Targets> {
         Some(UNet2DConditionModel::adapter_targets(self))
     }
+    fn wraps_around(&self) -> bool {
+        true
+    }
 }
 
 impl Autoencoder for AutoencoderKL {
@@ -253,5 +268,11 @@ impl Autoencoder for AutoencoderKL {
     }
     fn shift_factor(&self) -> Option<f64> {
         self.config().shift_factor
+    }
+    fn wraps_around(&self) -> bool {
+        true
+    }
+    fn sample_size(&self) -> Option<i64> {
+        self.config().sample_size
     }
 }

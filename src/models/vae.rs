@@ -47,6 +47,22 @@ pub struct VaeConfig {
     /// SDXL's VAE overflows in float16).
     #[serde(default = "d_true")]
     pub force_upcast: bool,
+    /// The image side it was trained at (512 for SD 1.x, 1024 for SDXL): the default VAE tile.
+    #[serde(default, deserialize_with = "int_or_first")]
+    pub sample_size: Option<i64>,
+}
+
+/// An integer, or a list of them whose first is taken (diffusers reads `sample_size` either
+/// way); anything else is left unknown rather than refused, since only VAE tiling's default
+/// tile reads it.
+fn int_or_first<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<i64>, D::Error> {
+    let v: serde_json::Value = serde::Deserialize::deserialize(d)?;
+    Ok(match &v {
+        serde_json::Value::Array(items) => items.first().and_then(|x| x.as_i64()),
+        other => other.as_i64(),
+    })
 }
 
 fn d_three() -> i64 {
@@ -108,6 +124,9 @@ impl VaeConfig {
             MAX_CONFIG_LAYERS,
         )?;
         check_finite(&field("scaling_factor"), self.scaling_factor, true)?;
+        if let Some(size) = self.sample_size {
+            check_positive(&field("sample_size"), size, 1 << 16)?;
+        }
         if let Some(shift) = self.shift_factor {
             check_finite(&field("shift_factor"), shift, false)?;
         }
@@ -480,5 +499,11 @@ impl super::traits::Autoencoder for UpcastVae {
     }
     fn shift_factor(&self) -> Option<f64> {
         self.inner.config().shift_factor
+    }
+    fn wraps_around(&self) -> bool {
+        true
+    }
+    fn sample_size(&self) -> Option<i64> {
+        self.inner.config().sample_size
     }
 }

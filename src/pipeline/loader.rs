@@ -5,11 +5,13 @@
 use super::{SdxlText, StableDiffusion};
 use crate::limits::check_component_size;
 use crate::models::blocks::{count_parameters, pack_weights};
+use crate::models::tiny_vae::{infer_single_file, TinyVaeLayout, TinyVaeParts};
 use crate::models::torchscript::{self, TorchScriptParts};
 use crate::models::traits::{Autoencoder, TextEncoder};
 use crate::models::vae::UpcastVae;
 use crate::models::{
-    AutoencoderKL, ClipTextConfig, ClipTextTransformer, UNet2DConditionModel, UNetConfig, VaeConfig,
+    AutoencoderKL, AutoencoderTiny, ClipTextConfig, ClipTextTransformer, TinyVaeConfig,
+    UNet2DConditionModel, UNetConfig, VaeConfig,
 };
 use crate::schedulers::SchedulerConfig;
 use crate::tokenizer::ClipTokenizer;
@@ -45,6 +47,9 @@ pub struct LoadOptions {
     /// (see [`crate::embeddings`]); files that are not embeddings are skipped, with a warning
     /// at the first call.
     pub embeddings_dir: Option<PathBuf>,
+    /// A tiny autoencoder (see [`crate::models::tiny_vae`]) for full-size previews and, when a
+    /// call asks ([`super::GenerateParams::tiny_vae_decode`]), the final decode.
+    pub tiny_vae: Option<PathBuf>,
 }
 
 /// Which kernels a float32 model runs with on the CPU. The two round differently (within
@@ -88,6 +93,7 @@ impl Default for LoadOptions {
             weight_kernels: WeightKernels::Auto,
             lora_dir: None,
             embeddings_dir: None,
+            tiny_vae: None,
         }
     }
 }
@@ -222,6 +228,46 @@ fn build_vae(vs: tch::nn::Path, config: &VaeConfig) -> Result<AutoencoderKL> {
     AutoencoderKL::new(vs, config)
 }
 
+/// Loads a tiny autoencoder: a diffusers `AutoencoderTiny` folder (`config.json` and
+/// `diffusion_pytorch_model.safetensors`) or one `.safetensors` file, whose layout and sizes
+/// are read from its tensors. Its weights are copied (it is small).
+pub fn load_tiny_vae(path: &Path, options: &LoadOptions) -> Result<AutoencoderTiny> {
+    let _skip_init = crate::models::blocks::skip_random_init();
+    let _plain = pack_weights(false);
+    let what = format!("tiny autoencoder {}", path.display());
+    let (weights, config, layout, parts) = if path.is_dir() {
+        let config = TinyVaeConfig::from_file(&path.join("config.json"))?;
+        let weights = WeightSet::find_in_dir(path, "diffusion_pytorch_model")?;
+        let both = TinyVaeParts {
+            encoder: true,
+            decoder: true,
+        };
+        (weights, config, TinyVaeLayout::Diffusers, both)
+    } else if path.is_file() {
+        let weights = WeightSet::open(&[path.to_path_buf()])?;
+        let (layout, config, parts) = infer_single_file(&weights.shapes())
+            .map_err(|e| Error::bad_model(format!("{}: {e}", path.display())))?;
+        (weights, config, layout, parts)
+    } else {
+        return Err(Error::invalid(format!(
+            "tiny autoencoder {} not found",
+            path.display()
+        )));
+    };
+    let build = |vs: tch::nn::Path| AutoencoderTiny::new(vs, &config, parts);
+    let parameters = count_parameters(build)?;
+    check_component_size(
+        &what,
+        parameters,
+        weights.total_bytes(),
+        &weights.describe(),
+    )?;
+    let vs = var_store(options.device, options.kind);
+    let model = build(vs.root())?;
+    load_into_mapped(&weights, &vs, |name| vec![layout.key_of(name)], false)?;
+    Ok(model)
+}
+
 /// diffusers before 0.14 named the VAE's attention `query/key/value/proj_attn`.
 fn vae_keys(name: &str) -> Vec<String> {
     let mut keys = vec![name.to_string()];
@@ -286,6 +332,9 @@ impl StableDiffusion {
         }
         if let Some(dir) = &options.embeddings_dir {
             sd.set_embeddings(crate::embeddings::Embeddings::from_dir(dir)?);
+        }
+        if let Some(tiny) = &options.tiny_vae {
+            sd.set_tiny_vae(Some(load_tiny_vae(tiny, options)?))?;
         }
         Ok(sd)
     }

@@ -3,16 +3,19 @@
 mod loader;
 pub mod preview;
 
-pub use loader::{LoadOptions, ModelFiles, WeightKernels};
+pub use loader::{load_tiny_vae, LoadOptions, ModelFiles, WeightKernels};
 
 use crate::embeddings::{self, Embeddings, TokenEmbedding};
 use crate::image_io::Image;
 use crate::limits::MAX_PROMPT_BYTES;
 use crate::lora::{AdapterTargets, LoraCache, LoraWeight};
 use crate::models::adapters::{self, ActiveAdapters};
+use crate::models::blocks;
+pub use crate::models::blocks::Seamless;
 use crate::models::fast::{DeepCache, FastPass, TokenMerging, NEEDS_NATIVE_UNET};
+use crate::models::tiling::{Tiles, LATENT_TILE_MULTIPLE, MIN_LATENT_TILE};
 use crate::models::traits::{Autoencoder, Denoiser, EmbeddingFix, TextEncoder};
-use crate::models::AddedConditions;
+use crate::models::{AddedConditions, AutoencoderTiny, DiagonalGaussian};
 use crate::prompt;
 pub use crate::prompt::PromptSyntax;
 use crate::rng::{NoiseSource, PredrawnNoise};
@@ -123,7 +126,51 @@ pub struct GenerateParams {
     /// this call; `None` takes [`LoadOptions::lora_dir`]. Tags are read only with
     /// [`PromptSyntax::A1111`].
     pub lora_dir: Option<PathBuf>,
+    /// Seamless tiling: the axes along which the image wraps around, so that copies of it
+    /// placed side by side (or one above the other) show no seam. Every convolution of the
+    /// UNet and the VAE pads circularly along them for this call only; off gives the same
+    /// image as before, bit for bit.
+    pub seamless: Seamless,
+    /// Whether the VAE decodes (and encodes an init image) in overlapping tiles, which bounds
+    /// its memory by the tile instead of the image (diffusers' `enable_vae_tiling`).
+    pub vae_tiling: VaeTiling,
+    /// The VAE tile's side in pixels; `None` takes the VAE's `sample_size`, as diffusers does.
+    /// A multiple of 4 latent cells (32 pixels for SD), at least 8 cells.
+    pub vae_tile_size: Option<i64>,
+    /// Decode the final images with the tiny autoencoder ([`LoadOptions::tiny_vae`]) instead
+    /// of the VAE: much faster, a little less detailed.
+    pub tiny_vae_decode: bool,
 }
+
+/// When the VAE works in tiles (see [`GenerateParams::vae_tiling`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum VaeTiling {
+    /// Tiles when the image has more than [`AUTO_VAE_TILING_PIXELS`] pixels (and no seamless
+    /// axis, whose wrap-around a tile cannot see).
+    #[default]
+    Auto,
+    /// Never tiles.
+    Off,
+    /// Tiles whenever the image is larger than one tile.
+    On,
+}
+
+impl VaeTiling {
+    /// `auto`, `off` / `no`, `on` / `yes`, as the CLI spells them.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "auto" => Some(Self::Auto),
+            "off" | "no" | "false" => Some(Self::Off),
+            "on" | "yes" | "true" => Some(Self::On),
+            _ => None,
+        }
+    }
+}
+
+/// Above this many pixels (1536 x 1536) [`VaeTiling::Auto`] decodes in tiles: an SD VAE's
+/// untiled decode holds several 128-channel float32 activations at full resolution, about
+/// 1.2 GiB each at 2048 x 2048, while every size SDXL was trained at stays below it.
+pub const AUTO_VAE_TILING_PIXELS: i64 = 1536 * 1536;
 
 /// SDXL's micro-conditioning, as `(height, width)` and `(top, left)` pairs in pixels
 /// (diffusers' `original_size`, `crops_coords_top_left`, `target_size` and their `negative_`
@@ -325,6 +372,10 @@ impl Default for GenerateParams {
             prompt_syntax: PromptSyntax::Plain,
             loras: Vec::new(),
             lora_dir: None,
+            seamless: Seamless::OFF,
+            vae_tiling: VaeTiling::Auto,
+            vae_tile_size: None,
+            tiny_vae_decode: false,
         }
     }
 }
@@ -337,6 +388,23 @@ pub struct StepInfo<'a> {
     pub timestep: f64,
     /// The current latents `[batch, channels, h/8, w/8]` (scaled as the UNet sees them).
     pub latents: &'a Tensor,
+    /// The pipeline's tiny autoencoder, which makes the previews when there is one.
+    pub tiny_vae: Option<&'a AutoencoderTiny>,
+}
+
+impl StepInfo<'_> {
+    /// One preview image per batch item: the latents decoded by the tiny autoencoder at full
+    /// size when the pipeline has one, else the cheap latent-to-RGB map at latent size.
+    pub fn previews(&self) -> Result<Vec<Image>> {
+        match self.tiny_vae.filter(|t| t.has_decoder()) {
+            Some(tiny) => {
+                let _no_grad = tch::no_grad_guard();
+                let images = tiny_decode(tiny, self.latents)?;
+                images_to_rgb(&to_unit_pixels(&images)?)
+            }
+            None => preview::latents_to_preview_rgb(self.latents),
+        }
+    }
 }
 
 /// The callback's answer: go on, or stop the run with [`Error::Cancelled`].
@@ -410,6 +478,8 @@ pub struct StableDiffusion {
     token_embeddings: OnceLock<Arc<EncoderEmbeddings>>,
     /// Whether the embeddings that could not be used were reported (once, at the first run).
     embeddings_reported: std::sync::atomic::AtomicBool,
+    /// The tiny autoencoder for previews and fast decodes ([`LoadOptions::tiny_vae`]).
+    tiny_vae: Option<AutoencoderTiny>,
     /// The file maps that weights point into (see [`LoadOptions::copy_weights`]): declared
     /// after the models, so that they are dropped after them.
     mapped_weights: Vec<crate::weights::MappingOwner>,
@@ -552,8 +622,33 @@ impl StableDiffusion {
             embeddings: Arc::default(),
             token_embeddings: OnceLock::new(),
             embeddings_reported: Default::default(),
+            tiny_vae: None,
             mapped_weights: Vec::new(),
         }
+    }
+
+    /// Uses `tiny` for previews and, when a call asks, the final decode (`None` removes it).
+    /// Its latents must be this model's: the same channels and scale.
+    pub fn set_tiny_vae(&mut self, tiny: Option<AutoencoderTiny>) -> Result<()> {
+        if let Some(t) = &tiny {
+            let c = t.config();
+            let (channels, scale) = (self.vae.latent_channels(), self.vae_scale_factor());
+            if c.latent_channels != channels || (t.has_decoder() && c.decoder_scale() != scale) {
+                return Err(Error::invalid(format!(
+                    "the tiny autoencoder takes {}-channel latents at 1/{} of the image, this \
+                     model makes {channels}-channel latents at 1/{scale}",
+                    c.latent_channels,
+                    c.decoder_scale()
+                )));
+            }
+        }
+        self.tiny_vae = tiny;
+        Ok(())
+    }
+
+    /// The tiny autoencoder, if one was given ([`StableDiffusion::set_tiny_vae`]).
+    pub fn tiny_vae(&self) -> Option<&AutoencoderTiny> {
+        self.tiny_vae.as_ref()
     }
 
     /// Uses `embeddings` in this pipeline's prompts from now on.
@@ -858,6 +953,9 @@ impl StableDiffusion {
                 )
                 .collect(),
             adapter_targets: self.adapter_targets(),
+            wraps_around: self.unet.wraps_around() && self.vae.wraps_around(),
+            vae_sample_size: self.vae.sample_size(),
+            tiny_decoder: self.tiny_vae.as_ref().is_some_and(|t| t.has_decoder()),
             lora_dir: self.lora_dir.clone(),
             lora_cache: self.lora_cache.clone(),
             token_embeddings: self.token_embeddings(),
@@ -1055,6 +1153,7 @@ impl StableDiffusion {
         // The call's LoRAs, on this thread, for every layer that runs until the latents are
         // done (the text encoders and the UNet).
         let _adapters = adapters::activate(adapters);
+        let _wrap = blocks::wrap_around(params.seamless);
         if let Some(why) = fallback {
             self.log(LogLevel::Warn, || why);
         }
@@ -1111,7 +1210,9 @@ impl StableDiffusion {
         if let (Some(init), None) = (&init, handed) {
             if first_timestep.is_none() {
                 // Nothing to denoise: the encoded-decoded input (posterior mean).
-                let z = self.vae.scale_latents(&self.vae.encode(init)?.mean)?;
+                let z = self
+                    .vae
+                    .scale_latents(&self.encode_image(init, params, &stop)?.mean)?;
                 stop()?;
                 return Ok(Denoised {
                     latents: z.f_repeat([batch, 1, 1, 1])?,
@@ -1144,7 +1245,9 @@ impl StableDiffusion {
 
         let image_latents = match (&init, needs_image_latents) {
             (Some(init), true) => {
-                let z = self.vae.encode(init)?.sample(&mut noise_source)?;
+                let z = self
+                    .encode_image(init, params, &stop)?
+                    .sample(&mut noise_source)?;
                 Some(self.vae.scale_latents(&z)?.f_repeat([batch, 1, 1, 1])?)
             }
             // diffusers' inpainting takes handed-over latents as its image latents.
@@ -1175,9 +1278,11 @@ impl StableDiffusion {
             let masked_latents = if handed.is_none() {
                 let keep = mask.f_lt(0.5)?.f_to_kind(self.kind)?;
                 let masked = init.f_mul(&keep)?;
-                let z = self
-                    .vae
-                    .scale_latents(&self.vae.encode(&masked)?.sample(&mut noise_source)?)?;
+                let z = self.vae.scale_latents(
+                    &self
+                        .encode_image(&masked, params, &stop)?
+                        .sample(&mut noise_source)?,
+                )?;
                 stop()?;
                 Some(z.f_repeat([batch, 1, 1, 1])?)
             } else {
@@ -1262,6 +1367,7 @@ impl StableDiffusion {
                     },
                     timestep: t,
                     latents: &latents,
+                    tiny_vae: self.tiny_vae.as_ref(),
                 };
                 if cb(&info) == Control::Cancel {
                     return Err(Error::Cancelled);
@@ -1285,6 +1391,7 @@ impl StableDiffusion {
         cancelled: &dyn Fn() -> bool,
     ) -> Result<Images> {
         crate::runtime::release_cached_memory();
+        let _wrap = blocks::wrap_around(params.seamless);
         let images = self.finish(
             &run.latents,
             params,
@@ -1536,7 +1643,7 @@ impl StableDiffusion {
         init: Option<&Tensor>,
         cancelled: &dyn Fn() -> bool,
     ) -> Result<Images> {
-        let images = self.decode_each(latents, cancelled)?;
+        let images = self.decode_each(latents, params, cancelled)?;
         match (params.paste_back, mask, init) {
             (true, Some(mask), Some(init)) => {
                 let to_hwc = |t: &Tensor| -> Result<Tensor> {
@@ -1577,38 +1684,184 @@ impl StableDiffusion {
             .f_contiguous()?)
     }
 
-    /// [`StableDiffusion::decode_latents`] one image at a time, asking `cancelled` before each.
-    fn decode_each(&self, latents: &Tensor, cancelled: &dyn Fn() -> bool) -> Result<Images> {
+    /// [`StableDiffusion::decode_latents_for`] one image at a time, asking `cancelled` before
+    /// each (and before each tile).
+    fn decode_each(
+        &self,
+        latents: &Tensor,
+        params: &GenerateParams,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Images> {
         let batch = latents.size().first().copied().unwrap_or(0);
-        if batch <= 1 {
-            return self.decode_latents(latents);
-        }
-        let mut parts = Vec::with_capacity(batch as usize);
+        let mut parts = Vec::with_capacity(batch.max(0) as usize);
         for i in 0..batch {
             if cancelled() {
                 return Err(Error::Cancelled);
             }
-            parts.push(self.decode_latents(&latents.f_narrow(0, i, 1)?)?.pixels);
+            let one = latents.f_narrow(0, i, 1)?;
+            parts.push(self.decode_latents_for(&one, params, cancelled)?.pixels);
         }
         Ok(Images {
             pixels: Tensor::f_cat(&parts, 0)?,
         })
     }
 
-    /// Latents (as the UNet sees them) to images in [0, 1], `[batch, h, w, 3]` on the CPU.
+    /// Latents (as the UNet sees them) to images in [0, 1], `[batch, h, w, 3]` on the CPU, with
+    /// the VAE, untiled unless the image is large ([`VaeTiling::Auto`]).
     pub fn decode_latents(&self, latents: &Tensor) -> Result<Images> {
-        let _no_grad = tch::no_grad_guard();
-        let images = self.vae.decode(&self.vae.unscale_latents(latents)?)?;
-        let pixels = images
-            .f_div_scalar(2.0)?
-            .f_add_scalar(0.5)?
-            .f_clamp(0.0, 1.0)?
-            .f_permute([0, 2, 3, 1])?
-            .f_to_kind(Kind::Float)?
-            .f_to_device(Device::Cpu)?
-            .f_contiguous()?;
-        Ok(Images { pixels })
+        self.decode_latents_for(latents, &GenerateParams::default(), &|| false)
     }
+
+    /// [`StableDiffusion::decode_latents`] as `params` asks: with the tiny autoencoder, or the
+    /// VAE in tiles or whole.
+    pub fn decode_latents_for(
+        &self,
+        latents: &Tensor,
+        params: &GenerateParams,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Images> {
+        let _no_grad = tch::no_grad_guard();
+        let images = if params.tiny_vae_decode {
+            let tiny = self.tiny_vae.as_ref().ok_or_else(no_tiny_vae)?;
+            tiny_decode(tiny, latents)?
+        } else {
+            let stop = || {
+                if cancelled() {
+                    Err(Error::Cancelled)
+                } else {
+                    Ok(())
+                }
+            };
+            self.vae_decode(&self.vae.unscale_latents(latents)?, params, &stop)?
+        };
+        Ok(Images {
+            pixels: to_unit_pixels(&images)?,
+        })
+    }
+
+    /// The VAE's decode of unscaled latents `z` to images in about [-1, 1], in tiles when
+    /// `params` asks ([`GenerateParams::vae_tiling`]); `stop` is asked before each tile.
+    pub fn vae_decode(
+        &self,
+        z: &Tensor,
+        params: &GenerateParams,
+        stop: &dyn Fn() -> Result<()>,
+    ) -> Result<Tensor> {
+        let size = z.size();
+        if size.len() != 4 {
+            return Err(Error::invalid(format!(
+                "latents must be [batch, channels, height, width], got {size:?}"
+            )));
+        }
+        let scale = self.vae_scale_factor();
+        match self.vae_tile(params, size[2] * scale, size[3] * scale)? {
+            Some(tile) => {
+                let tiles = Tiles {
+                    tile_in: tile / scale,
+                    tile_out: tile,
+                };
+                tiles.run(z, |t| self.vae.decode(t), stop)
+            }
+            None => self.vae.decode(z),
+        }
+    }
+
+    /// The VAE's distribution over the latents of `images` (`[b, 3, h, w]` in [-1, 1]), in
+    /// tiles when `params` asks (the moments of overlapping tiles blended as diffusers'
+    /// `_tiled_encode` blends them).
+    pub fn encode_image(
+        &self,
+        images: &Tensor,
+        params: &GenerateParams,
+        stop: &dyn Fn() -> Result<()>,
+    ) -> Result<DiagonalGaussian> {
+        let size = images.size();
+        if size.len() != 4 {
+            return Err(Error::invalid(format!(
+                "images must be [batch, 3, height, width], got {size:?}"
+            )));
+        }
+        let Some(tile) = self.vae_tile(params, size[2], size[3])? else {
+            return self.vae.encode(images);
+        };
+        let tiles = Tiles {
+            tile_in: tile,
+            tile_out: tile / self.vae_scale_factor(),
+        };
+        let moments = tiles.run(
+            images,
+            |t| {
+                let d = self.vae.encode(t)?;
+                Ok(Tensor::f_cat(&[d.mean, d.logvar], 1)?)
+            },
+            stop,
+        )?;
+        DiagonalGaussian::from_moments(&moments)
+    }
+
+    /// The tile side in pixels when an `h` x `w` image goes through the VAE in tiles for this
+    /// call, `None` when it goes whole. A tile only pays where the image is larger than it
+    /// (diffusers' rule).
+    fn vae_tile(&self, params: &GenerateParams, h: i64, w: i64) -> Result<Option<i64>> {
+        let tiled = match params.vae_tiling {
+            VaeTiling::Off => false,
+            VaeTiling::On => true,
+            VaeTiling::Auto => params.seamless.is_off() && h * w > AUTO_VAE_TILING_PIXELS,
+        };
+        if !tiled {
+            return Ok(None);
+        }
+        let tile = self.validator().vae_tile_size(params.vae_tile_size)?;
+        Ok((h > tile || w > tile).then_some(tile))
+    }
+}
+
+/// Decoder output in about [-1, 1] `[b, 3, h, w]` to pixels in [0, 1], `[b, h, w, 3]` float32
+/// on the CPU.
+fn to_unit_pixels(images: &Tensor) -> Result<Tensor> {
+    Ok(images
+        .f_div_scalar(2.0)?
+        .f_add_scalar(0.5)?
+        .f_clamp(0.0, 1.0)?
+        .f_permute([0, 2, 3, 1])?
+        .f_to_kind(Kind::Float)?
+        .f_to_device(Device::Cpu)?
+        .f_contiguous()?)
+}
+
+/// Pixels in [0, 1] `[b, h, w, 3]` to one 8-bit RGB image per batch item.
+fn images_to_rgb(pixels: &Tensor) -> Result<Vec<Image>> {
+    let size = pixels.size();
+    let (b, h, w) = (size[0], size[1], size[2]);
+    let bytes = pixels
+        .f_mul_scalar(255.0)?
+        .f_round()?
+        .f_clamp(0.0, 255.0)?
+        .f_to_kind(Kind::Uint8)?
+        .f_contiguous()?;
+    let per_image = (h * w * 3) as usize;
+    let mut flat = vec![0u8; per_image * b as usize];
+    let len = flat.len();
+    bytes.f_copy_data_u8(&mut flat, len)?;
+    flat.chunks(per_image)
+        .map(|rgb| Image::new(w as u32, h as u32, rgb.to_vec()))
+        .collect()
+}
+
+/// The tiny autoencoder's decode of latents as the UNet sees them (diffusers divides by its
+/// `scaling_factor`, 1.0 for TAESD).
+fn tiny_decode(tiny: &AutoencoderTiny, latents: &Tensor) -> Result<Tensor> {
+    let z = latents
+        .f_to_kind(Kind::Float)?
+        .f_div_scalar(tiny.config().scaling_factor)?;
+    tiny.decode(&z.f_to_kind(tiny.kind())?)
+}
+
+fn no_tiny_vae() -> Error {
+    Error::invalid(
+        "tiny_vae_decode asks for the tiny autoencoder, but none was loaded (LoadOptions::tiny_vae, \
+         --tiny-vae, sd_load_options.tiny_vae)",
+    )
 }
 
 /// A prompt (or negative prompt) must fit in [`MAX_PROMPT_BYTES`]; `what` names it.
@@ -1659,6 +1912,12 @@ pub struct Validator {
     /// The tokenizers the prompts go through (SDXL's second one after the first), to check
     /// prompts read with A1111's syntax as encoding will.
     tokenizers: Vec<ClipTokenizer>,
+    /// Whether the UNet's and the VAE's convolutions can wrap around (seamless tiling).
+    wraps_around: bool,
+    /// The VAE's `sample_size`, its tile side by default, when known.
+    vae_sample_size: Option<i64>,
+    /// Whether a tiny autoencoder with a decoder is loaded.
+    tiny_decoder: bool,
 }
 
 /// A request [`Validator::validate`] accepted: its output size and its scheduler, ready to
@@ -1878,6 +2137,7 @@ impl Validator {
             }
         }
         self.validate_fast(&p.fast)?;
+        self.validate_decode(p)?;
         let (mut scheduler, fallback) = self.scheduler(p.scheduler.as_deref())?;
         scheduler.set_eta(p.eta)?;
         scheduler.set_timesteps(p.steps)?;
@@ -1894,6 +2154,56 @@ impl Validator {
             fallback,
             adapters,
         })
+    }
+
+    /// Seamless tiling, VAE tiling and the tiny decoder: what the model can do, and the
+    /// combinations that make sense.
+    fn validate_decode(&self, p: &GenerateParams) -> Result<()> {
+        if !p.seamless.is_off() && !self.wraps_around {
+            return Err(Error::Unsupported(
+                "seamless tiling needs the native UNet and VAE (a TorchScript module's \
+                 convolutions cannot be told to wrap around)"
+                    .into(),
+            ));
+        }
+        if !p.seamless.is_off() && p.vae_tiling == VaeTiling::On {
+            return Err(Error::invalid(format!(
+                "seamless tiling ({}) with VAE tiling on: a VAE tile cannot see across the \
+                 image's wrap-around edge, so the seam would come back; leave VAE tiling on \
+                 auto (it stays off for seamless images) or off",
+                p.seamless.name()
+            )));
+        }
+        if p.vae_tile_size.is_some() {
+            self.vae_tile_size(p.vae_tile_size)?;
+        }
+        if p.tiny_vae_decode && !self.tiny_decoder {
+            return Err(no_tiny_vae());
+        }
+        Ok(())
+    }
+
+    /// The VAE tile side in pixels for `asked` (`None`: the VAE's `sample_size`, rounded down
+    /// to a valid tile), checked: a multiple of [`LATENT_TILE_MULTIPLE`] latent cells, at least
+    /// [`MIN_LATENT_TILE`], at most [`MAX_SIDE`].
+    pub fn vae_tile_size(&self, asked: Option<i64>) -> Result<i64> {
+        let scale = self.vae_scale;
+        let multiple = LATENT_TILE_MULTIPLE * scale;
+        let least = MIN_LATENT_TILE * scale;
+        match asked {
+            Some(t) if t < least || t % multiple != 0 || t > MAX_SIDE => {
+                Err(Error::invalid(format!(
+                    "vae_tile_size {t}: a VAE tile must be a multiple of {multiple} pixels \
+                     ({LATENT_TILE_MULTIPLE} latent cells), from {least} ({MIN_LATENT_TILE} \
+                     cells, the least this VAE decodes well) to {MAX_SIDE}"
+                )))
+            }
+            Some(t) => Ok(t),
+            None => {
+                let native = self.vae_sample_size.unwrap_or(64 * scale);
+                Ok((native / multiple * multiple).clamp(least, MAX_SIDE / multiple * multiple))
+            }
+        }
     }
 
     fn validate_fast(&self, f: &FastModes) -> Result<()> {

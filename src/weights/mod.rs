@@ -223,6 +223,18 @@ impl WeightSet {
         load_into_from(self, vs, keys_of)
     }
 
+    /// Every tensor's name and shape.
+    pub fn shapes(&self) -> std::collections::HashMap<String, Vec<i64>> {
+        self.files
+            .iter()
+            .flat_map(|f| {
+                f.names()
+                    .filter_map(|n| f.info(n).map(|i| (n.to_string(), i.shape.clone())))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
     fn file_with(&self, key: &str) -> Option<&SafetensorsFile> {
         self.files.iter().find(|f| f.info(key).is_some())
     }

@@ -927,6 +927,7 @@ impl SingleFileConfigs {
         }
         if layout.family.is_sdxl() {
             vae.scaling_factor = SDXL_VAE_SCALING;
+            vae.sample_size = Some(1024);
         }
         infer_text(ckpt, &layout.text, layout.family, &mut text)?;
         let text_2 = match &layout.text_2 {
