@@ -285,6 +285,14 @@ typedef struct sd_load_options {
    * missing folder fails the load (`SD_ERR_INVALID_ARGUMENT`).
    */
   const char *embeddings_dir;
+  /**
+   * A tiny autoencoder (TAESD / TAESDXL: a diffusers `AutoencoderTiny` folder, or one
+   * `.safetensors` file in diffusers' or the original layout): `sd_step_preview` then
+   * decodes full-size previews with it, and `sd_generate_params.tiny_vae_decode` may use it
+   * as the final decoder. Its latents must match the model's. UTF-8, copied; NULL or ""
+   * (default): none.
+   */
+  const char *tiny_vae;
 } sd_load_options;
 
 /**
@@ -551,6 +559,31 @@ typedef struct sd_generate_params {
    */
   const struct sd_lora_weight *loras;
   size_t lora_count;
+  /**
+   * Seamless tiling, one of `SD_SEAMLESS_*`: the axes along which the image wraps around,
+   * so that it tiles without a seam (every convolution of the UNet and the VAE pads
+   * circularly along them, for this call only). `SD_SEAMLESS_NONE` (0, default): off, the
+   * image exactly as without this field.
+   */
+  int32_t seamless;
+  /**
+   * VAE tiling, one of `SD_VAE_TILING_*`: `SD_VAE_TILING_AUTO` (0, default) decodes (and
+   * encodes an init image) in overlapping tiles above 1536 x 1536 pixels, which bounds the
+   * VAE's memory by the tile; `SD_VAE_TILING_ON` whenever the image is larger than a tile;
+   * `SD_VAE_TILING_OFF` never. Tiling on with a seamless axis is refused.
+   */
+  int32_t vae_tiling;
+  /**
+   * The VAE tile's side in pixels: a multiple of 4 latent cells (32 pixels for SD), at
+   * least 8 cells. 0 (default): the VAE's `sample_size` (512 for SD 1.x, 1024 for SDXL).
+   */
+  uint32_t vae_tile_size;
+  /**
+   * Non-zero decodes the final images with the tiny autoencoder given in
+   * `sd_load_options.tiny_vae` (much faster, slightly less detailed); refused when none was
+   * loaded. 0 (default): the VAE.
+   */
+  int32_t tiny_vae_decode;
 } sd_generate_params;
 
 /**
@@ -653,6 +686,16 @@ typedef struct sd_job_progress {
 typedef int32_t sd_prompt_syntax;
 
 /**
+ * Seamless tiling (`sd_generate_params.seamless`): which axes wrap around.
+ */
+typedef int32_t sd_seamless;
+
+/**
+ * VAE tiling (`sd_generate_params.vae_tiling`).
+ */
+typedef int32_t sd_vae_tiling;
+
+/**
  * Kernels for float32 weights on the CPU (`sd_load_options.plain_weights`).
  */
 typedef int32_t sd_weights;
@@ -681,6 +724,41 @@ typedef int32_t sd_weights;
  * As the A1111 web UI: attention weights, `BREAK`, long prompts in chunks of 75 tokens.
  */
 #define SD_PROMPT_A1111 1
+
+/**
+ * Off: no axis wraps.
+ */
+#define SD_SEAMLESS_NONE 0
+
+/**
+ * Left and right edges meet (the image tiles horizontally).
+ */
+#define SD_SEAMLESS_X 1
+
+/**
+ * Top and bottom edges meet (the image tiles vertically).
+ */
+#define SD_SEAMLESS_Y 2
+
+/**
+ * Both: the image tiles in both directions.
+ */
+#define SD_SEAMLESS_XY 3
+
+/**
+ * Tiles above 1536 x 1536 pixels, unless a seamless axis is on.
+ */
+#define SD_VAE_TILING_AUTO 0
+
+/**
+ * Tiles whenever the image is larger than one tile.
+ */
+#define SD_VAE_TILING_ON 1
+
+/**
+ * Never tiles.
+ */
+#define SD_VAE_TILING_OFF 2
 
 /**
  * The faster for the model's family: packed for SD 1.x/2.x, plain for SDXL.
@@ -900,15 +978,16 @@ sd_status sd_lora_load(const char *path, struct sd_lora **out_lora);
 void sd_lora_free(struct sd_lora *lora);
 
 /**
- * Inside the step callback: stores in `*out_image` (NULL on failure) a cheap RGB preview of
- * image `index` of the batch, made from the current latents by a fixed linear map (no VAE), at
- * latent resolution
- * (width / 8 x height / 8). It is computed on the first request of a step (well under a
- * millisecond at 512 x 512) and is valid until the callback returns.
+ * Inside the step callback: stores in `*out_image` (NULL on failure) an RGB preview of image
+ * `index` of the batch, made from the current latents: decoded at full size by the tiny
+ * autoencoder when the pipeline was loaded with one (`sd_load_options.tiny_vae`), else by a
+ * cheap fixed linear map (no VAE) at latent resolution (width / 8 x height / 8, well under a
+ * millisecond at 512 x 512). It is computed on the first request of a step and is valid
+ * until the callback returns.
  *
  * Errors: `SD_ERR_INVALID_ARGUMENT` when `info` is not the pointer the running callback got,
  * `index` >= `info->batch` or `out_image` is NULL; `SD_ERR_UNSUPPORTED` for latents that are
- * not 4-channel. Call it only from the callback's thread.
+ * not 4-channel without a tiny autoencoder. Call it only from the callback's thread.
  *
  * Pointers: `out_image` is NULL or writable.
  */

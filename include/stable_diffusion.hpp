@@ -152,6 +152,10 @@ struct Params {
   sd_prompt_syntax prompt_syntax;  // SD_PROMPT_PLAIN (default) or SD_PROMPT_A1111
   /// This call's LoRAs; each Lora must outlive the calls that use it (a job keeps its own).
   std::vector<sd_lora_weight> loras;
+  sd_seamless seamless;       // SD_SEAMLESS_NONE (default), _X, _Y or _XY: a tileable image
+  sd_vae_tiling vae_tiling;   // SD_VAE_TILING_AUTO (default), _ON or _OFF
+  uint32_t vae_tile_size;     // pixels; 0: the VAE's sample_size
+  bool tiny_vae_decode;       // decode with LoadOptions::tiny_vae instead of the VAE
 
   /// Applies `lora` at `weight` (1: as trained; may be negative) to this call.
   Params& add_lora(const Lora& lora, double weight = 1.0) {
@@ -176,6 +180,10 @@ struct Params {
     guidance_rescale = d.guidance_rescale;
     refiner_start = d.refiner_start;
     prompt_syntax = d.prompt_syntax;
+    seamless = d.seamless;
+    vae_tiling = d.vae_tiling;
+    vae_tile_size = d.vae_tile_size;
+    tiny_vae_decode = d.tiny_vae_decode != 0;
   }
 
   /// The C struct; its strings point into this object.
@@ -206,6 +214,10 @@ struct Params {
     c.prompt_syntax = prompt_syntax;
     c.loras = loras.empty() ? nullptr : loras.data();
     c.lora_count = loras.size();
+    c.seamless = seamless;
+    c.vae_tiling = vae_tiling;
+    c.vae_tile_size = vae_tile_size;
+    c.tiny_vae_decode = tiny_vae_decode ? 1 : 0;
     return c;
   }
 };
@@ -318,6 +330,7 @@ struct LoadOptions {
   sd_weights weights = SD_WEIGHTS_AUTO;  // the kernels for float32 on the CPU
   std::string lora_dir;  // where <lora:NAME:W> tags of A1111 prompts find NAME.safetensors
   std::string embeddings_dir;  // textual-inversion embeddings, used in prompts by file name
+  std::string tiny_vae;  // a tiny autoencoder (TAESD): full-size previews, optional fast decode
 };
 
 /// A loaded model. Calls on one Pipeline are serialised by the library.
@@ -335,6 +348,7 @@ class Pipeline {
     o.plain_weights = options.weights;
     o.lora_dir = detail::c_str_or_null(options.lora_dir);
     o.embeddings_dir = detail::c_str_or_null(options.embeddings_dir);
+    o.tiny_vae = detail::c_str_or_null(options.tiny_vae);
     sd_pipeline* p = nullptr;
     detail::check(sd_pipeline_load(model_path.c_str(), &o, &p));
     pipeline_.reset(p);

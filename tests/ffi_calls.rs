@@ -1574,3 +1574,122 @@ fn load_options_embeddings_dir_reaches_the_prompts() {
         last_error()
     );
 }
+
+/// The engine fields through C: a seamless image equals diffusers' circular-padding reference,
+/// the tiny autoencoder given at load decodes as diffusers' does and makes full-size previews,
+/// VAE tiling with a tile size runs, and values out of range are refused by name.
+#[test]
+fn seamless_tiling_and_the_tiny_autoencoder_through_c() {
+    let set = "engine";
+    let refs = common::Refs::open(set);
+    let tiny = CString::new(common::fixtures().join("tiny-taesd").to_str().unwrap()).unwrap();
+    let mut options = sd_load_options_with_defaults();
+    options.tiny_vae = tiny.as_ptr();
+    let model = fixture("tiny-sd1");
+    let mut p = null_mut();
+    let status = unsafe { sd_pipeline_load(model.as_ptr(), &options, &mut p) };
+    assert_eq!(status, SD_OK, "{}", last_error());
+    let request = |case: &serde_json::Value, texts: &(CString, CString, CString)| {
+        let mut g = params(
+            &texts.0,
+            case["steps"].as_u64().unwrap() as u32,
+            case["seed"].as_u64().unwrap(),
+        );
+        g.negative_prompt = texts.1.as_ptr();
+        g.scheduler = texts.2.as_ptr();
+        g.guidance = case["guidance"].as_f64().unwrap();
+        g.width = case["width"].as_u64().unwrap() as u32;
+        g.height = case["height"].as_u64().unwrap() as u32;
+        g
+    };
+    let texts_of = |case: &serde_json::Value| {
+        let s = |k: &str| CString::new(case[k].as_str().unwrap()).unwrap();
+        (s("prompt"), s("negative_prompt"), s("scheduler"))
+    };
+
+    let case = common::case_named(set, "seamless", "sd1_xy");
+    let texts = texts_of(&case);
+    let mut g = request(&case, &texts);
+    g.seamless = SD_SEAMLESS_XY;
+    let got = generate(p, &g).unwrap()[0].0.clone();
+    let off = levels_off(&got, &refs.get("seamless_sd1_xy").get(0));
+    assert!(off <= 1.0, "seamless through C: {off} levels");
+
+    let case = common::case_named(set, "taesd_pipeline", "sd1_taesd");
+    let texts = texts_of(&case);
+    let mut g = request(&case, &texts);
+    g.tiny_vae_decode = 1;
+    let sizes = Arc::new(Mutex::new(Vec::new()));
+    let seen = sizes.clone();
+    let mut hook = StepHook::new(move |info| {
+        let mut img: *const sd_image = ptr::null();
+        let status = unsafe { sd_step_preview(info, 0, &mut img) };
+        if status == SD_OK {
+            let img = unsafe { &*img };
+            seen.lock().unwrap().push((img.width, img.height));
+        }
+        SD_STEP_CONTINUE
+    });
+    hook.install(&mut g);
+    let got = generate(p, &g).unwrap()[0].0.clone();
+    let off = levels_off(&got, &refs.get("taesdpipe_sd1_taesd").get(0));
+    assert!(off <= 1.0, "tiny decode through C: {off} levels");
+    assert_eq!(
+        *sizes.lock().unwrap(),
+        vec![(64, 48); 3],
+        "full-size previews"
+    );
+
+    let case = common::case_named(set, "vae_tiling_pipeline", "sd1_tiled");
+    let texts = texts_of(&case);
+    let mut g = request(&case, &texts);
+    g.vae_tiling = SD_VAE_TILING_ON;
+    g.vae_tile_size = case["tile_size"].as_u64().unwrap() as u32;
+    let got = generate(p, &g).unwrap()[0].0.clone();
+    let off = levels_off(&got, &refs.get("tiledpipe_sd1_tiled").get(0));
+    assert!(off <= 1.0, "VAE tiles through C: {off} levels");
+
+    let prompt = CString::new("a cat").unwrap();
+    let refused = |edit: &dyn Fn(&mut sd_generate_params), needle: &str| {
+        let mut g = params(&prompt, 1, 0);
+        edit(&mut g);
+        let (status, message) = generate(p, &g).err().expect("refused");
+        assert_eq!(status, SD_ERR_INVALID_ARGUMENT, "{message}");
+        assert!(message.contains(needle), "`{needle}` not in `{message}`");
+    };
+    refused(&|g| g.seamless = 4, "params->seamless is 4");
+    refused(&|g| g.seamless = -1, "params->seamless is -1");
+    refused(&|g| g.vae_tiling = 3, "params->vae_tiling is 3");
+    refused(&|g| g.vae_tile_size = 20, "vae_tile_size 20");
+    refused(
+        &|g| {
+            g.seamless = SD_SEAMLESS_X;
+            g.vae_tiling = SD_VAE_TILING_ON;
+        },
+        "VAE tiling",
+    );
+    unsafe { sd_pipeline_free(p) };
+
+    // Without a tiny autoencoder its decode is refused; a tiny autoencoder that is not one
+    // fails the load, naming the file.
+    let p = load();
+    refused_on(p, "tiny autoencoder");
+    unsafe { sd_pipeline_free(p) };
+    let bogus = CString::new(common::fixtures().join("tiny-sd1/unet").to_str().unwrap()).unwrap();
+    let mut options = sd_load_options_with_defaults();
+    options.tiny_vae = bogus.as_ptr();
+    let mut p = null_mut();
+    let status = unsafe { sd_pipeline_load(model.as_ptr(), &options, &mut p) };
+    assert_ne!(status, SD_OK);
+    assert!(p.is_null());
+    assert!(last_error().contains("tiny-sd1/unet"), "{}", last_error());
+}
+
+fn refused_on(p: *mut sd_pipeline, needle: &str) {
+    let prompt = CString::new("a cat").unwrap();
+    let mut g = params(&prompt, 1, 0);
+    g.tiny_vae_decode = 1;
+    let (status, message) = generate(p, &g).err().expect("refused");
+    assert_eq!(status, SD_ERR_INVALID_ARGUMENT, "{message}");
+    assert!(message.contains(needle), "`{needle}` not in `{message}`");
+}

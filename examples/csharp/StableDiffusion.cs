@@ -72,7 +72,7 @@ namespace StableDiffusion
         public IntPtr Scheduler;
         public IntPtr ConfigDir;
         public int UseEma, CopyWeights, PlainWeights;
-        public IntPtr LoraDir, EmbeddingsDir;
+        public IntPtr LoraDir, EmbeddingsDir, TinyVae;
     }
 
     [StructLayout(LayoutKind.Sequential)]
@@ -106,10 +106,19 @@ namespace StableDiffusion
         public int PromptSyntax;
         public IntPtr Loras;
         public UIntPtr LoraCount;
+        public int Seamless, VaeTiling;
+        public uint VaeTileSize;
+        public int TinyVaeDecode;
     }
 
     /// <summary>sd_prompt_syntax: how prompts are read.</summary>
     public enum PromptSyntax : int { Plain = 0, A1111 = 1 }
+
+    /// <summary>sd_seamless: the axes along which an image wraps around (a tileable texture).</summary>
+    public enum Seamless : int { None = 0, X = 1, Y = 2, XY = 3 }
+
+    /// <summary>sd_vae_tiling: when the VAE works in tiles.</summary>
+    public enum VaeTiling : int { Auto = 0, On = 1, Off = 2 }
 
     public enum Family : int { Unknown = 0, Sd1 = 1, Sd2 = 2, Sdxl = 3, SdxlRefiner = 4 }
     public enum Prediction : int { Epsilon = 0, V = 1, Sample = 2 }
@@ -323,6 +332,14 @@ namespace StableDiffusion
         /// <summary>Plain (default, as diffusers) or A1111: `(word:1.2)`, `[word]`, `BREAK`,
         /// prompts longer than 75 tokens.</summary>
         public PromptSyntax Syntax;
+        /// <summary>A tileable image along these axes (default none).</summary>
+        public Seamless Seamless;
+        /// <summary>VAE tiling (default auto: above 1536x1536) and its tile side in pixels
+        /// (0: the VAE's sample size).</summary>
+        public VaeTiling VaeTiling;
+        public uint VaeTileSize;
+        /// <summary>Decode with the pipeline's tiny autoencoder (`tinyVae` at load).</summary>
+        public bool TinyVaeDecode;
         /// <summary>LoRAs applied to this call only.</summary>
         public readonly System.Collections.Generic.List<LoraWeight> Loras =
             new System.Collections.Generic.List<LoraWeight>();
@@ -371,6 +388,8 @@ namespace StableDiffusion
                 p.Prompt2 = pin(Prompt2); p.NegativePrompt2 = pin(NegativePrompt2);
                 p.GuidanceRescale = GuidanceRescale; p.RefinerStart = RefinerStart;
                 p.PromptSyntax = (int)Syntax;
+                p.Seamless = (int)Seamless; p.VaeTiling = (int)VaeTiling;
+                p.VaeTileSize = VaeTileSize; p.TinyVaeDecode = TinyVaeDecode ? 1 : 0;
                 p.Refiner = Refiner == null ? IntPtr.Zero : Refiner.RawHandle;
                 if (Loras.Count > 0)
                 {
@@ -475,7 +494,8 @@ namespace StableDiffusion
         static readonly IntPtr LogThunkPtr = Marshal.GetFunctionPointerForDelegate(LogThunk);
 
         public Pipeline(string modelPath, string device = null, DType dtype = DType.Fp32, string scheduler = null,
-                        Weights weights = Weights.Auto, string loraDir = null, string embeddingsDir = null)
+                        Weights weights = Weights.Auto, string loraDir = null, string embeddingsDir = null,
+                        string tinyVae = null)
         {
             var o = new LoadOptionsNative();
             SdException.Check(Native.sd_load_options_init(ref o, new UIntPtr((uint)Marshal.SizeOf(typeof(LoadOptionsNative)))));
@@ -483,8 +503,10 @@ namespace StableDiffusion
             var sch = scheduler == null ? default(GCHandle) : GCHandle.Alloc(Native.Utf8(scheduler), GCHandleType.Pinned);
             var lor = loraDir == null ? default(GCHandle) : GCHandle.Alloc(Native.Utf8(loraDir), GCHandleType.Pinned);
             var emb = embeddingsDir == null ? default(GCHandle) : GCHandle.Alloc(Native.Utf8(embeddingsDir), GCHandleType.Pinned);
+            var tiny = tinyVae == null ? default(GCHandle) : GCHandle.Alloc(Native.Utf8(tinyVae), GCHandleType.Pinned);
             try
             {
+                if (tiny.IsAllocated) o.TinyVae = tiny.AddrOfPinnedObject();
                 if (lor.IsAllocated) o.LoraDir = lor.AddrOfPinnedObject();
                 if (emb.IsAllocated) o.EmbeddingsDir = emb.AddrOfPinnedObject();
                 if (dev.IsAllocated) o.Device = dev.AddrOfPinnedObject();
@@ -499,6 +521,7 @@ namespace StableDiffusion
                 if (sch.IsAllocated) sch.Free();
                 if (lor.IsAllocated) lor.Free();
                 if (emb.IsAllocated) emb.Free();
+                if (tiny.IsAllocated) tiny.Free();
             }
         }
 

@@ -64,7 +64,9 @@ class GenerateParams(C.Structure):
                 ("guidance_rescale", C.c_double), ("aesthetic_score", C.c_double),
                 ("negative_aesthetic_score", C.c_double), ("refiner", C.c_void_p),
                 ("refiner_start", C.c_double), ("prompt_syntax", C.c_int32),
-                ("loras", C.POINTER(LoraWeight)), ("lora_count", C.c_size_t)]
+                ("loras", C.POINTER(LoraWeight)), ("lora_count", C.c_size_t),
+                ("seamless", C.c_int32), ("vae_tiling", C.c_int32),
+                ("vae_tile_size", C.c_uint32), ("tiny_vae_decode", C.c_int32)]
 
 
 class JobProgress(C.Structure):

@@ -5,8 +5,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use stable_diffusion::image_io::{self, Image};
 use stable_diffusion::lora::{LoraCache, LoraWeight};
 use stable_diffusion::pipeline::{
-    Control, FastModes, GenerateParams, LoadOptions, MicroConditioning, PromptSyntax,
-    StableDiffusion, StepInfo, WeightKernels,
+    Control, FastModes, GenerateParams, LoadOptions, MicroConditioning, PromptSyntax, Seamless,
+    StableDiffusion, StepInfo, VaeTiling, WeightKernels,
 };
 use stable_diffusion::schedulers::{a1111_sampler_name, PredictionType};
 use stable_diffusion::weights::single_file::ModelOverrides;
@@ -188,6 +188,10 @@ struct Edit {
 }
 
 /// A size written `WIDTHxHEIGHT`, as `(height, width)` (the order of diffusers' SDXL sizes).
+fn parse_seamless(s: &str) -> std::result::Result<Seamless, String> {
+    Seamless::parse(s).ok_or_else(|| format!("`{s}`: use x, y or xy"))
+}
+
 fn parse_size(s: &str) -> std::result::Result<(i64, i64), String> {
     let (w, h) = parse_pair(s, 'x')?;
     Ok((h, w))
@@ -327,6 +331,26 @@ struct CommonArgs {
     /// --plain-weights).
     #[arg(long)]
     packed_weights: bool,
+    /// Seamless tiling: x, y or xy, the axes along which the image wraps around so that it
+    /// tiles without a seam (every convolution pads circularly along them).
+    #[arg(long, value_parser = parse_seamless)]
+    seamless: Option<Seamless>,
+    /// Decode (and encode an init image) in overlapping VAE tiles whenever the image is
+    /// larger than a tile. Without it, tiling starts above 1536x1536 pixels.
+    #[arg(long, conflicts_with = "no_vae_tiling")]
+    vae_tiling: bool,
+    /// Never decode in VAE tiles, however large the image.
+    #[arg(long)]
+    no_vae_tiling: bool,
+    /// The VAE tile's side in pixels (a multiple of 32 for SD, at least 64); the VAE's
+    /// sample_size by default (512 for SD 1.x).
+    #[arg(long)]
+    vae_tile_size: Option<i64>,
+    /// A tiny autoencoder (TAESD / TAESDXL: a diffusers AutoencoderTiny folder or a
+    /// .safetensors file) that decodes the final images instead of the VAE: much faster,
+    /// slightly less detailed.
+    #[arg(long)]
+    tiny_vae: Option<PathBuf>,
     #[command(flatten)]
     fast: FastArgs,
     /// No progress bar.
@@ -535,6 +559,7 @@ fn run(a: &CommonArgs, edit: Edit) -> Result<()> {
         },
         lora_dir: a.lora_dir.clone(),
         embeddings_dir: a.embeddings_dir.clone(),
+        tiny_vae: a.tiny_vae.clone(),
     };
     let init_image = edit.init.as_deref().map(Image::load).transpose()?;
     let mask = edit.mask.as_deref().map(Image::load).transpose()?;
@@ -604,6 +629,14 @@ fn run(a: &CommonArgs, edit: Edit) -> Result<()> {
             .map(|spec| lora_arg(spec, a.lora_dir.as_deref()))
             .collect::<Result<_>>()?,
         lora_dir: None,
+        seamless: a.seamless.unwrap_or_default(),
+        vae_tiling: match (a.vae_tiling, a.no_vae_tiling) {
+            (true, _) => VaeTiling::On,
+            (_, true) => VaeTiling::Off,
+            _ => VaeTiling::Auto,
+        },
+        vae_tile_size: a.vae_tile_size,
+        tiny_vae_decode: a.tiny_vae.is_some(),
     };
     // A1111's sampler name where it has one (its PNG-info readers know those), else the
     // scheduler as it was asked for or configured.

@@ -4,12 +4,13 @@ use super::pipeline::{inner_named, PipelineInner};
 use super::status::Fail;
 use super::types::{
     read_versioned, sd_generate_params, sd_image, sd_step_fn, sd_step_info, SD_PROMPT_A1111,
-    SD_PROMPT_PLAIN,
+    SD_PROMPT_PLAIN, SD_SEAMLESS_NONE, SD_SEAMLESS_X, SD_SEAMLESS_XY, SD_SEAMLESS_Y,
+    SD_VAE_TILING_AUTO, SD_VAE_TILING_OFF, SD_VAE_TILING_ON,
 };
 use crate::image_io::Image;
 use crate::pipeline::{
     check_denoising_fraction, check_prompt, FastModes, GenerateParams, MicroConditioning,
-    PromptSyntax, MAX_BATCH, MAX_SIDE, MAX_STEPS,
+    PromptSyntax, Seamless, VaeTiling, MAX_BATCH, MAX_SIDE, MAX_STEPS,
 };
 use std::ffi::{c_char, c_void, CStr};
 use std::sync::Arc;
@@ -241,6 +242,31 @@ pub(crate) unsafe fn request(
         },
         loras: super::lora::lora_weights(c.loras, c.lora_count)?,
         lora_dir: None,
+        seamless: match c.seamless {
+            SD_SEAMLESS_NONE => Seamless::OFF,
+            SD_SEAMLESS_X => Seamless { x: true, y: false },
+            SD_SEAMLESS_Y => Seamless { x: false, y: true },
+            SD_SEAMLESS_XY => Seamless::XY,
+            other => {
+                return Err(Fail::invalid(format!(
+                    "params->seamless is {other}: use SD_SEAMLESS_NONE, SD_SEAMLESS_X, \
+                     SD_SEAMLESS_Y or SD_SEAMLESS_XY"
+                )))
+            }
+        },
+        vae_tiling: match c.vae_tiling {
+            SD_VAE_TILING_AUTO => VaeTiling::Auto,
+            SD_VAE_TILING_ON => VaeTiling::On,
+            SD_VAE_TILING_OFF => VaeTiling::Off,
+            other => {
+                return Err(Fail::invalid(format!(
+                    "params->vae_tiling is {other}: use SD_VAE_TILING_AUTO, SD_VAE_TILING_ON \
+                     or SD_VAE_TILING_OFF"
+                )))
+            }
+        },
+        vae_tile_size: (c.vae_tile_size != 0).then_some(i64::from(c.vae_tile_size)),
+        tiny_vae_decode: c.tiny_vae_decode != 0,
     };
     if params.mask.is_some() && params.init_image.is_none() {
         return Err(Fail::invalid(

@@ -328,6 +328,7 @@ unsafe fn load(
         lora_dir: optional_str(opts.lora_dir, "options->lora_dir")?.map(PathBuf::from),
         embeddings_dir: optional_str(opts.embeddings_dir, "options->embeddings_dir")?
             .map(PathBuf::from),
+        tiny_vae: optional_str(opts.tiny_vae, "options->tiny_vae")?.map(PathBuf::from),
     };
     let scheduler = optional_str(opts.scheduler, "options->scheduler")?.map(str::to_owned);
     if !Path::new(path).exists() {

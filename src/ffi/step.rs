@@ -4,18 +4,17 @@ use super::convert::StepCallback;
 use super::images::OwnedImage;
 use super::status::{clear_out, guard, sd_status, Fail};
 use super::types::{sd_image, sd_step_info};
-use crate::pipeline::preview::latents_to_preview_rgb;
 use crate::pipeline::StepInfo;
 use std::cell::{OnceCell, RefCell};
 use std::time::Duration;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind};
 
 /// `info` comes first so that the `*const sd_step_info` handed to C is also a pointer to the
 /// whole context.
 #[repr(C)]
 struct StepContext<'a> {
     info: sd_step_info,
-    latents: &'a Tensor,
+    step: &'a StepInfo<'a>,
     previews: OnceCell<Vec<OwnedImage>>,
 }
 
@@ -40,7 +39,7 @@ pub(crate) fn call(cb: StepCallback, step: &StepInfo, elapsed: Duration) -> bool
             latent_height: dim(2),
             latent_width: dim(3),
         },
-        latents: step.latents,
+        step,
         previews: OnceCell::new(),
     };
     let key = &ctx as *const StepContext as usize;
@@ -67,15 +66,16 @@ fn context<'a>(info: *const sd_step_info) -> Result<&'a StepContext<'a>, Fail> {
     Ok(unsafe { &*(info as *const StepContext) })
 }
 
-/// Inside the step callback: stores in `*out_image` (NULL on failure) a cheap RGB preview of
-/// image `index` of the batch, made from the current latents by a fixed linear map (no VAE), at
-/// latent resolution
-/// (width / 8 x height / 8). It is computed on the first request of a step (well under a
-/// millisecond at 512 x 512) and is valid until the callback returns.
+/// Inside the step callback: stores in `*out_image` (NULL on failure) an RGB preview of image
+/// `index` of the batch, made from the current latents: decoded at full size by the tiny
+/// autoencoder when the pipeline was loaded with one (`sd_load_options.tiny_vae`), else by a
+/// cheap fixed linear map (no VAE) at latent resolution (width / 8 x height / 8, well under a
+/// millisecond at 512 x 512). It is computed on the first request of a step and is valid
+/// until the callback returns.
 ///
 /// Errors: `SD_ERR_INVALID_ARGUMENT` when `info` is not the pointer the running callback got,
 /// `index` >= `info->batch` or `out_image` is NULL; `SD_ERR_UNSUPPORTED` for latents that are
-/// not 4-channel. Call it only from the callback's thread.
+/// not 4-channel without a tiny autoencoder. Call it only from the callback's thread.
 ///
 /// Pointers: `out_image` is NULL or writable.
 #[no_mangle]
@@ -94,7 +94,9 @@ pub unsafe extern "C" fn sd_step_preview(
             )));
         }
         if ctx.previews.get().is_none() {
-            let made = latents_to_preview_rgb(ctx.latents)?
+            let made = ctx
+                .step
+                .previews()?
                 .iter()
                 .map(|img| OwnedImage::from_rgb(img.width, img.height, &img.rgb, 3))
                 .collect();
@@ -126,7 +128,8 @@ pub unsafe extern "C" fn sd_step_latents(
 ) -> sd_status {
     guard(|| {
         let ctx = context(info)?;
-        let need = ctx.latents.numel();
+        let latents = ctx.step.latents;
+        let need = latents.numel();
         if dst.is_null() {
             return Err(Fail::invalid("dst is NULL"));
         }
@@ -135,8 +138,7 @@ pub unsafe extern "C" fn sd_step_latents(
                 "count is {count}: the latents need {need} floats"
             )));
         }
-        let host = ctx
-            .latents
+        let host = latents
             .f_to_device(Device::Cpu)?
             .f_to_kind(Kind::Float)?
             .f_contiguous()?;

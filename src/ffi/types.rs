@@ -115,6 +115,12 @@ pub struct sd_load_options {
     /// a warning at the first generate call. UTF-8, copied; NULL or "" (default): none. A
     /// missing folder fails the load (`SD_ERR_INVALID_ARGUMENT`).
     pub embeddings_dir: *const c_char,
+    /// A tiny autoencoder (TAESD / TAESDXL: a diffusers `AutoencoderTiny` folder, or one
+    /// `.safetensors` file in diffusers' or the original layout): `sd_step_preview` then
+    /// decodes full-size previews with it, and `sd_generate_params.tiny_vae_decode` may use it
+    /// as the final decoder. Its latents must match the model's. UTF-8, copied; NULL or ""
+    /// (default): none.
+    pub tiny_vae: *const c_char,
 }
 
 /// One LoRA of a call and its weight (`sd_generate_params.loras`).
@@ -238,6 +244,23 @@ pub struct sd_generate_params {
     /// `sd_lora_load`. At most 64. An SDXL refiner phase runs without them.
     pub loras: *const sd_lora_weight,
     pub lora_count: usize,
+    /// Seamless tiling, one of `SD_SEAMLESS_*`: the axes along which the image wraps around,
+    /// so that it tiles without a seam (every convolution of the UNet and the VAE pads
+    /// circularly along them, for this call only). `SD_SEAMLESS_NONE` (0, default): off, the
+    /// image exactly as without this field.
+    pub seamless: i32,
+    /// VAE tiling, one of `SD_VAE_TILING_*`: `SD_VAE_TILING_AUTO` (0, default) decodes (and
+    /// encodes an init image) in overlapping tiles above 1536 x 1536 pixels, which bounds the
+    /// VAE's memory by the tile; `SD_VAE_TILING_ON` whenever the image is larger than a tile;
+    /// `SD_VAE_TILING_OFF` never. Tiling on with a seamless axis is refused.
+    pub vae_tiling: i32,
+    /// The VAE tile's side in pixels: a multiple of 4 latent cells (32 pixels for SD), at
+    /// least 8 cells. 0 (default): the VAE's `sample_size` (512 for SD 1.x, 1024 for SDXL).
+    pub vae_tile_size: u32,
+    /// Non-zero decodes the final images with the tiny autoencoder given in
+    /// `sd_load_options.tiny_vae` (much faster, slightly less detailed); refused when none was
+    /// loaded. 0 (default): the VAE.
+    pub tiny_vae_decode: i32,
 }
 
 /// What the step callback sees. Owned by the library, valid during the callback only.
@@ -392,6 +415,7 @@ unsafe impl Versioned for sd_load_options {
             plain_weights: 0,
             lora_dir: std::ptr::null(),
             embeddings_dir: std::ptr::null(),
+            tiny_vae: std::ptr::null(),
         }
     }
 }
@@ -402,6 +426,26 @@ pub type sd_prompt_syntax = i32;
 pub const SD_PROMPT_PLAIN: sd_prompt_syntax = 0;
 /// As the A1111 web UI: attention weights, `BREAK`, long prompts in chunks of 75 tokens.
 pub const SD_PROMPT_A1111: sd_prompt_syntax = 1;
+
+/// Seamless tiling (`sd_generate_params.seamless`): which axes wrap around.
+pub type sd_seamless = i32;
+/// Off: no axis wraps.
+pub const SD_SEAMLESS_NONE: sd_seamless = 0;
+/// Left and right edges meet (the image tiles horizontally).
+pub const SD_SEAMLESS_X: sd_seamless = 1;
+/// Top and bottom edges meet (the image tiles vertically).
+pub const SD_SEAMLESS_Y: sd_seamless = 2;
+/// Both: the image tiles in both directions.
+pub const SD_SEAMLESS_XY: sd_seamless = 3;
+
+/// VAE tiling (`sd_generate_params.vae_tiling`).
+pub type sd_vae_tiling = i32;
+/// Tiles above 1536 x 1536 pixels, unless a seamless axis is on.
+pub const SD_VAE_TILING_AUTO: sd_vae_tiling = 0;
+/// Tiles whenever the image is larger than one tile.
+pub const SD_VAE_TILING_ON: sd_vae_tiling = 1;
+/// Never tiles.
+pub const SD_VAE_TILING_OFF: sd_vae_tiling = 2;
 
 /// Kernels for float32 weights on the CPU (`sd_load_options.plain_weights`).
 pub type sd_weights = i32;
@@ -543,6 +587,10 @@ unsafe impl Versioned for sd_generate_params {
             prompt_syntax: SD_PROMPT_PLAIN,
             loras: std::ptr::null(),
             lora_count: 0,
+            seamless: SD_SEAMLESS_NONE,
+            vae_tiling: SD_VAE_TILING_AUTO,
+            vae_tile_size: 0,
+            tiny_vae_decode: d.tiny_vae_decode as i32,
         }
     }
 }
