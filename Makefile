@@ -6,7 +6,7 @@ PROMPT ?= a red circle on a white background
 MODEL ?= models/tiny
 OUT ?= out/demo.png
 
-.PHONY: setup build demo test fixtures clean-deps test-tools clients header install bench bench-fast
+.PHONY: setup build demo test fixtures clean-deps test-tools clients godot header install bench bench-fast
 
 # `make install`: where, and which cargo profile's library (release, or debug for the tests).
 PREFIX ?= /usr/local
@@ -28,7 +28,9 @@ demo: build
 test: setup test-tools
 	@status=0; cargo test --no-fail-fast -- --skip fuzz_loaders || status=1; \
 	cargo test --test fuzz_loaders -- --nocapture || status=1; \
-	bash scripts/test-clients.sh || status=1; exit $$status
+	bash scripts/test-clients.sh || status=1; \
+	{ cargo build --lib && SD_LIB=target/debug/libstable_diffusion.so bash scripts/test-godot.sh; } || status=1; \
+	exit $$status
 
 # Ours against diffusers on the product path, cold processes, alternating rounds (examples/bench.rs).
 # Needs the venv of tools/make_fixtures.sh; e.g. BENCH_ARGS="--sizes 256 --steps 8".
@@ -53,6 +55,12 @@ test-tools:
 # The C, C++, C# and Python clients of the C ABI, and the C one under valgrind.
 clients: setup test-tools
 	bash scripts/test-clients.sh
+
+# The Godot 3 plugin (examples/godot/): its GDNative library built against this build's library,
+# and its headless test in Debian's godot3-server (installed when missing).
+godot: setup
+	cargo build --lib
+	SD_LIB=target/debug/libstable_diffusion.so bash scripts/test-godot.sh
 
 # Rewrites include/stable_diffusion.h from src/ffi/ (tests/ffi_header.rs checks it is current).
 header: setup
