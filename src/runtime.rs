@@ -43,6 +43,32 @@ fn set_thresholds() -> bool {
     false
 }
 
+/// Most threads a pipeline may ask for.
+pub const MAX_THREADS: usize = 1024;
+
+/// Sets the CPU threads libtorch computes with on this thread: `threads`, or the process's
+/// default (what libtorch chose at the first load, the physical cores) when `None`. libtorch's
+/// OpenMP thread count is a setting of the calling thread, so pipelines running on different
+/// threads keep their own; each call sets it again, so a thread never keeps another
+/// pipeline's setting.
+pub fn use_threads(threads: Option<usize>) -> crate::Result<()> {
+    static DEFAULT: OnceLock<i32> = OnceLock::new();
+    let default = *DEFAULT.get_or_init(tch::get_num_threads);
+    let n = match threads {
+        Some(n) if n == 0 || n > MAX_THREADS => {
+            return Err(crate::Error::invalid(format!(
+                "num_threads is {n}: it must be in 1..={MAX_THREADS}"
+            )))
+        }
+        Some(n) => n as i32,
+        None => default,
+    };
+    if tch::get_num_threads() != n {
+        tch::set_num_threads(n);
+    }
+    Ok(())
+}
+
 /// Hands the memory malloc keeps for reuse back to the kernel, between phases whose buffers
 /// differ (the denoising loop, then the VAE decode): otherwise the loop's freed activations
 /// stay resident beside the decode's, which at 256x256 raised the peak RSS by 0.76 GiB.

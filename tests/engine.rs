@@ -577,3 +577,157 @@ fn hostile_tiny_autoencoder_files_are_refused_never_crash() {
     eprintln!("{cases} hostile tiny autoencoder files: {loaded} loaded and ran");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// A single-file checkpoint given as bytes loads as the same file does (`.safetensors` and
+/// `.ckpt`, SD 1.x and SDXL): the same images, bit for bit; a progress hook sees every part and
+/// can cancel.
+#[test]
+fn checkpoints_load_from_memory_as_from_files() {
+    use stable_diffusion::pipeline::{LoadProgress, LoadProgressHook};
+    use stable_diffusion::weights::single_file::ModelOverrides;
+    use std::sync::{Arc, Mutex};
+    for (file, folder) in [
+        ("tiny-sd1.safetensors", "tiny-sd1"),
+        ("tiny-sd1.ckpt", "tiny-sd1"),
+        ("tiny-sdxl.safetensors", "tiny-sdxl"),
+    ] {
+        // The tiny models' tokenizers are not the standard CLIP one: their folders say so.
+        let overrides = ModelOverrides {
+            config_dir: Some(fixtures().join(folder)),
+            ..Default::default()
+        };
+        let path = fixtures().join("single").join(file);
+        let data = std::fs::read(&path).unwrap();
+        let seen = Arc::new(Mutex::new(Vec::<LoadProgress>::new()));
+        let record = seen.clone();
+        let options = LoadOptions {
+            progress: Some(LoadProgressHook(Arc::new(move |p: &LoadProgress| {
+                record.lock().unwrap().push(p.clone());
+                true
+            }))),
+            ..Default::default()
+        };
+        let from_memory = StableDiffusion::load_from_memory(file, &data, &options, &overrides)
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        let from_file =
+            StableDiffusion::load_with(&path, &LoadOptions::default(), &overrides).unwrap();
+        let params = GenerateParams {
+            prompt: "a red ball".into(),
+            steps: 2,
+            width: Some(32),
+            height: Some(32),
+            seed: 5,
+            ..Default::default()
+        };
+        let a = from_memory.generate(&params, None).unwrap().pixels;
+        let b = from_file.generate(&params, None).unwrap().pixels;
+        assert!(a.equal(&b), "{file}: memory and file differ");
+        let seen = seen.lock().unwrap();
+        let last = seen.last().unwrap();
+        assert_eq!(last.component, "done");
+        assert_eq!(last.bytes_total, data.len() as u64);
+        assert!(
+            last.bytes_done > 0 && last.bytes_done <= last.bytes_total,
+            "{last:?}"
+        );
+        assert!(seen.iter().any(|p| p.component == "UNet"), "{file}");
+    }
+    // Cancelled from the hook: the load fails with Cancelled.
+    let path = fixtures().join("single/tiny-sd1.safetensors");
+    let data = std::fs::read(&path).unwrap();
+    let options = LoadOptions {
+        progress: Some(LoadProgressHook(Arc::new(|p: &LoadProgress| {
+            p.tensors_done < 10
+        }))),
+        ..Default::default()
+    };
+    let e = StableDiffusion::load_from_memory("x", &data, &options, &Default::default());
+    assert!(matches!(e, Err(Error::Cancelled)), "{:?}", e.err());
+}
+
+/// Hostile buffers given as checkpoints (bytes flipped, cut short, zeroed, grown, or not a
+/// checkpoint at all): loading never panics, stays bounded in time, never writes the
+/// caller's buffer, and every error names the buffer.
+#[test]
+fn hostile_buffers_loaded_from_memory_are_refused_never_crash() {
+    use common::{Pick, Rng};
+    use std::time::{Duration, Instant};
+    let cases: usize = std::env::var("SD_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(120);
+    let bases: Vec<Vec<u8>> = ["tiny-sd1.safetensors", "tiny-sd1.ckpt"]
+        .iter()
+        .map(|f| std::fs::read(fixtures().join("single").join(f)).unwrap())
+        .collect();
+    let mut rng = Rng::new(0x3e3);
+    let (mut loaded, mut failures) = (0, Vec::new());
+    for case in 0..cases {
+        let mut data = rng.pick(&bases).clone();
+        let how = match rng.below(6) {
+            0 => {
+                for _ in 0..1 + rng.below(8) {
+                    let at = rng.below(data.len().min(1 << 16));
+                    data[at] ^= 1 << rng.below(8);
+                }
+                "header bits flipped"
+            }
+            1 => {
+                data.truncate(rng.below(data.len()));
+                "cut short"
+            }
+            2 => {
+                let at = rng.below(data.len());
+                let end = (at + 1 + rng.below(4096)).min(data.len());
+                data[at..end].fill(0);
+                "zeroed run"
+            }
+            3 => {
+                data.extend(std::iter::repeat(0xab).take(rng.below(4096)));
+                "grown"
+            }
+            4 => {
+                let at = rng.below(data.len());
+                data[at] ^= 0xff;
+                "a byte anywhere"
+            }
+            _ => {
+                data = (0..rng.below(64)).map(|_| rng.below(256) as u8).collect();
+                "noise"
+            }
+        };
+        let copy = data.clone();
+        let start = Instant::now();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            StableDiffusion::load_from_memory(
+                "packed-model",
+                &data,
+                &LoadOptions::default(),
+                &Default::default(),
+            )
+            .map(drop)
+        }));
+        let took = start.elapsed();
+        assert!(
+            took < Duration::from_secs(20),
+            "case {case} ({how}) took {took:?}"
+        );
+        assert_eq!(data, copy, "case {case}: the buffer was written");
+        match outcome {
+            Err(_) => failures.push(format!("case {case} ({how}): panicked")),
+            Ok(Ok(())) => loaded += 1,
+            Ok(Err(e)) => {
+                let text = e.to_string();
+                if !text.contains("packed-model")
+                    && !matches!(e, Error::MissingTensor { .. } | Error::ShapeMismatch { .. })
+                {
+                    failures.push(format!(
+                        "case {case} ({how}): `{text}` does not name the buffer"
+                    ));
+                }
+            }
+        }
+    }
+    eprintln!("{cases} hostile buffers: {loaded} loaded");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

@@ -15,6 +15,7 @@ use crate::models::{
 };
 use crate::schedulers::SchedulerConfig;
 use crate::tokenizer::ClipTokenizer;
+use crate::weights::progress::{self, LoadProgressHook};
 use crate::weights::single_file::{
     detect_format, Checkpoint, ComponentSource, Family, Layout, ModelFormat, ModelOverrides,
     SdxlPipelineFlags, SingleFileConfigs,
@@ -50,6 +51,12 @@ pub struct LoadOptions {
     /// A tiny autoencoder (see [`crate::models::tiny_vae`]) for full-size previews and, when a
     /// call asks ([`super::GenerateParams::tiny_vae_decode`]), the final decode.
     pub tiny_vae: Option<PathBuf>,
+    /// Told how far the load has come after every tensor, and able to cancel it.
+    pub progress: Option<LoadProgressHook>,
+    /// CPU threads this pipeline's calls compute with (libtorch's intra-op threads, set on
+    /// the calling thread at the start of each call); `None`: the process default (the
+    /// physical cores). On a machine shared with a game, fewer threads can run faster.
+    pub num_threads: Option<usize>,
 }
 
 /// Which kernels a float32 model runs with on the CPU. The two round differently (within
@@ -94,6 +101,8 @@ impl Default for LoadOptions {
             lora_dir: None,
             embeddings_dir: None,
             tiny_vae: None,
+            progress: None,
+            num_threads: None,
         }
     }
 }
@@ -195,6 +204,7 @@ fn load_component<T>(
     mappings: &mut Vec<MappingOwner>,
 ) -> Result<T> {
     let weights = WeightSet::find_in_dir(dir, stem)?;
+    progress::component(what)?;
     let parameters = count_parameters(&build)?;
     check_component_size(what, parameters, weights.total_bytes(), &weights.describe())?;
     let mut vs = var_store(options.device, options.kind);
@@ -226,6 +236,26 @@ pub(crate) fn vae_kind(kind: Kind, sdxl: bool, config: &VaeConfig) -> Kind {
 fn build_vae(vs: tch::nn::Path, config: &VaeConfig) -> Result<AutoencoderKL> {
     let _plain = pack_weights(false);
     AutoencoderKL::new(vs, config)
+}
+
+/// The bytes of the weight files a load of `path` reads (a single file's size, the weights of
+/// a folder's parts), for progress; 0 when they cannot be found (the load itself then says
+/// why).
+fn weight_bytes(path: &Path) -> u64 {
+    if path.is_file() {
+        return std::fs::metadata(path).map_or(0, |m| m.len());
+    }
+    let parts = [
+        ("text_encoder", "model"),
+        ("text_encoder_2", "model"),
+        ("unet", "diffusion_pytorch_model"),
+        ("vae", "diffusion_pytorch_model"),
+        (".", "diffusion_pytorch_model"),
+    ];
+    parts
+        .iter()
+        .filter_map(|(dir, stem)| WeightSet::find_in_dir(&path.join(dir), stem).ok())
+        .fold(0u64, |a, w| a.saturating_add(w.total_bytes()))
 }
 
 /// Loads a tiny autoencoder: a diffusers `AutoencoderTiny` folder (`config.json` and
@@ -264,6 +294,7 @@ pub fn load_tiny_vae(path: &Path, options: &LoadOptions) -> Result<AutoencoderTi
     )?;
     let vs = var_store(options.device, options.kind);
     let model = build(vs.root())?;
+    progress::component("tiny autoencoder")?;
     load_into_mapped(&weights, &vs, |name| vec![layout.key_of(name)], false)?;
     Ok(model)
 }
@@ -310,6 +341,50 @@ impl StableDiffusion {
         options: &LoadOptions,
         overrides: &ModelOverrides,
     ) -> Result<Self> {
+        let bytes = || weight_bytes(path);
+        Self::load_by(options, overrides, bytes, || match detect_format(path)? {
+            ModelFormat::DiffusersFolder if torchscript::is_export_folder(path) => {
+                Self::load_torchscript(path, options)
+            }
+            ModelFormat::DiffusersFolder => Self::load_folder(path, options),
+            ModelFormat::Safetensors | ModelFormat::Ckpt => {
+                Self::load_checkpoint(Checkpoint::open(path)?, options, overrides)
+            }
+        })
+    }
+
+    /// As [`StableDiffusion::load_with`], from a single-file checkpoint (`.safetensors` or
+    /// `.ckpt`) held in memory, as an engine packs it into its own archive; `name` stands for
+    /// it in messages. `data` is only read during the call (every tensor is copied), with the
+    /// same checks as a file.
+    pub fn load_from_memory(
+        name: &str,
+        data: &[u8],
+        options: &LoadOptions,
+        overrides: &ModelOverrides,
+    ) -> Result<Self> {
+        Self::load_by(
+            options,
+            overrides,
+            || data.len() as u64,
+            || {
+                // SAFETY: the checkpoint is dropped inside `load_checkpoint`, within this call,
+                // while `data` is borrowed; the model holds copies of its tensors.
+                let ckpt = unsafe { Checkpoint::from_bytes(name, data)? };
+                Self::load_checkpoint(ckpt, options, overrides)
+            },
+        )
+    }
+
+    /// What every load does around `load` (the model's own loading): checks, the process
+    /// settings, progress over `bytes()` bytes, then the overrides, embeddings and tiny
+    /// autoencoder.
+    fn load_by(
+        options: &LoadOptions,
+        overrides: &ModelOverrides,
+        bytes: impl FnOnce() -> u64,
+        load: impl FnOnce() -> Result<Self>,
+    ) -> Result<Self> {
         if !matches!(options.kind, Kind::Float | Kind::Half | Kind::BFloat16) {
             return Err(Error::invalid(format!(
                 "dtype {:?}: use fp32, fp16 or bf16",
@@ -317,16 +392,14 @@ impl StableDiffusion {
             )));
         }
         crate::runtime::tune_allocator();
+        crate::runtime::use_threads(options.num_threads)?;
         let _skip_init = crate::models::blocks::skip_random_init();
-        let mut sd = match detect_format(path)? {
-            ModelFormat::DiffusersFolder if torchscript::is_export_folder(path) => {
-                Self::load_torchscript(path, options)?
-            }
-            ModelFormat::DiffusersFolder => Self::load_folder(path, options)?,
-            ModelFormat::Safetensors | ModelFormat::Ckpt => {
-                Self::load_single_file(path, options, overrides)?
-            }
+        let bytes_total = match &options.progress {
+            Some(_) => bytes().saturating_add(options.tiny_vae.as_deref().map_or(0, weight_bytes)),
+            None => 0,
         };
+        let _progress = progress::install(options.progress.clone(), bytes_total);
+        let mut sd = load()?;
         if let Some(p) = overrides.prediction_type {
             sd.scheduler_config.prediction_type = Some(p);
         }
@@ -336,6 +409,8 @@ impl StableDiffusion {
         if let Some(tiny) = &options.tiny_vae {
             sd.set_tiny_vae(Some(load_tiny_vae(tiny, options)?))?;
         }
+        sd.num_threads = options.num_threads;
+        progress::done()?;
         Ok(sd)
     }
 
@@ -486,13 +561,12 @@ impl StableDiffusion {
     /// Loads a single-file checkpoint in the original layout: family, prediction type and
     /// configs detected from the file (or configs from `overrides.config_dir`), tensors mapped
     /// from the original keys one at a time. SDXL files give the same parts as an SDXL folder.
-    fn load_single_file(
-        path: &Path,
+    fn load_checkpoint(
+        ckpt: Checkpoint,
         options: &LoadOptions,
         overrides: &ModelOverrides,
     ) -> Result<Self> {
         let (device, kind) = (options.device, options.kind);
-        let ckpt = Checkpoint::open(path)?;
         let layout = Layout::detect(&ckpt, overrides.use_ema)?;
         let sdxl_family = matches!(layout.family, Family::Sdxl | Family::SdxlRefiner);
         let _pack = pack_weights(options.weight_kernels.packs(sdxl_family));
@@ -534,6 +608,7 @@ impl StableDiffusion {
 
         let mut vs = var_store(device, kind);
         let text_encoder = ClipTextTransformer::new(vs.root(), &configs.text)?;
+        progress::component("text encoder")?;
         load_into_from(
             &ComponentSource::text_encoder(&ckpt, &layout),
             &vs,
@@ -545,6 +620,7 @@ impl StableDiffusion {
             Some(config) => {
                 let mut vs = var_store(device, kind);
                 let encoder = ClipTextTransformer::new(vs.root(), config)?;
+                progress::component("second text encoder")?;
                 load_into_from(
                     &ComponentSource::text_encoder_2(&ckpt, &layout),
                     &vs,
@@ -560,6 +636,7 @@ impl StableDiffusion {
 
         let mut vs = var_store(device, kind);
         let unet = UNet2DConditionModel::new(vs.root(), &configs.unet)?;
+        progress::component("UNet")?;
         load_into_from(
             &ComponentSource::unet(&ckpt, &layout, &configs.unet)?,
             &vs,
@@ -569,6 +646,7 @@ impl StableDiffusion {
 
         let mut vs = var_store(device, vae_kind(kind, sdxl_family, &configs.vae));
         let vae = build_vae(vs.root(), &configs.vae)?;
+        progress::component("VAE")?;
         load_into_from(
             &ComponentSource::vae(&ckpt, &layout, &configs.vae),
             &vs,

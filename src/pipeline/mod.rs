@@ -3,6 +3,7 @@
 mod loader;
 pub mod preview;
 
+pub use crate::weights::progress::{LoadProgress, LoadProgressHook};
 pub use loader::{load_tiny_vae, LoadOptions, ModelFiles, WeightKernels};
 
 use crate::embeddings::{self, Embeddings, TokenEmbedding};
@@ -480,6 +481,8 @@ pub struct StableDiffusion {
     embeddings_reported: std::sync::atomic::AtomicBool,
     /// The tiny autoencoder for previews and fast decodes ([`LoadOptions::tiny_vae`]).
     tiny_vae: Option<AutoencoderTiny>,
+    /// The CPU threads its calls compute with ([`LoadOptions::num_threads`]).
+    pub(crate) num_threads: Option<usize>,
     /// The file maps that weights point into (see [`LoadOptions::copy_weights`]): declared
     /// after the models, so that they are dropped after them.
     mapped_weights: Vec<crate::weights::MappingOwner>,
@@ -623,6 +626,7 @@ impl StableDiffusion {
             token_embeddings: OnceLock::new(),
             embeddings_reported: Default::default(),
             tiny_vae: None,
+            num_threads: options.num_threads,
             mapped_weights: Vec::new(),
         }
     }
@@ -644,6 +648,19 @@ impl StableDiffusion {
         }
         self.tiny_vae = tiny;
         Ok(())
+    }
+
+    /// Logs, as warnings, why each embedding is not used, unless that was done already (it is
+    /// done at the first run otherwise).
+    pub fn report_unused_embeddings(&self) {
+        if !self
+            .embeddings_reported
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            for why in &self.token_embeddings().unused {
+                self.log(LogLevel::Warn, || format!("embedding not used: {why}"));
+            }
+        }
     }
 
     /// The tiny autoencoder, if one was given ([`StableDiffusion::set_tiny_vae`]).
@@ -1142,18 +1159,12 @@ impl StableDiffusion {
             fallback,
             adapters,
         } = validated;
-        if !self
-            .embeddings_reported
-            .swap(true, std::sync::atomic::Ordering::Relaxed)
-        {
-            for why in &self.token_embeddings().unused {
-                self.log(LogLevel::Warn, || format!("embedding not used: {why}"));
-            }
-        }
+        self.report_unused_embeddings();
         // The call's LoRAs, on this thread, for every layer that runs until the latents are
         // done (the text encoders and the UNet).
         let _adapters = adapters::activate(adapters);
         let _wrap = blocks::wrap_around(params.seamless);
+        crate::runtime::use_threads(self.num_threads)?;
         if let Some(why) = fallback {
             self.log(LogLevel::Warn, || why);
         }

@@ -395,6 +395,14 @@ pub fn scheduler_names() -> &'static [&'static str] {
     NAMES.get_or_init(|| SCHEDULERS.iter().map(|(short, _)| *short).collect())
 }
 
+/// The diffusers class of the scheduler with this short name.
+pub fn class_of(short: &str) -> Option<&'static str> {
+    SCHEDULERS
+        .iter()
+        .find(|(s, _)| *s == short)
+        .map(|(_, class)| *class)
+}
+
 /// The A1111 sampler names that map to a supported scheduler.
 pub fn a1111_scheduler_names() -> Vec<&'static str> {
     A1111_NAMES

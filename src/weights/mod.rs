@@ -5,6 +5,7 @@
 //! through the same [`load_into_from`].
 mod ckpt;
 pub mod pickle;
+pub mod progress;
 pub mod safetensors_file;
 pub mod single_file;
 
@@ -126,18 +127,26 @@ pub fn load_into_mapped(
             if !owners.iter().any(|o| Arc::ptr_eq(o, &owner)) {
                 owners.push(owner);
             }
+            progress::tensor(stored_bytes(&view))?;
             continue;
         }
         let src = source.tensor(key)?;
         var.f_copy_(&src)?;
+        let bytes = stored_bytes(&src);
         drop(src);
         source.done(key);
+        progress::tensor(bytes)?;
     }
     source.finished();
     if !owners.is_empty() {
         source.populate();
     }
     Ok(owners)
+}
+
+/// A tensor's bytes in its own dtype (as a file stores it).
+fn stored_bytes(t: &Tensor) -> u64 {
+    (t.numel() as u64).saturating_mul(t.kind().elt_size_in_bytes() as u64)
 }
 
 /// A set of weight files that together hold one model's tensors (one file, or the shards of

@@ -135,12 +135,55 @@ pub(crate) struct RawTensor {
 pub struct Checkpoint {
     path: PathBuf,
     format: FileFormat,
-    mmap: Mmap,
+    mmap: Backing,
     tensors: HashMap<String, RawTensor>,
     metadata: BTreeMap<String, String>,
     global_step: Option<i64>,
     /// The compressed storages of a `.ckpt` (none for most files), decompressed once each.
     pub(super) zipped: ckpt::ZippedStorages,
+}
+
+/// A checkpoint's bytes: its file's map, or a caller's buffer (see [`Checkpoint::from_bytes`]).
+enum Backing {
+    Map(Mmap),
+    Borrowed { ptr: *const u8, len: usize },
+}
+
+// SAFETY: the bytes are only read, and a borrowed buffer outlives the checkpoint
+// (`Checkpoint::from_bytes`' contract).
+unsafe impl Send for Backing {}
+unsafe impl Sync for Backing {}
+
+impl std::ops::Deref for Backing {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Self::Map(m) => m,
+            // SAFETY: `Checkpoint::from_bytes`' contract keeps the buffer valid.
+            Self::Borrowed { ptr, len } => unsafe { std::slice::from_raw_parts(*ptr, *len) },
+        }
+    }
+}
+
+impl Backing {
+    /// Lets the kernel drop the resident pages of `start..start + len` of a file's map; a
+    /// caller's buffer is never touched.
+    fn release(&self, start: usize, len: usize) {
+        if let Self::Map(m) = self {
+            drop_mapped_pages(m, start, len);
+        }
+    }
+}
+
+/// What the first bytes of a checkpoint say it is.
+fn sniff_bytes(head: &[u8]) -> Option<FileFormat> {
+    if head.len() >= 4 && &head[..4] == b"PK\x03\x04" {
+        return Some(FileFormat::Ckpt);
+    }
+    if head.len() >= 9 && head[8] == b'{' {
+        return Some(FileFormat::Safetensors);
+    }
+    None
 }
 
 /// The first bytes of a file say what it is (only those are read).
@@ -155,13 +198,7 @@ pub fn sniff(path: &Path) -> Result<Option<FileFormat>> {
             k => n += k,
         }
     }
-    if n >= 4 && &head[..4] == b"PK\x03\x04" {
-        return Ok(Some(FileFormat::Ckpt));
-    }
-    if n == 9 && head[8] == b'{' {
-        return Ok(Some(FileFormat::Safetensors));
-    }
-    Ok(None)
+    Ok(sniff_bytes(&head[..n]))
 }
 
 impl Checkpoint {
@@ -175,6 +212,30 @@ impl Checkpoint {
         // SAFETY: read-only private map; a file truncated under us by another process is
         // outside what any reader of on-disk weights can defend against.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        Self::index(path, format, Backing::Map(mmap))
+    }
+
+    /// A checkpoint held in memory (a `.safetensors` or PyTorch zip `.ckpt` packed into an
+    /// engine's own archive), named `name` in messages, with the same checks as a file.
+    ///
+    /// # Safety
+    /// `data` must stay valid and unchanged for as long as the checkpoint lives (tensors read
+    /// from it are copies, so a model built from it does not keep it).
+    pub unsafe fn from_bytes(name: &str, data: &[u8]) -> Result<Self> {
+        let path = Path::new(name);
+        let format = sniff_bytes(&data[..data.len().min(9)]).ok_or_else(|| {
+            Error::bad_model(format!(
+                "{name}: not a checkpoint (neither a safetensors header nor a PyTorch zip)"
+            ))
+        })?;
+        let backing = Backing::Borrowed {
+            ptr: data.as_ptr(),
+            len: data.len(),
+        };
+        Self::index(path, format, backing)
+    }
+
+    fn index(path: &Path, format: FileFormat, mmap: Backing) -> Result<Self> {
         let (tensors, metadata, global_step, zipped) = match format {
             FileFormat::Safetensors => {
                 let (t, m) = index_safetensors(path, &mmap)?;
@@ -299,7 +360,7 @@ impl Checkpoint {
     /// Drops every resident page of the file's map (the other components read theirs back).
     pub fn release_all_pages(&self) {
         // Every reader copies out of the map before returning: no slice of it is alive.
-        drop_mapped_pages(&self.mmap, 0, self.mmap.len());
+        self.mmap.release(0, self.mmap.len());
     }
 
     /// Drops the resident pages of `key`'s bytes (they are read again from the file if needed),
@@ -320,7 +381,7 @@ impl Checkpoint {
         }) = self.tensors.get(key)
         {
             // Every reader copies out of the map (`tensor` above) before returning.
-            drop_mapped_pages(&self.mmap, *start, *len);
+            self.mmap.release(*start, *len);
         }
     }
 }
@@ -353,7 +414,7 @@ fn not_a_checkpoint(path: &Path) -> Error {
 
 type Index = (HashMap<String, RawTensor>, BTreeMap<String, String>);
 
-fn index_safetensors(path: &Path, mmap: &Mmap) -> Result<Index> {
+fn index_safetensors(path: &Path, mmap: &[u8]) -> Result<Index> {
     let (header_len, meta) = safetensors::SafeTensors::read_metadata(mmap).map_err(|e| {
         Error::bad_model(format!(
             "{} is not a valid safetensors file (truncated or damaged?): {e}",
