@@ -128,27 +128,6 @@ typedef int32_t sd_status;
 #endif // __cplusplus
 
 /**
- * How much a log message matters.
- */
-enum sd_log_level
-#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
-  : int32_t
-#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
- {
-  SD_LOG_DEBUG = 0,
-  SD_LOG_INFO = 1,
-  SD_LOG_WARN = 2,
-  SD_LOG_ERROR = 3,
-};
-#ifndef __cplusplus
-#if __STDC_VERSION__ >= 202311L
-typedef enum sd_log_level sd_log_level;
-#else
-typedef int32_t sd_log_level;
-#endif // __STDC_VERSION__ >= 202311L
-#endif // __cplusplus
-
-/**
  * Where a job is.
  */
 enum sd_job_state
@@ -186,6 +165,27 @@ typedef int32_t sd_job_state;
 #endif // __cplusplus
 
 /**
+ * How much a log message matters.
+ */
+enum sd_log_level
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : int32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  SD_LOG_DEBUG = 0,
+  SD_LOG_INFO = 1,
+  SD_LOG_WARN = 2,
+  SD_LOG_ERROR = 3,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum sd_log_level sd_log_level;
+#else
+typedef int32_t sd_log_level;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/**
  * Generated images, owned by the library: read them with `sd_images_count` and
  * `sd_images_get`, release them with `sd_images_free`.
  */
@@ -197,6 +197,13 @@ typedef struct sd_images sd_images;
  * be the last call on it).
  */
 typedef struct sd_job sd_job;
+
+/**
+ * A load running on a worker thread. Create it with `sd_pipeline_load_async`, release it with
+ * `sd_load_job_free`. Its functions may be called from any thread (except `sd_load_job_free`,
+ * which must be the last call on it).
+ */
+typedef struct sd_load_job sd_load_job;
 
 /**
  * A LoRA read into memory. Create it with `sd_lora_load`, release it with `sd_lora_free`.
@@ -216,6 +223,55 @@ typedef struct sd_pipeline sd_pipeline;
  * Number type the weights are held and computed in (`sd_load_options.dtype`).
  */
 typedef int32_t sd_dtype;
+
+/**
+ * How far a load has come (`sd_load_options.on_progress`, `sd_load_job_poll`). Set
+ * `struct_size` to `sizeof(sd_load_progress)` before polling; a callback gets a filled one.
+ */
+typedef struct sd_load_progress {
+  size_t struct_size;
+  /**
+   * `SD_JOB_RUNNING` during a load; an async load's final state once it ended.
+   */
+  sd_job_state state;
+  /**
+   * The part being loaded ("text encoder", "second text encoder", "UNet", "VAE", "tiny
+   * autoencoder", "done"; "" before the first), a static string.
+   */
+  const char *component;
+  /**
+   * Tensors read so far.
+   */
+  uint64_t tensors_done;
+  /**
+   * Bytes of those tensors as the files store them.
+   */
+  uint64_t bytes_done;
+  /**
+   * The weight files' bytes, known before loading starts (0 when not known, e.g. for
+   * TorchScript): `bytes_done / bytes_total` is the fraction done, ending close to 1.
+   */
+  uint64_t bytes_total;
+  /**
+   * Seconds since the load started.
+   */
+  double elapsed_seconds;
+} sd_load_progress;
+
+/**
+ * Receives load progress (see `sd_load_options.on_progress`). `progress` is valid only during
+ * the call. It runs on the loading thread (a worker thread for `sd_pipeline_load_async`), must
+ * not unwind (no C++ exception, no longjmp) and must not load on that thread.
+ */
+typedef int32_t (*sd_load_progress_fn)(const struct sd_load_progress *progress, void *user_data);
+
+/**
+ * Receives a pipeline's log messages (see `sd_pipeline_set_log_callback`). `message` is UTF-8,
+ * NUL-terminated and valid only during the call. It runs on the thread doing the work: the
+ * caller's thread for `sd_generate`, a worker thread for jobs. It must not unwind (no C++
+ * exception, no longjmp) and must not call `sd_generate` on the same pipeline.
+ */
+typedef void (*sd_log_fn)(sd_log_level level, const char *message, void *user_data);
 
 /**
  * How to load a pipeline. Fill it with `sd_load_options_init`, then change what you need.
@@ -293,6 +349,31 @@ typedef struct sd_load_options {
    * (default): none.
    */
   const char *tiny_vae;
+  /**
+   * Called on the loading thread after every tensor read (and as each part starts), with
+   * how far the load has come; return `SD_STEP_CONTINUE` (0) to go on, anything else to
+   * cancel the load, which then fails with `SD_ERR_CANCELLED` having released everything it
+   * had built. NULL (default): no progress.
+   */
+  sd_load_progress_fn on_progress;
+  /**
+   * Handed to `on_progress` (and kept by an async load until it ends).
+   */
+  void *progress_user_data;
+  /**
+   * Receives the load's own messages (what was loaded and how long it took, embeddings
+   * skipped) and then the pipeline's, as if `sd_pipeline_set_log_callback` had been called
+   * right at the start. NULL (default): none.
+   */
+  sd_log_fn log_fn;
+  void *log_user_data;
+  /**
+   * CPU threads the pipeline's calls compute with (libtorch's intra-op threads, set on the
+   * thread running each call, so pipelines on different threads keep their own). 0
+   * (default): the process default, the physical cores. On a machine shared with a game,
+   * fewer threads can run much faster. At most 1024.
+   */
+  uint32_t num_threads;
 } sd_load_options;
 
 /**
@@ -584,15 +665,14 @@ typedef struct sd_generate_params {
    * loaded. 0 (default): the VAE.
    */
   int32_t tiny_vae_decode;
+  /**
+   * Jobs only: every this many steps the job makes a preview of its images (as
+   * `sd_step_preview` would) and keeps the latest for `sd_job_take_preview`, so that a
+   * game loop can show progress without a callback. 0 (default): none. The cheap preview
+   * costs well under a millisecond per step; a tiny autoencoder's costs one small decode.
+   */
+  uint32_t job_preview_every;
 } sd_generate_params;
-
-/**
- * Receives a pipeline's log messages (see `sd_pipeline_set_log_callback`). `message` is UTF-8,
- * NUL-terminated and valid only during the call. It runs on the thread doing the work: the
- * caller's thread for `sd_generate`, a worker thread for jobs. It must not unwind (no C++
- * exception, no longjmp) and must not call `sd_generate` on the same pipeline.
- */
-typedef void (*sd_log_fn)(sd_log_level level, const char *message, void *user_data);
 
 /**
  * Model families (`sd_pipeline_info.family`).
@@ -890,6 +970,28 @@ sd_status sd_pipeline_load(const char *model_path,
                            struct sd_pipeline **out_pipeline);
 
 /**
+ * Loads a pipeline from a single-file checkpoint held in memory (a `.safetensors` or a
+ * PyTorch zip `.ckpt`, e.g. unpacked from an engine's own asset archive) and stores it in
+ * `*out_pipeline` (NULL on failure), as `sd_pipeline_load` would from the same bytes in a
+ * file, with the same checks. `data` is borrowed for the call only: every tensor is copied
+ * out, so the caller may free it when this returns. `name` (UTF-8, may be NULL: "memory")
+ * stands for the buffer in messages. Diffusers folders cannot come from memory.
+ *
+ * Ownership: the caller owns the pipeline and releases it with `sd_pipeline_free`.
+ * Threading: thread-safe; loads on the calling thread.
+ * Errors: as `sd_pipeline_load`; `SD_ERR_BAD_MODEL` for bytes that are not a checkpoint or
+ * are truncated or malformed (naming what is wrong).
+ *
+ * Pointers: `data` is NULL (an error) or valid for `size` bytes of reads; the others as in
+ * `sd_pipeline_load`.
+ */
+sd_status sd_pipeline_load_from_memory(const void *data,
+                                       size_t size,
+                                       const char *name,
+                                       const struct sd_load_options *options,
+                                       struct sd_pipeline **out_pipeline);
+
+/**
  * Releases a pipeline. Its jobs that have not finished are cancelled, and this call waits
  * until they stopped (at most about one denoising step each), so that no callback of this
  * pipeline runs after it returns; their `sd_job` handles stay valid (state
@@ -1111,6 +1213,23 @@ sd_status sd_job_wait(struct sd_job *job, int64_t timeout_ms);
 sd_status sd_job_take_images(struct sd_job *job, struct sd_images **out_images);
 
 /**
+ * Moves the job's latest preview to the caller: its images in `*out_images` and the step it
+ * was made after in `*out_step` (NULL and 0 otherwise). Previews are made only when the job
+ * was submitted with `params->job_preview_every` > 0, every that many steps and after the
+ * last; each is handed out once. Does not block: `SD_NOT_READY` when no preview is waiting
+ * (none made yet, or the latest already taken).
+ *
+ * Ownership: the caller owns the images and releases them with `sd_images_free`.
+ * Threading: thread-safe; cheap enough to call every frame.
+ *
+ * Pointers: `job` is NULL or live; `out_step` is NULL or writable; `out_images` is NULL or
+ * writable.
+ */
+sd_status sd_job_take_preview(struct sd_job *job,
+                              uint32_t *out_step,
+                              struct sd_images **out_images);
+
+/**
  * Releases a job. An unfinished job is cancelled first and this call waits until its worker
  * stopped (at most about one denoising step), so that its callback never runs afterwards;
  * images not taken are released. NULL is ignored.
@@ -1120,6 +1239,122 @@ sd_status sd_job_take_images(struct sd_job *job, struct sd_images **out_images);
  * Pointers: `job` is NULL or a live job not used afterwards.
  */
 void sd_job_free(struct sd_job *job);
+
+/**
+ * Starts loading a pipeline on a worker thread, as `sd_pipeline_load` would, and returns at
+ * once with a new load job in `*out_job` (NULL on failure). `model_path` and `options` (its
+ * strings included) are copied before it returns; `options->on_progress`,
+ * `options->progress_user_data`, `options->log_fn` and `options->log_user_data` must stay
+ * usable until the job ends, and those callbacks run on the worker thread.
+ *
+ * Ownership: the caller owns the job and releases it with `sd_load_job_free`; the pipeline it
+ * makes goes to the caller with `sd_load_job_take_pipeline`.
+ * Threading: thread-safe.
+ * Errors (at once): `SD_ERR_INVALID_ARGUMENT` for what can be checked without loading (NULL,
+ * bad UTF-8, `struct_size`, a bad device, dtype or thread count); everything else comes from
+ * `sd_load_job_wait` / `sd_load_job_take_pipeline`, as `sd_pipeline_load` would return it.
+ *
+ * Pointers: each one NULL (an error) or valid as described above.
+ */
+sd_status sd_pipeline_load_async(const char *model_path,
+                                 const struct sd_load_options *options,
+                                 struct sd_load_job **out_job);
+
+/**
+ * Fills `*progress` without blocking: the state (`SD_JOB_RUNNING` until the load ends), the
+ * part being loaded, tensors and bytes read, the bytes to read, seconds since the start. Set
+ * `progress->struct_size = sizeof(sd_load_progress)` first.
+ *
+ * Threading: thread-safe; cheap enough to call every frame.
+ * Errors: `SD_ERR_INVALID_ARGUMENT` when a pointer is NULL or `struct_size` is wrong (then
+ * `*progress` is not written); when `job` is the fault, `*progress` holds the defaults.
+ *
+ * Pointers: `job` is NULL or live; `progress` is NULL or valid for `progress->struct_size`
+ * bytes.
+ */
+sd_status sd_load_job_poll(const struct sd_load_job *job, struct sd_load_progress *progress);
+
+/**
+ * Asks the load to stop at its next tensor; it then ends in `SD_JOB_CANCELLED`, having
+ * released everything it built (or in its other final state if it finished first).
+ *
+ * Threading: thread-safe, also from the load's own progress callback.
+ * Errors: `SD_ERR_INVALID_ARGUMENT` when `job` is NULL.
+ *
+ * Pointers: `job` is NULL or live.
+ */
+sd_status sd_load_job_cancel(struct sd_load_job *job);
+
+/**
+ * Waits until the load finished or `timeout_ms` milliseconds passed (negative: no limit; 0:
+ * just look). Returns the load's outcome when it finished (`SD_OK`, `SD_ERR_CANCELLED` or the
+ * error `sd_pipeline_load` would have returned, with its message in `sd_last_error()`),
+ * `SD_NOT_READY` when the time ran out.
+ *
+ * Threading: thread-safe; not from the load's own progress callback.
+ *
+ * Pointers: `job` is NULL or live.
+ */
+sd_status sd_load_job_wait(struct sd_load_job *job, int64_t timeout_ms);
+
+/**
+ * Moves the loaded pipeline to the caller in `*out_pipeline` (NULL otherwise). Does not
+ * block: `SD_NOT_READY` while loading; the load's error when it failed or was cancelled;
+ * `SD_ERR_INVALID_ARGUMENT` when the pipeline was already taken.
+ *
+ * Ownership: the caller owns the pipeline (release it with `sd_pipeline_free`); it outlives
+ * the job. Threading: thread-safe; the pipeline goes to one caller.
+ *
+ * Pointers: `job` is NULL or live; `out_pipeline` is NULL or writable.
+ */
+sd_status sd_load_job_take_pipeline(struct sd_load_job *job, struct sd_pipeline **out_pipeline);
+
+/**
+ * Releases a load job. An unfinished load is cancelled first and this call waits until its
+ * worker stopped (at most about one tensor's read), so that its callbacks never run
+ * afterwards; a pipeline not taken is released. NULL is ignored.
+ *
+ * Threading: must be the last call on this job, and not made from its own callback.
+ *
+ * Pointers: `job` is NULL or a live load job not used afterwards.
+ */
+void sd_load_job_free(struct sd_load_job *job);
+
+/**
+ * How many schedulers the library knows (`sd_scheduler_name` takes an index below it).
+ *
+ * Threading: thread-safe.
+ */
+size_t sd_scheduler_count(void);
+
+/**
+ * The short name of scheduler `index` ("ddim", "euler_a", "dpmpp_2m", ...: what
+ * `sd_generate_params.scheduler` and `sd_load_options.scheduler` take), or with a non-zero
+ * `diffusers_class` its diffusers class name ("EulerAncestralDiscreteScheduler"). A static
+ * string; NULL when `index` is out of range.
+ *
+ * Threading: thread-safe.
+ */
+const char *sd_scheduler_name(size_t index, int32_t diffusers_class);
+
+/**
+ * Whether `device` ("cpu", "cuda", "cuda:N", "mps"; NULL or "" = "cpu") can run a pipeline
+ * with this libtorch on this machine, without loading anything: `SD_OK` when it can,
+ * `SD_ERR_UNSUPPORTED` (with the reason in `sd_last_error()`) when this libtorch lacks it or
+ * sees no such device, `SD_ERR_INVALID_ARGUMENT` for a name it does not know.
+ *
+ * Threading: thread-safe.
+ *
+ * Pointers: `device` is NULL or a NUL-terminated string.
+ */
+sd_status sd_device_check(const char *device);
+
+/**
+ * The number of CUDA devices this libtorch sees (0 without CUDA).
+ *
+ * Threading: thread-safe.
+ */
+int32_t sd_cuda_device_count(void);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -331,6 +331,7 @@ struct LoadOptions {
   std::string lora_dir;  // where <lora:NAME:W> tags of A1111 prompts find NAME.safetensors
   std::string embeddings_dir;  // textual-inversion embeddings, used in prompts by file name
   std::string tiny_vae;  // a tiny autoencoder (TAESD): full-size previews, optional fast decode
+  uint32_t num_threads = 0;  // CPU threads for this pipeline's calls; 0: the process default
 };
 
 /// A loaded model. Calls on one Pipeline are serialised by the library.
@@ -349,6 +350,7 @@ class Pipeline {
     o.lora_dir = detail::c_str_or_null(options.lora_dir);
     o.embeddings_dir = detail::c_str_or_null(options.embeddings_dir);
     o.tiny_vae = detail::c_str_or_null(options.tiny_vae);
+    o.num_threads = options.num_threads;
     sd_pipeline* p = nullptr;
     detail::check(sd_pipeline_load(model_path.c_str(), &o, &p));
     pipeline_.reset(p);

@@ -1653,7 +1653,7 @@ fn seamless_tiling_and_the_tiny_autoencoder_through_c() {
     let refused = |edit: &dyn Fn(&mut sd_generate_params), needle: &str| {
         let mut g = params(&prompt, 1, 0);
         edit(&mut g);
-        let (status, message) = generate(p, &g).err().expect("refused");
+        let (status, message) = generate(p, &g).expect_err("refused");
         assert_eq!(status, SD_ERR_INVALID_ARGUMENT, "{message}");
         assert!(message.contains(needle), "`{needle}` not in `{message}`");
     };
@@ -1689,7 +1689,427 @@ fn refused_on(p: *mut sd_pipeline, needle: &str) {
     let prompt = CString::new("a cat").unwrap();
     let mut g = params(&prompt, 1, 0);
     g.tiny_vae_decode = 1;
-    let (status, message) = generate(p, &g).err().expect("refused");
+    let (status, message) = generate(p, &g).expect_err("refused");
     assert_eq!(status, SD_ERR_INVALID_ARGUMENT, "{message}");
     assert!(message.contains(needle), "`{needle}` not in `{message}`");
+}
+
+/// What the load progress callback saw, for the tests below.
+#[derive(Default)]
+struct LoadSeen {
+    calls: usize,
+    components: Vec<String>,
+    bytes: Vec<(u64, u64)>,
+    cancel_at: Option<usize>,
+}
+
+unsafe extern "C" fn on_load_progress(p: *const sd_load_progress, user: *mut c_void) -> i32 {
+    let seen = &mut *(user as *mut LoadSeen);
+    let p = &*p;
+    seen.calls += 1;
+    let component = CStr::from_ptr(p.component).to_str().unwrap().to_string();
+    if seen.components.last() != Some(&component) {
+        seen.components.push(component);
+    }
+    seen.bytes.push((p.bytes_done, p.bytes_total));
+    match seen.cancel_at {
+        Some(n) if seen.calls >= n => SD_STEP_CANCEL,
+        _ => SD_STEP_CONTINUE,
+    }
+}
+
+unsafe extern "C" fn on_load_log(_level: sd_log_level, message: *const c_char, user: *mut c_void) {
+    let lines = &*(user as *const Mutex<Vec<String>>);
+    let text = CStr::from_ptr(message).to_string_lossy().into_owned();
+    lines.lock().unwrap().push(text);
+}
+
+/// Load progress through `sd_load_options.on_progress`: every part is named in order, bytes
+/// only grow and end at the weight files' size (less their headers), and the load's log line
+/// reaches `log_fn`. A callback that cancels fails the load with `SD_ERR_CANCELLED` and no
+/// pipeline, and a load after it works.
+#[test]
+fn load_progress_reports_every_part_and_can_cancel() {
+    let model = fixture("tiny-sd1");
+    let mut seen = LoadSeen::default();
+    let lines = Mutex::new(Vec::<String>::new());
+    let mut options = sd_load_options_with_defaults();
+    options.on_progress = Some(on_load_progress);
+    options.progress_user_data = &mut seen as *mut LoadSeen as *mut c_void;
+    options.log_fn = Some(on_load_log);
+    options.log_user_data = &lines as *const _ as *mut c_void;
+    let mut p = null_mut();
+    let status = unsafe { sd_pipeline_load(model.as_ptr(), &options, &mut p) };
+    assert_eq!(status, SD_OK, "{}", last_error());
+    assert_eq!(
+        seen.components,
+        ["text encoder", "UNet", "VAE", "done"],
+        "parts in order"
+    );
+    let total = seen.bytes[0].1;
+    let files: u64 = [
+        "text_encoder/model",
+        "unet/diffusion_pytorch_model",
+        "vae/diffusion_pytorch_model",
+    ]
+    .iter()
+    .map(|f| {
+        let path = common::fixtures().join(format!("tiny-sd1/{f}.safetensors"));
+        std::fs::metadata(path).unwrap().len()
+    })
+    .sum();
+    assert_eq!(total, files, "bytes_total is the weight files' size");
+    assert!(
+        seen.bytes.windows(2).all(|w| w[0].0 <= w[1].0),
+        "bytes only grow"
+    );
+    let done = seen.bytes.last().unwrap().0;
+    assert!(
+        done <= total && done as f64 > 0.95 * total as f64,
+        "{done} of {total}"
+    );
+    assert!(
+        lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.starts_with("loaded ")),
+        "{:?}",
+        lines.lock().unwrap()
+    );
+    unsafe { sd_pipeline_free(p) };
+
+    let mut seen = LoadSeen {
+        cancel_at: Some(5),
+        ..Default::default()
+    };
+    options.progress_user_data = &mut seen as *mut LoadSeen as *mut c_void;
+    let status = unsafe { sd_pipeline_load(model.as_ptr(), &options, &mut p) };
+    assert_eq!(status, SD_ERR_CANCELLED, "{}", last_error());
+    assert!(p.is_null());
+    assert_eq!(seen.calls, 5, "no progress after the cancel");
+    options.on_progress = None;
+    let status = unsafe { sd_pipeline_load(model.as_ptr(), &options, &mut p) };
+    assert_eq!(status, SD_OK, "{}", last_error());
+    unsafe { sd_pipeline_free(p) };
+}
+
+/// `sd_pipeline_load_async`: the load runs on a worker, polls show it, the pipeline taken from
+/// it generates; a cancelled load ends cancelled with nothing to take; a bad path fails on
+/// the worker with the error `sd_pipeline_load` gives; a job freed untaken releases its
+/// pipeline; bad arguments are refused at once.
+#[test]
+fn async_load_polls_takes_cancels_and_fails_by_name() {
+    let model = fixture("tiny-sd1");
+    let mut job = null_mut();
+    let status = unsafe { sd_pipeline_load_async(model.as_ptr(), ptr::null(), &mut job) };
+    assert_eq!(status, SD_OK, "{}", last_error());
+    let mut states = Vec::new();
+    loop {
+        let mut progress = sd_load_progress {
+            struct_size: size_of::<sd_load_progress>(),
+            state: sd_job_state::SD_JOB_QUEUED,
+            component: ptr::null(),
+            tensors_done: 0,
+            bytes_done: 0,
+            bytes_total: 0,
+            elapsed_seconds: 0.0,
+        };
+        assert_eq!(unsafe { sd_load_job_poll(job, &mut progress) }, SD_OK);
+        states.push(progress.state);
+        if !matches!(
+            progress.state,
+            sd_job_state::SD_JOB_QUEUED | sd_job_state::SD_JOB_RUNNING
+        ) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    assert_eq!(*states.last().unwrap(), sd_job_state::SD_JOB_SUCCEEDED);
+    assert_eq!(unsafe { sd_load_job_wait(job, -1) }, SD_OK);
+    let mut p = null_mut();
+    assert_eq!(unsafe { sd_load_job_take_pipeline(job, &mut p) }, SD_OK);
+    assert!(!p.is_null());
+    let mut again = null_mut();
+    expect(
+        unsafe { sd_load_job_take_pipeline(job, &mut again) },
+        SD_ERR_INVALID_ARGUMENT,
+        "already taken",
+    );
+    unsafe { sd_load_job_free(job) };
+    let prompt = CString::new("a red circle").unwrap();
+    assert!(generate(p, &params(&prompt, 2, 1)).is_ok());
+    unsafe { sd_pipeline_free(p) };
+
+    // Cancelled from its progress callback's first report: it ends cancelled.
+    let mut seen = LoadSeen {
+        cancel_at: Some(1),
+        ..Default::default()
+    };
+    let mut options = sd_load_options_with_defaults();
+    options.on_progress = Some(on_load_progress);
+    options.progress_user_data = &mut seen as *mut LoadSeen as *mut c_void;
+    let status = unsafe { sd_pipeline_load_async(model.as_ptr(), &options, &mut job) };
+    assert_eq!(status, SD_OK);
+    assert_eq!(unsafe { sd_load_job_wait(job, -1) }, SD_ERR_CANCELLED);
+    let mut p = null_mut();
+    assert_eq!(
+        unsafe { sd_load_job_take_pipeline(job, &mut p) },
+        SD_ERR_CANCELLED
+    );
+    assert!(p.is_null());
+    unsafe { sd_load_job_free(job) };
+
+    // Cancelled by the caller at once, then freed: whichever came first, nothing is left.
+    let status = unsafe { sd_pipeline_load_async(model.as_ptr(), ptr::null(), &mut job) };
+    assert_eq!(status, SD_OK);
+    assert_eq!(unsafe { sd_load_job_cancel(job) }, SD_OK);
+    let outcome = unsafe { sd_load_job_wait(job, -1) };
+    assert!(
+        outcome == SD_ERR_CANCELLED || outcome == SD_OK,
+        "{outcome:?}"
+    );
+    unsafe { sd_load_job_free(job) };
+
+    // Freed while loading, never taken.
+    let status = unsafe { sd_pipeline_load_async(model.as_ptr(), ptr::null(), &mut job) };
+    assert_eq!(status, SD_OK);
+    unsafe { sd_load_job_free(job) };
+
+    let missing = CString::new("no/such/model").unwrap();
+    let status = unsafe { sd_pipeline_load_async(missing.as_ptr(), ptr::null(), &mut job) };
+    assert_eq!(status, SD_OK);
+    expect(
+        unsafe { sd_load_job_wait(job, -1) },
+        SD_ERR_IO,
+        "no/such/model",
+    );
+    unsafe { sd_load_job_free(job) };
+
+    expect(
+        unsafe { sd_pipeline_load_async(ptr::null(), ptr::null(), &mut job) },
+        SD_ERR_INVALID_ARGUMENT,
+        "model_path",
+    );
+    assert!(job.is_null());
+    let mut options = sd_load_options_with_defaults();
+    options.num_threads = 5000;
+    expect(
+        unsafe { sd_pipeline_load_async(model.as_ptr(), &options, &mut job) },
+        SD_ERR_INVALID_ARGUMENT,
+        "num_threads",
+    );
+    expect(
+        unsafe { sd_load_job_cancel(null_mut()) },
+        SD_ERR_INVALID_ARGUMENT,
+        "NULL",
+    );
+    expect(
+        unsafe { sd_load_job_wait(null_mut(), 0) },
+        SD_ERR_INVALID_ARGUMENT,
+        "NULL",
+    );
+    unsafe { sd_load_job_free(null_mut()) };
+}
+
+/// `sd_load_options.num_threads` holds for that pipeline's calls only: inside its step
+/// callback libtorch computes with that many threads, while another pipeline's calls on the
+/// same thread get the process default back.
+#[test]
+fn thread_count_is_per_pipeline() {
+    let model = fixture("tiny-sd1");
+    let mut options = sd_load_options_with_defaults();
+    options.num_threads = 1;
+    let mut one = null_mut();
+    assert_eq!(
+        unsafe { sd_pipeline_load(model.as_ptr(), &options, &mut one) },
+        SD_OK
+    );
+    let default = load();
+    let prompt = CString::new("a cat").unwrap();
+    let threads_in = |p: *mut sd_pipeline| {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        let mut hook = StepHook::new(move |_| {
+            record.lock().unwrap().push(tch::get_num_threads());
+            SD_STEP_CONTINUE
+        });
+        let mut g = params(&prompt, 2, 0);
+        hook.install(&mut g);
+        generate(p, &g).unwrap();
+        let seen = seen.lock().unwrap().clone();
+        seen
+    };
+    let before = tch::get_num_threads();
+    assert_eq!(threads_in(one), vec![1, 1]);
+    let back = threads_in(default);
+    assert!(
+        back.iter().all(|&n| n == before),
+        "{back:?} against {before}"
+    );
+    assert_eq!(threads_in(one), vec![1, 1]);
+    unsafe {
+        sd_pipeline_free(one);
+        sd_pipeline_free(default);
+    }
+}
+
+/// The scheduler names without a model, each accepted by a generate call; the devices this
+/// libtorch has.
+#[test]
+fn scheduler_names_and_devices_without_a_model() {
+    let count = sd_scheduler_count();
+    let expected = stable_diffusion::schedulers::scheduler_names();
+    assert_eq!(count, expected.len());
+    let p = load();
+    let name = |i: usize, class: i32| {
+        let s = sd_scheduler_name(i, class);
+        assert!(!s.is_null());
+        unsafe { CStr::from_ptr(s) }.to_str().unwrap().to_string()
+    };
+    let prompt = CString::new("a cat").unwrap();
+    for (i, short) in expected.iter().enumerate() {
+        assert_eq!(name(i, 0), *short);
+        for class in [0, 1] {
+            let text = CString::new(name(i, class)).unwrap();
+            // Four steps: PNDM's Runge-Kutta start needs them.
+            let mut g = params(&prompt, 4, 0);
+            g.scheduler = text.as_ptr();
+            let mut job = null_mut();
+            let status = unsafe { sd_job_submit(p, &g, &mut job) };
+            assert_eq!(status, SD_OK, "{}: {}", name(i, class), last_error());
+            unsafe { sd_job_free(job) };
+        }
+    }
+    assert!(name(1, 1).ends_with("Scheduler"));
+    assert!(sd_scheduler_name(count, 0).is_null());
+    unsafe { sd_pipeline_free(p) };
+
+    let check = |d: &str| {
+        let c = CString::new(d).unwrap();
+        unsafe { sd_device_check(c.as_ptr()) }
+    };
+    assert_eq!(check("cpu"), SD_OK);
+    assert_eq!(unsafe { sd_device_check(ptr::null()) }, SD_OK);
+    let cuda = if tch::Cuda::is_available() {
+        SD_OK
+    } else {
+        SD_ERR_UNSUPPORTED
+    };
+    assert_eq!(check("cuda"), cuda);
+    assert_eq!(sd_cuda_device_count(), tch::Cuda::device_count() as i32);
+    expect(check("cuda:99"), SD_ERR_UNSUPPORTED, "cuda:99");
+    expect(check("tpu"), SD_ERR_INVALID_ARGUMENT, "tpu");
+}
+
+/// A job submitted with `job_preview_every` keeps its latest preview for
+/// `sd_job_take_preview`, each handed out once, the last one after the last step.
+#[test]
+fn job_previews_can_be_taken_without_a_callback() {
+    let p = load();
+    let prompt = CString::new("a cat").unwrap();
+    let mut g = params(&prompt, 4, 0);
+    g.job_preview_every = 2;
+    let mut job = null_mut();
+    assert_eq!(unsafe { sd_job_submit(p, &g, &mut job) }, SD_OK);
+    let mut steps = Vec::new();
+    loop {
+        let mut step = 0;
+        let mut images = null_mut();
+        let status = unsafe { sd_job_take_preview(job, &mut step, &mut images) };
+        if status == SD_OK {
+            let pixels = take(images);
+            assert_eq!(pixels[0].1[..2], [16, 16], "latent-size preview");
+            steps.push(step);
+        } else {
+            assert_eq!(status, SD_NOT_READY);
+            assert!(images.is_null());
+            if unsafe { sd_job_wait(job, 0) } != SD_NOT_READY {
+                let mut images = null_mut();
+                if unsafe { sd_job_take_preview(job, &mut step, &mut images) } == SD_OK {
+                    take(images);
+                    steps.push(step);
+                }
+                break;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert_eq!(steps.last(), Some(&4), "{steps:?}");
+    assert!(steps.iter().all(|s| s % 2 == 0), "{steps:?}");
+    let mut step = 7;
+    let mut images = null_mut();
+    assert_eq!(
+        unsafe { sd_job_take_preview(job, &mut step, &mut images) },
+        SD_NOT_READY
+    );
+    assert_eq!(step, 0);
+    unsafe {
+        sd_job_free(job);
+        sd_pipeline_free(p);
+    }
+}
+
+/// `sd_pipeline_load_from_memory`: a checkpoint's bytes load as its file does (the buffer may
+/// be freed right after), and bytes that are not a whole checkpoint are refused by name.
+#[test]
+fn checkpoints_load_from_memory_through_c() {
+    let file = common::fixtures().join("single/tiny-sd1.safetensors");
+    let config = CString::new(common::fixtures().join("tiny-sd1").to_str().unwrap()).unwrap();
+    let mut options = sd_load_options_with_defaults();
+    options.config_dir = config.as_ptr();
+    let name = CString::new("packed/tiny-sd1").unwrap();
+    let load_bytes = |data: &[u8], p: &mut *mut sd_pipeline| unsafe {
+        sd_pipeline_load_from_memory(
+            data.as_ptr() as *const c_void,
+            data.len(),
+            name.as_ptr(),
+            &options,
+            p,
+        )
+    };
+    let mut from_memory = null_mut();
+    let data = std::fs::read(&file).unwrap();
+    assert_eq!(
+        load_bytes(&data, &mut from_memory),
+        SD_OK,
+        "{}",
+        last_error()
+    );
+    drop(data);
+    let path = CString::new(file.to_str().unwrap()).unwrap();
+    let mut from_file = null_mut();
+    assert_eq!(
+        unsafe { sd_pipeline_load(path.as_ptr(), &options, &mut from_file) },
+        SD_OK
+    );
+    let prompt = CString::new("a red ball").unwrap();
+    let g = params(&prompt, 2, 4);
+    assert_eq!(
+        generate(from_memory, &g).unwrap(),
+        generate(from_file, &g).unwrap()
+    );
+    unsafe {
+        sd_pipeline_free(from_memory);
+        sd_pipeline_free(from_file);
+    }
+
+    let data = std::fs::read(&file).unwrap();
+    let mut p = null_mut();
+    expect(
+        load_bytes(&data[..data.len() / 2], &mut p),
+        SD_ERR_BAD_MODEL,
+        "packed/tiny-sd1",
+    );
+    assert!(p.is_null());
+    expect(
+        load_bytes(b"not a model at all", &mut p),
+        SD_ERR_BAD_MODEL,
+        "packed/tiny-sd1",
+    );
+    expect(
+        unsafe { sd_pipeline_load_from_memory(ptr::null(), 10, ptr::null(), ptr::null(), &mut p) },
+        SD_ERR_INVALID_ARGUMENT,
+        "data is NULL",
+    );
 }

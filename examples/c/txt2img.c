@@ -1,6 +1,8 @@
 /*
- * The C ABI from C: load a model, generate with a progress callback and a preview, save a PPM,
- * run a job without blocking, cancel another, and show how errors read. Exits non-zero when
+ * The C ABI from C: load a model without blocking (with progress, and a cancelled load), list
+ * the schedulers and check the devices, generate with a progress callback and a preview, save
+ * a PPM, run a job without blocking and show its previews from the game loop, cancel another,
+ * and show how errors read. Exits non-zero when
  * anything does not behave as documented, so the test suite runs it as a check.
  *
  *     cc -std=c99 txt2img.c $(pkg-config --cflags --libs stable_diffusion) -o txt2img
@@ -52,6 +54,19 @@ static int32_t on_step(const sd_step_info *info, void *user_data) {
   return (p->cancel_at && info->step == p->cancel_at) ? SD_STEP_CANCEL : SD_STEP_CONTINUE;
 }
 
+struct load_seen {
+  unsigned calls;
+  uint64_t last_bytes;
+  unsigned cancel_at; /* 0: never */
+};
+
+static int32_t on_load(const sd_load_progress *p, void *user_data) {
+  struct load_seen *seen = (struct load_seen *)user_data;
+  seen->calls++;
+  seen->last_bytes = p->bytes_done;
+  return (seen->cancel_at && seen->calls >= seen->cancel_at) ? SD_STEP_CANCEL : SD_STEP_CONTINUE;
+}
+
 static int write_ppm(const char *path, const sd_image *img) {
   FILE *f = fopen(path, "wb");
   uint32_t y, x;
@@ -94,10 +109,63 @@ int main(int argc, char **argv) {
   EXPECT(status == SD_ERR_IO && pipe == NULL, "missing model gave %d", status);
   printf("expected failure: %s: %s\n", sd_status_string(status), sd_last_error());
 
-  status = sd_pipeline_load(model, NULL, &pipe);
-  if (status != SD_OK) {
-    fprintf(stderr, "cannot load %s: %s\n", model, sd_last_error());
-    return 1;
+  /* What the library offers before any load. */
+  {
+    size_t i, n = sd_scheduler_count();
+    EXPECT(n > 0, "no schedulers");
+    printf("schedulers:");
+    for (i = 0; i < n; i++) printf(" %s", sd_scheduler_name(i, 0));
+    printf("\n");
+    EXPECT(sd_scheduler_name(n, 0) == NULL, "a name past the end");
+    EXPECT(sd_device_check("cpu") == SD_OK, "cpu");
+    EXPECT(sd_device_check("tpu") == SD_ERR_INVALID_ARGUMENT, "tpu");
+    printf("CUDA devices: %d\n", sd_cuda_device_count());
+  }
+
+  /* A load on a worker thread, polled as a game loop would; one cancelled from its progress
+   * callback first. */
+  {
+    sd_load_options options;
+    sd_load_job *load = NULL;
+    sd_load_progress lp;
+    struct load_seen seen = {0, 0, 2};
+    int frames = 0;
+    sd_load_options_init(&options, sizeof options);
+    options.on_progress = on_load;
+    options.progress_user_data = &seen;
+    options.log_fn = on_log;
+    options.log_user_data = &logs;
+    options.num_threads = 2;
+    EXPECT(sd_pipeline_load_async(model, &options, &load) == SD_OK, "load async");
+    status = sd_load_job_wait(load, -1);
+    EXPECT(status == SD_ERR_CANCELLED && seen.calls == 2, "cancelled load gave %d after %u", status,
+           seen.calls);
+    EXPECT(sd_load_job_take_pipeline(load, &pipe) == SD_ERR_CANCELLED && pipe == NULL, "taken");
+    sd_load_job_free(load);
+
+    seen.calls = 0;
+    seen.cancel_at = 0;
+    load = NULL;
+    EXPECT(sd_pipeline_load_async(model, &options, &load) == SD_OK, "load async");
+    memset(&lp, 0, sizeof lp);
+    lp.struct_size = sizeof lp;
+    for (;;) {
+      sd_load_job_poll(load, &lp);
+      if (lp.state != SD_JOB_QUEUED && lp.state != SD_JOB_RUNNING) break;
+      frames++;
+      sleep_ms(1);
+    }
+    printf("load: %s, %llu of %llu bytes, %d frames, %u reports\n", lp.component,
+           (unsigned long long)lp.bytes_done, (unsigned long long)lp.bytes_total, frames,
+           seen.calls);
+    EXPECT(lp.state == SD_JOB_SUCCEEDED, "load state %d", lp.state);
+    EXPECT(lp.bytes_total > 0 && seen.last_bytes == lp.bytes_done, "load bytes");
+    status = sd_load_job_take_pipeline(load, &pipe);
+    sd_load_job_free(load);
+    if (status != SD_OK) {
+      fprintf(stderr, "cannot load %s: %s\n", model, sd_last_error());
+      return 1;
+    }
   }
   sd_pipeline_set_log_callback(pipe, on_log, &logs);
 
@@ -147,16 +215,26 @@ int main(int argc, char **argv) {
     sd_job *job = NULL;
     sd_job_progress p;
     int frames = 0;
+    unsigned previews = 0;
     params.on_step = NULL;
+    params.job_preview_every = 1;
     EXPECT(sd_job_submit(pipe, &params, &job) == SD_OK, "submit");
     memset(&p, 0, sizeof p);
     p.struct_size = sizeof p;
     for (;;) {
+      uint32_t step = 0;
+      sd_images *preview = NULL;
       sd_job_poll(job, &p);
+      if (sd_job_take_preview(job, &step, &preview) == SD_OK) {
+        previews++; /* show it */
+        sd_images_free(preview);
+      }
       if (p.state != SD_JOB_QUEUED && p.state != SD_JOB_RUNNING) break;
       frames++;
       sleep_ms(2); /* render a frame */
     }
+    EXPECT(previews > 0, "no preview from the game loop");
+    params.job_preview_every = 0;
     printf("job: state %d after %d frames, %u/%u steps\n", p.state, frames, p.step, p.total);
     EXPECT(p.state == SD_JOB_SUCCEEDED, "job state %d", p.state);
     EXPECT(sd_job_take_images(job, &images) == SD_OK, "take");

@@ -353,6 +353,10 @@ struct CommonArgs {
     tiny_vae: Option<PathBuf>,
     #[command(flatten)]
     fast: FastArgs,
+    /// CPU threads to compute with (default: the physical cores); fewer leave room for other
+    /// programs, such as a game.
+    #[arg(long)]
+    threads: Option<usize>,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -560,6 +564,8 @@ fn run(a: &CommonArgs, edit: Edit) -> Result<()> {
         lora_dir: a.lora_dir.clone(),
         embeddings_dir: a.embeddings_dir.clone(),
         tiny_vae: a.tiny_vae.clone(),
+        progress: None,
+        num_threads: a.threads,
     };
     let init_image = edit.init.as_deref().map(Image::load).transpose()?;
     let mask = edit.mask.as_deref().map(Image::load).transpose()?;

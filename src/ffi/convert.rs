@@ -115,6 +115,8 @@ pub(crate) struct Request {
     /// 3 (RGB) or 4 (RGBA) channels in the returned images.
     pub channels: u32,
     pub on_step: Option<StepCallback>,
+    /// Jobs: a preview kept every this many steps (0: none).
+    pub preview_every: u32,
 }
 
 fn check_range(what: &str, value: u32, max: usize) -> Result<(), Fail> {
@@ -285,6 +287,7 @@ pub(crate) unsafe fn request(
         refiner,
         channels: c.output_channels,
         on_step: step_callback(c.on_step, c.step_user_data),
+        preview_every: c.job_preview_every,
     })
 }
 

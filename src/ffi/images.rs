@@ -65,6 +65,18 @@ impl sd_images {
         }))
     }
 
+    /// 8-bit RGB images (previews) with `channels` (3 or 4) per pixel.
+    pub(crate) fn from_rgb_images(images: &[crate::image_io::Image], channels: u32) -> Box<Self> {
+        let items = images
+            .iter()
+            .map(|img| OwnedImage::from_rgb(img.width, img.height, &img.rgb, channels))
+            .collect();
+        Box::new(Self {
+            magic: IMAGES_MAGIC,
+            items,
+        })
+    }
+
     /// # Safety
     /// `p` is NULL or a live `sd_images` pointer.
     unsafe fn from_ptr<'a>(p: *const sd_images) -> Result<&'a Self, Fail> {

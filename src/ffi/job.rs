@@ -22,6 +22,8 @@ struct JobStatus {
     outcome: Option<Result<(), Fail>>,
     /// The images of a successful run until they are taken.
     images: Option<Box<sd_images>>,
+    /// The latest preview not yet taken and its step (`job_preview_every`).
+    preview: Option<(u32, Box<sd_images>)>,
 }
 
 /// Shared by the handle, the worker thread and the pipeline (which cancels it on free).
@@ -43,6 +45,7 @@ impl JobShared {
                 total: 0,
                 outcome: None,
                 images: None,
+                preview: None,
             }),
             finished: Condvar::new(),
             submitted: Instant::now(),
@@ -66,6 +69,11 @@ impl JobShared {
         let mut s = self.status.lock();
         s.step = step as u32;
         s.total = total as u32;
+    }
+
+    /// Keeps `images` as the latest preview (made after `step`), replacing one not taken.
+    pub fn set_preview(&self, step: usize, images: Box<sd_images>) {
+        self.status.lock().preview = Some((step as u32, images));
     }
 
     pub fn is_worker_thread(&self) -> bool {
@@ -313,6 +321,39 @@ pub unsafe extern "C" fn sd_job_take_images(
             .images
             .take()
             .ok_or_else(|| Fail::invalid("the job's images were already taken"))?;
+        out_images.write(Box::into_raw(images));
+        Ok(())
+    })
+}
+
+/// Moves the job's latest preview to the caller: its images in `*out_images` and the step it
+/// was made after in `*out_step` (NULL and 0 otherwise). Previews are made only when the job
+/// was submitted with `params->job_preview_every` > 0, every that many steps and after the
+/// last; each is handed out once. Does not block: `SD_NOT_READY` when no preview is waiting
+/// (none made yet, or the latest already taken).
+///
+/// Ownership: the caller owns the images and releases them with `sd_images_free`.
+/// Threading: thread-safe; cheap enough to call every frame.
+///
+/// Pointers: `job` is NULL or live; `out_step` is NULL or writable; `out_images` is NULL or
+/// writable.
+#[no_mangle]
+pub unsafe extern "C" fn sd_job_take_preview(
+    job: *mut sd_job,
+    out_step: *mut u32,
+    out_images: *mut *mut sd_images,
+) -> sd_status {
+    guard(|| {
+        clear_out(out_images, "out_images", std::ptr::null_mut())?;
+        clear_out(out_step, "out_step", 0)?;
+        let job = job_of(job)?;
+        let (step, images) = job.shared.status.lock().preview.take().ok_or_else(|| {
+            Fail::new(
+                sd_status::SD_NOT_READY,
+                "no new preview (see job_preview_every)",
+            )
+        })?;
+        out_step.write(step);
         out_images.write(Box::into_raw(images));
         Ok(())
     })

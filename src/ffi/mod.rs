@@ -31,30 +31,42 @@ mod images;
 /// The asynchronous job API.
 mod job;
 
+/// Loading on a worker thread.
+mod load_job;
+
+/// Scheduler names and devices, without a model.
+mod system;
+
 /// C arguments to Rust values (no exports).
 mod convert;
 
 pub use images::{sd_images, sd_images_count, sd_images_free, sd_images_get};
 pub use job::{
-    sd_job, sd_job_cancel, sd_job_free, sd_job_poll, sd_job_submit, sd_job_take_images, sd_job_wait,
+    sd_job, sd_job_cancel, sd_job_free, sd_job_poll, sd_job_submit, sd_job_take_images,
+    sd_job_take_preview, sd_job_wait,
+};
+pub use load_job::{
+    sd_load_job, sd_load_job_cancel, sd_load_job_free, sd_load_job_poll, sd_load_job_take_pipeline,
+    sd_load_job_wait, sd_pipeline_load_async,
 };
 pub use lora::{sd_lora, sd_lora_free, sd_lora_load};
 pub use pipeline::{
     sd_generate, sd_pipeline, sd_pipeline_free, sd_pipeline_get_info, sd_pipeline_load,
-    sd_pipeline_set_log_callback,
+    sd_pipeline_load_from_memory, sd_pipeline_set_log_callback,
 };
 pub use status::sd_status;
 pub use step::{sd_step_latents, sd_step_preview};
+pub use system::{sd_cuda_device_count, sd_device_check, sd_scheduler_count, sd_scheduler_name};
 pub use types::{
     sd_device_type, sd_dtype, sd_family, sd_generate_params, sd_generate_params_init, sd_image,
-    sd_job_progress, sd_job_state, sd_load_options, sd_load_options_init, sd_log_fn, sd_log_level,
-    sd_lora_weight, sd_pipeline_info, sd_prediction, sd_prompt_syntax, sd_step_fn, sd_step_info,
-    sd_weights, SD_DEVICE_CPU, SD_DEVICE_CUDA, SD_DEVICE_MPS, SD_DTYPE_BF16, SD_DTYPE_FP16,
-    SD_DTYPE_FP32, SD_FAMILY_SD1, SD_FAMILY_SD2, SD_FAMILY_SDXL, SD_FAMILY_SDXL_REFINER,
-    SD_PREDICTION_EPSILON, SD_PREDICTION_SAMPLE, SD_PREDICTION_V, SD_PROMPT_A1111, SD_PROMPT_PLAIN,
-    SD_SEAMLESS_NONE, SD_SEAMLESS_X, SD_SEAMLESS_XY, SD_SEAMLESS_Y, SD_STEP_CANCEL,
-    SD_STEP_CONTINUE, SD_VAE_TILING_AUTO, SD_VAE_TILING_OFF, SD_VAE_TILING_ON, SD_WEIGHTS_AUTO,
-    SD_WEIGHTS_PACKED, SD_WEIGHTS_PLAIN,
+    sd_job_progress, sd_job_state, sd_load_options, sd_load_options_init, sd_load_progress,
+    sd_load_progress_fn, sd_log_fn, sd_log_level, sd_lora_weight, sd_pipeline_info, sd_prediction,
+    sd_prompt_syntax, sd_step_fn, sd_step_info, sd_weights, SD_DEVICE_CPU, SD_DEVICE_CUDA,
+    SD_DEVICE_MPS, SD_DTYPE_BF16, SD_DTYPE_FP16, SD_DTYPE_FP32, SD_FAMILY_SD1, SD_FAMILY_SD2,
+    SD_FAMILY_SDXL, SD_FAMILY_SDXL_REFINER, SD_PREDICTION_EPSILON, SD_PREDICTION_SAMPLE,
+    SD_PREDICTION_V, SD_PROMPT_A1111, SD_PROMPT_PLAIN, SD_SEAMLESS_NONE, SD_SEAMLESS_X,
+    SD_SEAMLESS_XY, SD_SEAMLESS_Y, SD_STEP_CANCEL, SD_STEP_CONTINUE, SD_VAE_TILING_AUTO,
+    SD_VAE_TILING_OFF, SD_VAE_TILING_ON, SD_WEIGHTS_AUTO, SD_WEIGHTS_PACKED, SD_WEIGHTS_PLAIN,
 };
 
 use std::ffi::c_char;

@@ -7,21 +7,21 @@ use super::job::JobShared;
 use super::status::{clear_out, guard, guard_void, sd_status, Fail};
 use super::step;
 use super::types::{
-    read_versioned, sd_generate_params, sd_load_options, sd_log_fn, sd_log_level, sd_pipeline_info,
-    write_versioned, Versioned, SD_DEVICE_CPU, SD_DEVICE_CUDA, SD_DEVICE_MPS, SD_DTYPE_BF16,
-    SD_DTYPE_FP16, SD_DTYPE_FP32, SD_FAMILY_SD1, SD_FAMILY_SD2, SD_FAMILY_SDXL,
-    SD_FAMILY_SDXL_REFINER, SD_PREDICTION_EPSILON, SD_PREDICTION_SAMPLE, SD_PREDICTION_V,
-    SD_WEIGHTS_AUTO, SD_WEIGHTS_PACKED, SD_WEIGHTS_PLAIN,
+    read_versioned, sd_generate_params, sd_job_state, sd_load_options, sd_load_progress, sd_log_fn,
+    sd_log_level, sd_pipeline_info, write_versioned, Versioned, SD_DEVICE_CPU, SD_DEVICE_CUDA,
+    SD_DEVICE_MPS, SD_DTYPE_BF16, SD_DTYPE_FP16, SD_DTYPE_FP32, SD_FAMILY_SD1, SD_FAMILY_SD2,
+    SD_FAMILY_SDXL, SD_FAMILY_SDXL_REFINER, SD_PREDICTION_EPSILON, SD_PREDICTION_SAMPLE,
+    SD_PREDICTION_V, SD_WEIGHTS_AUTO, SD_WEIGHTS_PACKED, SD_WEIGHTS_PLAIN,
 };
 use crate::pipeline::{
-    Control, LoadOptions, LogLevel, ModelFamily, PipelineInfo, StableDiffusion, StepInfo,
-    Validator, WeightKernels,
+    Control, LoadOptions, LoadProgress, LoadProgressHook, LogLevel, ModelFamily, PipelineInfo,
+    StableDiffusion, StepInfo, Validator, WeightKernels,
 };
 use crate::schedulers::PredictionType;
 use crate::weights::single_file::ModelOverrides;
 use parking_lot::{Mutex, MutexGuard};
 use std::cell::RefCell;
-use std::ffi::{c_char, c_void, CString};
+use std::ffi::{c_char, c_void, CStr, CString};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -155,6 +155,14 @@ impl PipelineInner {
         let mut on_step = |s: &StepInfo| -> Control {
             if let Some(job) = job {
                 job.set_step(s.step, s.total);
+                let every = req.preview_every as usize;
+                if every > 0 && (s.step % every == 0 || s.step == s.total) {
+                    // A preview that cannot be made (latents it cannot map) is skipped: the
+                    // run itself is not at fault.
+                    if let Ok(images) = s.previews() {
+                        job.set_preview(s.step, sd_images::from_rgb_images(&images, req.channels));
+                    }
+                }
             }
             let stop_asked = req
                 .on_step
@@ -252,7 +260,7 @@ pub(crate) unsafe fn inner_named(
     }
 }
 
-fn parse_device(name: Option<&str>) -> Result<Device, Fail> {
+pub(crate) fn parse_device(name: Option<&str>) -> Result<Device, Fail> {
     let name = name.unwrap_or("cpu");
     let bad = || {
         Fail::invalid(format!(
@@ -308,18 +316,83 @@ fn parse_weights(weights: i32) -> Result<WeightKernels, Fail> {
     }
 }
 
+/// A load as the caller asked for it, everything copied out of its arguments, so that it may
+/// run after they are gone (`sd_pipeline_load_async`).
+pub(crate) struct LoadRequest {
+    path: String,
+    options: LoadOptions,
+    overrides: ModelOverrides,
+    scheduler: Option<String>,
+    log: Option<LogSink>,
+    progress: Option<ProgressSink>,
+}
+
+/// The caller's progress callback.
+#[derive(Clone, Copy)]
+struct ProgressSink {
+    func: unsafe extern "C" fn(*const sd_load_progress, *mut c_void) -> i32,
+    user_data: *mut c_void,
+}
+
+// SAFETY: the documented contract of `sd_load_progress_fn`: it may run on a worker thread.
+unsafe impl Send for ProgressSink {}
+unsafe impl Sync for ProgressSink {}
+
+/// A load progress component name as a static C string (`sd_load_progress.component`).
+pub(crate) fn component_name(name: &str) -> &'static CStr {
+    match name {
+        "text encoder" => c"text encoder",
+        "second text encoder" => c"second text encoder",
+        "UNet" => c"UNet",
+        "VAE" => c"VAE",
+        "tiny autoencoder" => c"tiny autoencoder",
+        "done" => c"done",
+        "" => c"",
+        _ => c"model",
+    }
+}
+
+/// `progress` as the C struct, in `state`.
+pub(crate) fn c_progress(progress: &LoadProgress, state: sd_job_state) -> sd_load_progress {
+    sd_load_progress {
+        struct_size: std::mem::size_of::<sd_load_progress>(),
+        state,
+        component: component_name(&progress.component).as_ptr(),
+        tensors_done: progress.tensors_done,
+        bytes_done: progress.bytes_done,
+        bytes_total: progress.bytes_total,
+        elapsed_seconds: progress.elapsed_seconds,
+    }
+}
+
 /// # Safety
 /// As `sd_pipeline_load`.
-unsafe fn load(
+pub(crate) unsafe fn read_load_request(
     model_path: *const c_char,
     options: *const sd_load_options,
-) -> Result<sd_pipeline, Fail> {
+) -> Result<LoadRequest, Fail> {
     let path = required_str(model_path, "model_path")?;
+    read_load_options(path, options)
+}
+
+/// # Safety
+/// `options` as in `sd_pipeline_load`.
+unsafe fn read_load_options(
+    path: &str,
+    options: *const sd_load_options,
+) -> Result<LoadRequest, Fail> {
     let opts = if options.is_null() {
         sd_load_options::defaults()
     } else {
         read_versioned(options, "options")?
     };
+    if opts.num_threads as usize > crate::runtime::MAX_THREADS {
+        return Err(Fail::invalid(format!(
+            "options->num_threads is {}: at most {}",
+            opts.num_threads,
+            crate::runtime::MAX_THREADS
+        )));
+    }
     let load_options = LoadOptions {
         device: parse_device(optional_str(opts.device, "options->device")?)?,
         kind: parse_dtype(opts.dtype)?,
@@ -329,31 +402,97 @@ unsafe fn load(
         embeddings_dir: optional_str(opts.embeddings_dir, "options->embeddings_dir")?
             .map(PathBuf::from),
         tiny_vae: optional_str(opts.tiny_vae, "options->tiny_vae")?.map(PathBuf::from),
+        progress: None,
+        num_threads: (opts.num_threads > 0).then_some(opts.num_threads as usize),
     };
     let scheduler = optional_str(opts.scheduler, "options->scheduler")?.map(str::to_owned);
-    if !Path::new(path).exists() {
-        return Err(Fail::new(
-            sd_status::SD_ERR_IO,
-            format!("model folder {path} not found"),
-        ));
-    }
     let overrides = ModelOverrides {
         use_ema: opts.use_ema != 0,
         config_dir: optional_str(opts.config_dir, "options->config_dir")?.map(PathBuf::from),
         ..Default::default()
     };
-    let mut model = StableDiffusion::load_with(Path::new(path), &load_options, &overrides)?;
-    if let Some(name) = &scheduler {
+    Ok(LoadRequest {
+        path: path.to_owned(),
+        options: load_options,
+        overrides,
+        scheduler,
+        log: opts.log_fn.map(|func| LogSink {
+            func,
+            user_data: opts.log_user_data,
+        }),
+        progress: opts.on_progress.map(|func| ProgressSink {
+            func,
+            user_data: opts.progress_user_data,
+        }),
+    })
+}
+
+/// An async load's view of the progress: it records it and says whether to go on.
+pub(crate) type LoadTracker = Arc<dyn Fn(&LoadProgress) -> bool + Send + Sync>;
+
+/// Runs a load; `tracker` (an async load's) sees every progress report and may cancel.
+pub(crate) fn load_request(
+    req: LoadRequest,
+    tracker: Option<LoadTracker>,
+) -> Result<sd_pipeline, Fail> {
+    if !Path::new(&req.path).exists() {
+        return Err(Fail::new(
+            sd_status::SD_ERR_IO,
+            format!("model folder {} not found", req.path),
+        ));
+    }
+    load_from(req, tracker, None)
+}
+
+/// [`load_request`] from the file or folder at `req.path`, or from `memory` (a single-file
+/// checkpoint held by the caller, which `req.path` then names).
+fn load_from(
+    mut req: LoadRequest,
+    tracker: Option<LoadTracker>,
+    memory: Option<&[u8]>,
+) -> Result<sd_pipeline, Fail> {
+    if req.progress.is_some() || tracker.is_some() {
+        let sink = req.progress;
+        req.options.progress = Some(LoadProgressHook(Arc::new(move |p: &LoadProgress| {
+            let go_on = tracker.as_ref().map_or(true, |t| t(p));
+            let c = c_progress(p, sd_job_state::SD_JOB_RUNNING);
+            // SAFETY: the documented contract of `sd_load_progress_fn`.
+            let asked_stop = sink.is_some_and(|s| unsafe { (s.func)(&c, s.user_data) } != 0);
+            go_on && !asked_stop
+        })));
+    }
+    let log = Arc::new(Mutex::new(req.log));
+    let started = Instant::now();
+    let mut model = match memory {
+        Some(data) => {
+            StableDiffusion::load_from_memory(&req.path, data, &req.options, &req.overrides)?
+        }
+        None => StableDiffusion::load_with(Path::new(&req.path), &req.options, &req.overrides)?,
+    };
+    if let Some(name) = &req.scheduler {
         model.scheduler(Some(name))?; // an unknown name fails here, not at the first call
     }
-    let log = Arc::new(Mutex::new(None));
     let slot = log.clone();
     model.set_logger(Some(Arc::new(move |level, message: &str| {
         forward(&slot, level, message)
     })));
-    let validator = model.validator();
     let info = model.info();
-    let default_scheduler_text = scheduler
+    forward(
+        &log,
+        LogLevel::Info,
+        &format!(
+            "loaded {} ({:?}, {:?} on {:?}) in {:.2} s",
+            req.path,
+            info.family,
+            req.options.kind,
+            req.options.device,
+            started.elapsed().as_secs_f64()
+        ),
+    );
+    model.report_unused_embeddings();
+    let validator = model.validator();
+    let default_scheduler_text = req
+        .scheduler
         .clone()
         .or(info.default_scheduler.clone())
         .and_then(|name| CString::new(name).ok())
@@ -365,7 +504,7 @@ unsafe fn load(
             info,
             default_scheduler_text,
             log,
-            default_scheduler: scheduler,
+            default_scheduler: req.scheduler,
             validator,
             jobs: Mutex::new(Vec::new()),
         }),
@@ -394,7 +533,48 @@ pub unsafe extern "C" fn sd_pipeline_load(
 ) -> sd_status {
     guard(|| {
         clear_out(out_pipeline, "out_pipeline", std::ptr::null_mut())?;
-        let pipeline = load(model_path, options)?;
+        let pipeline = load_request(read_load_request(model_path, options)?, None)?;
+        out_pipeline.write(Box::into_raw(Box::new(pipeline)));
+        Ok(())
+    })
+}
+
+/// Loads a pipeline from a single-file checkpoint held in memory (a `.safetensors` or a
+/// PyTorch zip `.ckpt`, e.g. unpacked from an engine's own asset archive) and stores it in
+/// `*out_pipeline` (NULL on failure), as `sd_pipeline_load` would from the same bytes in a
+/// file, with the same checks. `data` is borrowed for the call only: every tensor is copied
+/// out, so the caller may free it when this returns. `name` (UTF-8, may be NULL: "memory")
+/// stands for the buffer in messages. Diffusers folders cannot come from memory.
+///
+/// Ownership: the caller owns the pipeline and releases it with `sd_pipeline_free`.
+/// Threading: thread-safe; loads on the calling thread.
+/// Errors: as `sd_pipeline_load`; `SD_ERR_BAD_MODEL` for bytes that are not a checkpoint or
+/// are truncated or malformed (naming what is wrong).
+///
+/// Pointers: `data` is NULL (an error) or valid for `size` bytes of reads; the others as in
+/// `sd_pipeline_load`.
+#[no_mangle]
+pub unsafe extern "C" fn sd_pipeline_load_from_memory(
+    data: *const c_void,
+    size: usize,
+    name: *const c_char,
+    options: *const sd_load_options,
+    out_pipeline: *mut *mut sd_pipeline,
+) -> sd_status {
+    guard(|| {
+        clear_out(out_pipeline, "out_pipeline", std::ptr::null_mut())?;
+        if data.is_null() {
+            return Err(Fail::invalid("data is NULL"));
+        }
+        if size > isize::MAX as usize {
+            return Err(Fail::invalid(format!(
+                "size {size} is larger than memory can be"
+            )));
+        }
+        let name = optional_str(name, "name")?.unwrap_or("memory");
+        let req = read_load_options(name, options)?;
+        let bytes = std::slice::from_raw_parts(data as *const u8, size);
+        let pipeline = load_from(req, None, Some(bytes))?;
         out_pipeline.write(Box::into_raw(Box::new(pipeline)));
         Ok(())
     })

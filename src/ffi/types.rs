@@ -121,7 +121,52 @@ pub struct sd_load_options {
     /// as the final decoder. Its latents must match the model's. UTF-8, copied; NULL or ""
     /// (default): none.
     pub tiny_vae: *const c_char,
+    /// Called on the loading thread after every tensor read (and as each part starts), with
+    /// how far the load has come; return `SD_STEP_CONTINUE` (0) to go on, anything else to
+    /// cancel the load, which then fails with `SD_ERR_CANCELLED` having released everything it
+    /// had built. NULL (default): no progress.
+    pub on_progress: sd_load_progress_fn,
+    /// Handed to `on_progress` (and kept by an async load until it ends).
+    pub progress_user_data: *mut c_void,
+    /// Receives the load's own messages (what was loaded and how long it took, embeddings
+    /// skipped) and then the pipeline's, as if `sd_pipeline_set_log_callback` had been called
+    /// right at the start. NULL (default): none.
+    pub log_fn: sd_log_fn,
+    pub log_user_data: *mut c_void,
+    /// CPU threads the pipeline's calls compute with (libtorch's intra-op threads, set on the
+    /// thread running each call, so pipelines on different threads keep their own). 0
+    /// (default): the process default, the physical cores. On a machine shared with a game,
+    /// fewer threads can run much faster. At most 1024.
+    pub num_threads: u32,
 }
+
+/// How far a load has come (`sd_load_options.on_progress`, `sd_load_job_poll`). Set
+/// `struct_size` to `sizeof(sd_load_progress)` before polling; a callback gets a filled one.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct sd_load_progress {
+    pub struct_size: usize,
+    /// `SD_JOB_RUNNING` during a load; an async load's final state once it ended.
+    pub state: sd_job_state,
+    /// The part being loaded ("text encoder", "second text encoder", "UNet", "VAE", "tiny
+    /// autoencoder", "done"; "" before the first), a static string.
+    pub component: *const c_char,
+    /// Tensors read so far.
+    pub tensors_done: u64,
+    /// Bytes of those tensors as the files store them.
+    pub bytes_done: u64,
+    /// The weight files' bytes, known before loading starts (0 when not known, e.g. for
+    /// TorchScript): `bytes_done / bytes_total` is the fraction done, ending close to 1.
+    pub bytes_total: u64,
+    /// Seconds since the load started.
+    pub elapsed_seconds: f64,
+}
+
+/// Receives load progress (see `sd_load_options.on_progress`). `progress` is valid only during
+/// the call. It runs on the loading thread (a worker thread for `sd_pipeline_load_async`), must
+/// not unwind (no C++ exception, no longjmp) and must not load on that thread.
+pub type sd_load_progress_fn =
+    Option<unsafe extern "C" fn(progress: *const sd_load_progress, user_data: *mut c_void) -> i32>;
 
 /// One LoRA of a call and its weight (`sd_generate_params.loras`).
 #[repr(C)]
@@ -261,6 +306,11 @@ pub struct sd_generate_params {
     /// `sd_load_options.tiny_vae` (much faster, slightly less detailed); refused when none was
     /// loaded. 0 (default): the VAE.
     pub tiny_vae_decode: i32,
+    /// Jobs only: every this many steps the job makes a preview of its images (as
+    /// `sd_step_preview` would) and keeps the latest for `sd_job_take_preview`, so that a
+    /// game loop can show progress without a callback. 0 (default): none. The cheap preview
+    /// costs well under a millisecond per step; a tiny autoencoder's costs one small decode.
+    pub job_preview_every: u32,
 }
 
 /// What the step callback sees. Owned by the library, valid during the callback only.
@@ -416,6 +466,11 @@ unsafe impl Versioned for sd_load_options {
             lora_dir: std::ptr::null(),
             embeddings_dir: std::ptr::null(),
             tiny_vae: std::ptr::null(),
+            on_progress: None,
+            progress_user_data: std::ptr::null_mut(),
+            log_fn: None,
+            log_user_data: std::ptr::null_mut(),
+            num_threads: 0,
         }
     }
 }
@@ -591,6 +646,23 @@ unsafe impl Versioned for sd_generate_params {
             vae_tiling: SD_VAE_TILING_AUTO,
             vae_tile_size: 0,
             tiny_vae_decode: d.tiny_vae_decode as i32,
+            job_preview_every: 0,
+        }
+    }
+}
+
+unsafe impl Versioned for sd_load_progress {
+    const NAME: &'static str = "sd_load_progress";
+    const MIN_SIZE: usize = size_of::<sd_load_progress>();
+    fn defaults() -> Self {
+        Self {
+            struct_size: size_of::<Self>(),
+            state: sd_job_state::SD_JOB_QUEUED,
+            component: c"".as_ptr(),
+            tensors_done: 0,
+            bytes_done: 0,
+            bytes_total: 0,
+            elapsed_seconds: 0.0,
         }
     }
 }
