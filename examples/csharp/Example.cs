@@ -1,8 +1,9 @@
-// The C ABI from C# through StableDiffusion.cs: load, generate with a progress callback and a
+// The C ABI from C# through the binding StableDiffusion.cs (the Unity package's runtime,
+// unity/com.stablediffusion.runtime/Runtime/): load, generate with a progress callback and a
 // preview, write a PPM, poll a job as a game loop would, cancel another. Exits non-zero when
 // anything does not behave as documented, so the test suite runs it as a check.
 //
-//     mcs -out:example.exe StableDiffusion.cs Example.cs
+//     mcs -out:example.exe ../../unity/com.stablediffusion.runtime/Runtime/StableDiffusion.cs Example.cs
 //     LD_LIBRARY_PATH=path/to/lib mono example.exe models/tiny out.ppm [LORA_MODEL LORA_FILE]
 //
 // With LORA_MODEL and LORA_FILE (a LoRA made for that model) it also applies the LoRA per call.

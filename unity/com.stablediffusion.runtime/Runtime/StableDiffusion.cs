@@ -1,7 +1,8 @@
 // C# binding of libstable_diffusion (P/Invoke + SafeHandle), in the shape Unity uses: static
 // callbacks marked [MonoPInvokeCallback] that find their target through a GCHandle in the
-// user-data pointer (IL2CPP cannot marshal delegates to instance methods). Drop this file into
-// a project (Unity: Assets/Plugins, with libstable_diffusion next to it) and see Example.cs.
+// user-data pointer (IL2CPP cannot marshal delegates to instance methods). It is the runtime of
+// the Unity package unity/com.stablediffusion.runtime (see its README.md), and a plain .NET or
+// Mono program compiles it as it is: see examples/csharp/Example.cs.
 using System;
 using System.Runtime.InteropServices;
 using System.Text;
@@ -73,6 +74,8 @@ namespace StableDiffusion
         public IntPtr ConfigDir;
         public int UseEma, CopyWeights, PlainWeights;
         public IntPtr LoraDir, EmbeddingsDir, TinyVae;
+        public IntPtr OnProgress, ProgressUserData, LogFn, LogUserData;
+        public uint NumThreads;
     }
 
     [StructLayout(LayoutKind.Sequential)]
@@ -109,6 +112,7 @@ namespace StableDiffusion
         public int Seamless, VaeTiling;
         public uint VaeTileSize;
         public int TinyVaeDecode;
+        public uint JobPreviewEvery;
     }
 
     /// <summary>sd_prompt_syntax: how prompts are read.</summary>
@@ -370,6 +374,16 @@ namespace StableDiffusion
         internal T With<T>(IntPtr onStep, IntPtr user, Func<GenerateParamsNative, T> body)
         {
             var pins = new System.Collections.Generic.List<GCHandle>();
+            // Each handle passed down is kept alive (and refused when already disposed) until
+            // the native call returns.
+            var held = new System.Collections.Generic.List<SafeHandle>();
+            Func<SafeHandle, IntPtr> hold = h =>
+            {
+                bool added = false;
+                h.DangerousAddRef(ref added);
+                if (added) held.Add(h);
+                return h.DangerousGetHandle();
+            };
             Func<string, IntPtr> pin = s =>
             {
                 if (s == null) return IntPtr.Zero;
@@ -390,12 +404,12 @@ namespace StableDiffusion
                 p.PromptSyntax = (int)Syntax;
                 p.Seamless = (int)Seamless; p.VaeTiling = (int)VaeTiling;
                 p.VaeTileSize = VaeTileSize; p.TinyVaeDecode = TinyVaeDecode ? 1 : 0;
-                p.Refiner = Refiner == null ? IntPtr.Zero : Refiner.RawHandle;
+                p.Refiner = Refiner == null ? IntPtr.Zero : hold(Refiner.SafeHandleForCalls);
                 if (Loras.Count > 0)
                 {
                     var native = new LoraWeightNative[Loras.Count];
                     for (int i = 0; i < native.Length; i++)
-                        native[i] = new LoraWeightNative { Lora = Loras[i].Lora.Handle.DangerousGetHandle(), Weight = Loras[i].Weight };
+                        native[i] = new LoraWeightNative { Lora = hold(Loras[i].Lora.Handle), Weight = Loras[i].Weight };
                     var h = GCHandle.Alloc(native, GCHandleType.Pinned);
                     pins.Add(h);
                     p.Loras = h.AddrOfPinnedObject();
@@ -409,6 +423,7 @@ namespace StableDiffusion
             finally
             {
                 foreach (var h in pins) h.Free();
+                foreach (var h in held) h.DangerousRelease();
             }
         }
     }
@@ -495,7 +510,7 @@ namespace StableDiffusion
 
         public Pipeline(string modelPath, string device = null, DType dtype = DType.Fp32, string scheduler = null,
                         Weights weights = Weights.Auto, string loraDir = null, string embeddingsDir = null,
-                        string tinyVae = null)
+                        string tinyVae = null, uint numThreads = 0)
         {
             var o = new LoadOptionsNative();
             SdException.Check(Native.sd_load_options_init(ref o, new UIntPtr((uint)Marshal.SizeOf(typeof(LoadOptionsNative)))));
@@ -513,6 +528,7 @@ namespace StableDiffusion
                 if (sch.IsAllocated) o.Scheduler = sch.AddrOfPinnedObject();
                 o.DType = (int)dtype;
                 o.PlainWeights = (int)weights;
+                o.NumThreads = numThreads;
                 SdException.Check(Native.sd_pipeline_load(Native.Utf8(modelPath), ref o, out handle));
             }
             finally
@@ -525,8 +541,9 @@ namespace StableDiffusion
             }
         }
 
-        /// <summary>The native handle, for `GenerateOptions.Refiner`.</summary>
-        internal IntPtr RawHandle { get { return handle.DangerousGetHandle(); } }
+        /// <summary>The handle, for `GenerateOptions.Refiner`: kept alive across a call that
+        /// passes it down.</summary>
+        internal SafeHandle SafeHandleForCalls { get { return handle; } }
 
         /// <summary>What was loaded: family, native size, prediction type, channels, clip skip
         /// range, default scheduler, dtype and device.</summary>
