@@ -6,7 +6,7 @@ PROMPT ?= a red circle on a white background
 MODEL ?= models/tiny
 OUT ?= out/demo.png
 
-.PHONY: setup build demo test fixtures clean-deps test-tools clients godot header install bench bench-fast
+.PHONY: setup build demo test fixtures clean-deps test-tools clients godot header install bench bench-fast bench-engine
 
 # `make install`: where, and which cargo profile's library (release, or debug for the tests).
 PREFIX ?= /usr/local
@@ -47,6 +47,12 @@ bench-fast: setup
 		cargo run --release --example bench_fast -- --model "$(BENCH_DIR)" --size 512 \
 			--steps 10 --prompts 2 --modes cache:3,cache:3:2,tome:0.5,int8 $(BENCH_FAST_ARGS); \
 	else echo "no SD 1.5-size folder in $(BENCH_DIR): run make bench once to write it"; fi
+
+# What the engine features cost (examples/bench_engine.rs), on the SD 1.5-size folder `make bench`
+# writes: previews every step, the tiny autoencoder's decode against the VAE's, a large decode
+# tiled and untiled (fresh processes, peak RSS).
+bench-engine: setup
+	cargo run --release --example bench_engine -- --model "$(BENCH_DIR)" $(BENCH_ENGINE_ARGS)
 
 # Mono (C# client) and valgrind, from Debian's packages when missing.
 test-tools:

@@ -341,6 +341,11 @@ static const choice weight_kernels[] = {{"auto", SD_WEIGHTS_AUTO}, {"plain", SD_
                                         {"packed", SD_WEIGHTS_PACKED}, {NULL, 0}};
 static const choice prompt_syntaxes[] = {{"plain", SD_PROMPT_PLAIN}, {"a1111", SD_PROMPT_A1111},
                                          {NULL, 0}};
+static const choice seamless_axes[] = {{"none", SD_SEAMLESS_NONE}, {"x", SD_SEAMLESS_X},
+                                       {"y", SD_SEAMLESS_Y},       {"xy", SD_SEAMLESS_XY},
+                                       {NULL, 0}};
+static const choice vae_tilings[] = {{"auto", SD_VAE_TILING_AUTO}, {"on", SD_VAE_TILING_ON},
+                                     {"off", SD_VAE_TILING_OFF}, {NULL, 0}};
 
 #define LOAD_FIELD(key, kind, choices) {#key, kind, offsetof(sd_load_options, key), choices}
 static const field load_fields[] = {
@@ -349,6 +354,7 @@ static const field load_fields[] = {
     LOAD_FIELD(use_ema, K_BOOL, NULL),        LOAD_FIELD(copy_weights, K_BOOL, NULL),
     LOAD_FIELD(plain_weights, K_CHOICE, weight_kernels),
     LOAD_FIELD(lora_dir, K_STR, NULL),        LOAD_FIELD(embeddings_dir, K_STR, NULL),
+    LOAD_FIELD(tiny_vae, K_STR, NULL),        LOAD_FIELD(num_threads, K_U32, NULL),
     {NULL, K_STR, 0, NULL}};
 
 #define GEN_FIELD(key, kind, choices) {#key, kind, offsetof(sd_generate_params, key), choices}
@@ -383,6 +389,10 @@ static const field generate_fields[] = {
     GEN_FIELD(aesthetic_score, K_F64, NULL),
     GEN_FIELD(negative_aesthetic_score, K_F64, NULL),
     GEN_FIELD(prompt_syntax, K_CHOICE, prompt_syntaxes),
+    GEN_FIELD(seamless, K_CHOICE, seamless_axes),
+    GEN_FIELD(vae_tiling, K_CHOICE, vae_tilings),
+    GEN_FIELD(vae_tile_size, K_U32, NULL),
+    GEN_FIELD(tiny_vae_decode, K_BOOL, NULL),
     {NULL, K_STR, 0, NULL}};
 
 /* What a call borrows from Godot until the library has copied it: strings and images. */

@@ -64,6 +64,7 @@ func generate():
 		"height": image_size,
 		"guidance": guidance,
 		"seed": next_seed,
+		"seamless": "xy",  # the texture wraps around, so the 2x2 tiling on the plane shows no seam
 	}
 	next_seed += 1
 	if not sd.generate_async(params):  # returns at once

@@ -145,6 +145,8 @@ func _run():
 	check(not sd.generate_async({"prompt": "x", "width": 17}) and "width" in sd.last_error(), "width 17 refused at once: '%s'" % sd.last_error())
 	check(not sd.generate_async({"prompt": 3}) and "prompt" in sd.last_error(), "a prompt that is not a String refused: '%s'" % sd.last_error())
 	check(not sd.generate_async({"prompt": "x", "stepz": 3}) and "stepz" in sd.last_error(), "unknown parameter refused: '%s'" % sd.last_error())
+	check(not sd.generate_async({"prompt": "x", "seamless": "z"}) and "seamless" in sd.last_error(), "an unknown seamless axis refused: '%s'" % sd.last_error())
+	check(not sd.generate_async({"prompt": "x", "seamless": "xy", "vae_tiling": "on"}) and "seamless" in sd.last_error(), "seamless with VAE tiling on refused: '%s'" % sd.last_error())
 	check(not sd.generate_async({"prompt": "x", "init_image": "nope"}) and "init_image" in sd.last_error(), "init_image that is not an Image refused: '%s'" % sd.last_error())
 
 	phase("text to image, polled every frame", 60)
