@@ -109,6 +109,16 @@ int main(int argc, char **argv) {
   EXPECT(status == SD_ERR_IO && pipe == NULL, "missing model gave %d", status);
   printf("expected failure: %s: %s\n", sd_status_string(status), sd_last_error());
 
+  /* A model packed in an engine's archive loads from memory; bytes that are not one are
+   * refused by name. */
+  {
+    static const char junk[] = "these bytes are not a checkpoint";
+    sd_pipeline *none = NULL;
+    status = sd_pipeline_load_from_memory(junk, sizeof junk, "assets.pak/model", NULL, &none);
+    EXPECT(status == SD_ERR_BAD_MODEL && none == NULL && strstr(sd_last_error(), "assets.pak"),
+           "junk from memory gave %d", status);
+  }
+
   /* What the library offers before any load. */
   {
     size_t i, n = sd_scheduler_count();
