@@ -400,8 +400,15 @@ impl StepInfo<'_> {
         match self.tiny_vae.filter(|t| t.has_decoder()) {
             Some(tiny) => {
                 let _no_grad = tch::no_grad_guard();
-                let images = tiny_decode(tiny, self.latents)?;
-                images_to_rgb(&to_unit_pixels(&images)?)
+                let images = Images {
+                    pixels: to_unit_pixels(&tiny_decode(tiny, self.latents)?)?,
+                };
+                let (w, h) = (images.width(), images.height());
+                images
+                    .to_rgb8()?
+                    .into_iter()
+                    .map(|rgb| Image::new(w, h, rgb))
+                    .collect()
             }
             None => preview::latents_to_preview_rgb(self.latents),
         }
@@ -1838,25 +1845,6 @@ fn to_unit_pixels(images: &Tensor) -> Result<Tensor> {
         .f_to_kind(Kind::Float)?
         .f_to_device(Device::Cpu)?
         .f_contiguous()?)
-}
-
-/// Pixels in [0, 1] `[b, h, w, 3]` to one 8-bit RGB image per batch item.
-fn images_to_rgb(pixels: &Tensor) -> Result<Vec<Image>> {
-    let size = pixels.size();
-    let (b, h, w) = (size[0], size[1], size[2]);
-    let bytes = pixels
-        .f_mul_scalar(255.0)?
-        .f_round()?
-        .f_clamp(0.0, 255.0)?
-        .f_to_kind(Kind::Uint8)?
-        .f_contiguous()?;
-    let per_image = (h * w * 3) as usize;
-    let mut flat = vec![0u8; per_image * b as usize];
-    let len = flat.len();
-    bytes.f_copy_data_u8(&mut flat, len)?;
-    flat.chunks(per_image)
-        .map(|rgb| Image::new(w as u32, h as u32, rgb.to_vec()))
-        .collect()
 }
 
 /// The tiny autoencoder's decode of latents as the UNet sees them (diffusers divides by its
