@@ -5,10 +5,13 @@
 //! - the tiny autoencoder's decode against the VAE's at one size (a TAESD-size tiny autoencoder
 //!   with seeded random weights: its cost does not depend on the values);
 //! - the VAE decode of one large image in tiles against untiled, each in a fresh process, with
-//!   its peak RSS.
+//!   its peak RSS; with `--python PY` (the venv of `tools/make_fixtures.sh`) diffusers' tiled
+//!   and untiled `AutoencoderKL` decode alternate with ours (`tools/bench/diffusers_bench.py
+//!   decode`), and the table gives the ratios.
 //!
 //!     cargo run --release --example bench_engine -- --model ~/.cache/stable-diffusion-bench/sd15-random \
-//!         [--size 256] [--steps 4] [--rounds 2] [--decode-size 512] [--large 1024] [--tile 512]
+//!         [--size 256] [--steps 4] [--rounds 2] [--decode-size 512] [--large 1024] [--tile 512] \
+//!         [--python .venv-fixtures/bin/python] [--large-only]
 //!
 //! The machine must be idle (each run waits for it and flags a busy one).
 #[path = "bench_util/mod.rs"]
@@ -35,6 +38,10 @@ struct Args {
     tile: i64,
     /// Internal: one large decode in this process (`tiled` or `untiled`), printing its figures.
     child: Option<String>,
+    /// diffusers' side of the large decode, run with this Python.
+    python: Option<PathBuf>,
+    /// Only the large decodes.
+    large_only: bool,
 }
 
 fn args() -> Result<Args> {
@@ -47,6 +54,8 @@ fn args() -> Result<Args> {
         large: 1024,
         tile: 512,
         child: None,
+        python: None,
+        large_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -67,6 +76,8 @@ fn args() -> Result<Args> {
             "--large" => a.large = number(value()?)?,
             "--tile" => a.tile = number(value()?)?,
             "--child" => a.child = Some(value()?),
+            "--python" => a.python = Some(PathBuf::from(value()?)),
+            "--large-only" => a.large_only = true,
             other => return Err(Error::invalid(format!("unknown argument {other}"))),
         }
     }
@@ -74,6 +85,19 @@ fn args() -> Result<Args> {
         return Err(Error::invalid("--model FOLDER is required"));
     }
     Ok(a)
+}
+
+/// `(seconds, peak RSS in GiB)` from a child's JSON line (`decode_s`, `peak_rss_mib`).
+fn parse_figures(text: &str) -> Option<(f64, f64)> {
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))?;
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    Some((
+        v["decode_s"].as_f64()?,
+        v["peak_rss_mib"].as_f64()? / 1024.0,
+    ))
 }
 
 fn seconds(start: Instant) -> f64 {
@@ -101,22 +125,15 @@ fn child(a: &Args, how: &str) -> Result<()> {
     let images = sd.decode_latents_for(&latents, &params, &|| false)?;
     let took = seconds(start);
     assert_eq!(images.pixels.size()[1], a.large);
-    println!("{took} {}", status_mib("VmHWM:") / 1024.0);
+    println!(
+        "{{\"decode_s\": {took}, \"peak_rss_mib\": {}}}",
+        status_mib("VmHWM:")
+    );
     Ok(())
 }
 
-fn main() -> Result<()> {
-    let a = args()?;
-    if let Some(how) = &a.child {
-        return child(&a, how);
-    }
-    println!(
-        "bench_engine: {} | {} physical cores, {} threads | load {}",
-        a.model.display(),
-        physical_cores(),
-        tch::get_num_threads(),
-        load_average()
-    );
+/// Previews and the tiny autoencoder, in this process; true when a run was flagged.
+fn small_figures(a: &Args) -> Result<bool> {
     let mut flagged = false;
     let sd = StableDiffusion::load(&a.model, &LoadOptions::default())?;
 
@@ -188,47 +205,101 @@ fn main() -> Result<()> {
         "decode {side}x{side}: VAE {f:.2} s, tiny autoencoder (TAESD size, 64 channels) \
          {t:.3} s ({ratio:.1}x faster)"
     );
-    drop(sd);
 
-    // One large decode, tiled and untiled, each in a fresh process.
+    Ok(flagged)
+}
+
+fn main() -> Result<()> {
+    let a = args()?;
+    if let Some(how) = &a.child {
+        return child(&a, how);
+    }
+    println!(
+        "bench_engine: {} | {} physical cores, {} threads | load {}",
+        a.model.display(),
+        physical_cores(),
+        tch::get_num_threads(),
+        load_average()
+    );
+    let mut flagged = false;
+    if !a.large_only {
+        flagged |= small_figures(&a)?;
+    }
+
+    // One large decode, tiled and untiled, each in a fresh process; ours, then diffusers'.
     let exe = std::env::current_exe().map_err(|e| Error::invalid(e.to_string()))?;
-    let mut figures = std::collections::BTreeMap::<&str, Vec<(f64, f64)>>::new();
-    for _ in 0..a.rounds {
+    let model = a.model.to_str().unwrap_or_default().to_string();
+    let mut figures = std::collections::BTreeMap::<(&str, &str), Vec<(f64, f64)>>::new();
+    for round in 0..a.rounds {
         for how in ["untiled", "tiled"] {
-            flagged |= !wait_for_idle();
-            let out = std::process::Command::new(&exe)
-                .args(["--model", a.model.to_str().unwrap_or_default()])
-                .args([
-                    "--large",
-                    &a.large.to_string(),
-                    "--tile",
-                    &a.tile.to_string(),
-                ])
-                .args(["--child", how])
-                .output()
-                .map_err(|e| Error::invalid(e.to_string()))?;
-            let text = String::from_utf8_lossy(&out.stdout);
-            let v: Vec<f64> = text
-                .split_whitespace()
-                .filter_map(|x| x.parse().ok())
-                .collect();
-            if v.len() != 2 {
-                return Err(Error::invalid(format!(
-                    "the {how} decode failed: {text} {}",
-                    String::from_utf8_lossy(&out.stderr)
-                )));
+            let mut sides = vec!["ours"];
+            if a.python.is_some() {
+                sides.push("diffusers");
             }
-            figures.entry(how).or_default().push((v[0], v[1]));
+            for side in sides {
+                flagged |= !wait_for_idle();
+                let mut command = match (side, &a.python) {
+                    ("diffusers", Some(python)) => {
+                        let mut c = std::process::Command::new(python);
+                        let tile = if how == "tiled" { a.tile } else { 0 };
+                        c.arg("tools/bench/diffusers_bench.py")
+                            .arg("decode")
+                            .arg(&model);
+                        c.args([a.large.to_string(), tile.to_string()]);
+                        c.args([tch::get_num_threads().to_string(), round.to_string()]);
+                        c
+                    }
+                    _ => {
+                        let mut c = std::process::Command::new(&exe);
+                        c.args(["--model", &model, "--child", how]);
+                        c.args([
+                            "--large",
+                            &a.large.to_string(),
+                            "--tile",
+                            &a.tile.to_string(),
+                        ]);
+                        c
+                    }
+                };
+                let out = command
+                    .output()
+                    .map_err(|e| Error::invalid(format!("{side} {how}: {e}")))?;
+                let text = String::from_utf8_lossy(&out.stdout).to_string();
+                let v = parse_figures(&text).ok_or_else(|| {
+                    Error::invalid(format!(
+                        "the {side} {how} decode failed: {text} {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    ))
+                })?;
+                figures.entry((how, side)).or_default().push(v);
+            }
         }
     }
-    for (how, runs) in &figures {
-        let time = median(runs.iter().map(|r| r.0).collect());
-        let rss = median(runs.iter().map(|r| r.1).collect());
-        println!(
-            "decode {0}x{0} {how} (tile {1}): {time:.1} s, peak RSS {rss:.2} GiB (the whole \
-             process, model included)",
-            a.large, a.tile
+    let medians = |runs: &Vec<(f64, f64)>| {
+        (
+            median(runs.iter().map(|r| r.0).collect()),
+            median(runs.iter().map(|r| r.1).collect()),
+        )
+    };
+    for how in ["untiled", "tiled"] {
+        let Some(ours) = figures.get(&(how, "ours")).map(medians) else {
+            continue;
+        };
+        let (large, tile) = (a.large, a.tile);
+        let mut line = format!(
+            "decode {large}x{large} {how} (tile {tile}): ours {:.1} s, peak RSS {:.2} GiB",
+            ours.0, ours.1
         );
+        if let Some(theirs) = figures.get(&(how, "diffusers")).map(medians) {
+            line += &format!(
+                "; diffusers {:.1} s, {:.2} GiB; ratio {:.2}x time, {:.2}x RSS",
+                theirs.0,
+                theirs.1,
+                ours.0 / theirs.0,
+                ours.1 / theirs.1
+            );
+        }
+        println!("{line} (whole-process peak RSS)");
     }
     if flagged {
         println!("FLAGGED: the machine was busy during some runs; these figures mean little");

@@ -10,6 +10,12 @@
         warm text encode; prints one JSON line and writes the image as raw RGB8 to IMAGE_OUT.
         DTYPE fp32, or bf16: the float32 pipeline under torch.autocast("cpu", torch.bfloat16).
 
+    python tools/bench/diffusers_bench.py decode DIR SIZE TILE THREADS SEED
+        One cold VAE decode of seeded latents for a SIZE x SIZE image, in this fresh process:
+        in tiles of TILE pixels (`enable_tiling`, tile_sample_min_size = TILE) or, with TILE 0,
+        whole; prints one JSON line with `decode_s` and `peak_rss_mib`
+        (examples/bench_engine.rs runs it).
+
 Everything runs on the CPU (float32, or bf16 autocast) with THREADS intra-op threads. The
 figures mean the same as ours (see examples/bench.rs): `load_s` from the call to
 `from_pretrained` to a ready pipeline, `first_step_s` from the call to the end of the first
@@ -192,7 +198,33 @@ def run(folder: Path, size: int, steps: int, guidance: float, threads: int, seed
     }))
 
 
+def decode(folder: Path, size: int, tile: int, threads: int, seed: int) -> None:
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.set_num_threads(threads)
+    vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    if tile:
+        vae.enable_tiling()
+        vae.tile_sample_min_size = tile
+        vae.tile_latent_min_size = tile // scale
+    latents = torch.randn(1, vae.config.latent_channels, size // scale, size // scale,
+                          generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        t = time.perf_counter()
+        image = vae.decode(latents).sample
+        decode_s = time.perf_counter() - t
+    assert image.shape[-1] == size, image.shape
+    print(json.dumps({"decode_s": decode_s, "peak_rss_mib": peak_rss_mib(),
+                      "threads": torch.get_num_threads()}))
+
+
 def main() -> int:
+    if len(sys.argv) == 7 and sys.argv[1] == "decode":
+        a = sys.argv[2:]
+        decode(Path(a[0]), int(a[1]), int(a[2]), int(a[3]), int(a[4]))
+        return 0
     if len(sys.argv) in (3, 4) and sys.argv[1] == "make-folder":
         make_folder(Path(sys.argv[2]), sys.argv[3] if len(sys.argv) == 4 else "sd15")
         return 0
