@@ -1829,7 +1829,12 @@ impl StableDiffusion {
         if !tiled {
             return Ok(None);
         }
-        let tile = self.validator().vae_tile_size(params.vae_tile_size)?;
+        // Not through `validator()`, which clones the tokenizers and more for every call.
+        let tile = vae_tile_size(
+            params.vae_tile_size,
+            self.vae_scale_factor(),
+            self.vae.sample_size(),
+        )?;
         Ok((h > tile || w > tile).then_some(tile))
     }
 }
@@ -2182,27 +2187,9 @@ impl Validator {
         Ok(())
     }
 
-    /// The VAE tile side in pixels for `asked` (`None`: the VAE's `sample_size`, rounded down
-    /// to a valid tile), checked: a multiple of [`LATENT_TILE_MULTIPLE`] latent cells, at least
-    /// [`MIN_LATENT_TILE`], at most [`MAX_SIDE`].
+    /// [`vae_tile_size`] for this model's VAE.
     pub fn vae_tile_size(&self, asked: Option<i64>) -> Result<i64> {
-        let scale = self.vae_scale;
-        let multiple = LATENT_TILE_MULTIPLE * scale;
-        let least = MIN_LATENT_TILE * scale;
-        match asked {
-            Some(t) if t < least || t % multiple != 0 || t > MAX_SIDE => {
-                Err(Error::invalid(format!(
-                    "vae_tile_size {t}: a VAE tile must be a multiple of {multiple} pixels \
-                     ({LATENT_TILE_MULTIPLE} latent cells), from {least} ({MIN_LATENT_TILE} \
-                     cells, the least this VAE decodes well) to {MAX_SIDE}"
-                )))
-            }
-            Some(t) => Ok(t),
-            None => {
-                let native = self.vae_sample_size.unwrap_or(64 * scale);
-                Ok((native / multiple * multiple).clamp(least, MAX_SIDE / multiple * multiple))
-            }
-        }
+        vae_tile_size(asked, self.vae_scale, self.vae_sample_size)
     }
 
     fn validate_fast(&self, f: &FastModes) -> Result<()> {
@@ -2253,6 +2240,26 @@ impl Validator {
                 )),
                 other => Ok((other?, None)),
             },
+        }
+    }
+}
+
+/// The VAE tile side in pixels for `asked` (`None`: the VAE's `sample_size`, rounded down
+/// to a valid tile), for a VAE of `scale` pixels per latent cell, checked: a multiple of
+/// [`LATENT_TILE_MULTIPLE`] latent cells, at least [`MIN_LATENT_TILE`], at most [`MAX_SIDE`].
+pub fn vae_tile_size(asked: Option<i64>, scale: i64, sample_size: Option<i64>) -> Result<i64> {
+    let multiple = LATENT_TILE_MULTIPLE * scale;
+    let least = MIN_LATENT_TILE * scale;
+    match asked {
+        Some(t) if t < least || t % multiple != 0 || t > MAX_SIDE => Err(Error::invalid(format!(
+            "vae_tile_size {t}: a VAE tile must be a multiple of {multiple} pixels \
+             ({LATENT_TILE_MULTIPLE} latent cells), from {least} ({MIN_LATENT_TILE} \
+             cells, the least this VAE decodes well) to {MAX_SIDE}"
+        ))),
+        Some(t) => Ok(t),
+        None => {
+            let native = sample_size.unwrap_or(64 * scale);
+            Ok((native / multiple * multiple).clamp(least, MAX_SIDE / multiple * multiple))
         }
     }
 }
