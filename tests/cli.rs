@@ -144,7 +144,11 @@ fn cli_parameters(args: &[&str], batch: usize) -> Vec<String> {
 
 /// [`cli_parameters`] with `model`.
 fn cli_parameters_of(model: &std::path::Path, args: &[&str], batch: usize) -> Vec<String> {
-    let out = std::env::temp_dir().join(format!("sd-cli-info-{}-{batch}.png", std::process::id()));
+    // Tests run in parallel in one process: each call gets its own files.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let stem = format!("sd-cli-info-{}-{call}-{batch}", std::process::id());
+    let out = std::env::temp_dir().join(format!("{stem}.png"));
     let model_dir = model.display().to_string();
     let mut full = args.to_vec();
     full.extend(["--model", model_dir.as_str()]);
@@ -153,12 +157,7 @@ fn cli_parameters_of(model: &std::path::Path, args: &[&str], batch: usize) -> Ve
         vec![out.clone()]
     } else {
         (1..=batch)
-            .map(|i| {
-                out.with_file_name(format!(
-                    "sd-cli-info-{}-{batch}-{i}.png",
-                    std::process::id()
-                ))
-            })
+            .map(|i| out.with_file_name(format!("{stem}-{i}.png")))
             .collect()
     };
     paths
