@@ -4,8 +4,8 @@
 //!   of `sd_step_preview`), against the same run without, alternating, median of the rounds;
 //! - the tiny autoencoder's decode against the VAE's at one size (a TAESD-size tiny autoencoder
 //!   with seeded random weights: its cost does not depend on the values);
-//! - the VAE decode of one large image in tiles against untiled, each in a fresh process, with
-//!   its peak RSS; with `--python PY` (the venv of `tools/make_fixtures.sh`) diffusers' tiled
+//! - the VAE decode of one large image in tiles against untiled, each in a fresh process that
+//!   loads the VAE alone, with its peak RSS; with `--python PY` (the venv of `tools/make_fixtures.sh`) diffusers' tiled
 //!   and untiled `AutoencoderKL` decode alternate with ours (`tools/bench/diffusers_bench.py
 //!   decode`), and the table gives the ratios.
 //!
@@ -19,9 +19,11 @@ mod bench_util;
 
 use bench_util::{load_average, median, physical_cores, status_mib, wait_for_idle};
 use stable_diffusion::models::tiny_vae::TinyVaeParts;
+use stable_diffusion::models::traits::Autoencoder;
 use stable_diffusion::models::{AutoencoderTiny, TinyVaeConfig};
 use stable_diffusion::pipeline::{
-    Control, GenerateParams, LoadOptions, StableDiffusion, StepInfo, VaeTiling,
+    load_vae, vae_decode_with, Control, GenerateParams, LoadOptions, StableDiffusion, StepInfo,
+    VaeTiling,
 };
 use stable_diffusion::{Error, Result};
 use std::path::PathBuf;
@@ -104,12 +106,13 @@ fn seconds(start: Instant) -> f64 {
     start.elapsed().as_secs_f64()
 }
 
-/// One large decode in this process: prints `seconds peak_rss_gib` for the parent.
+/// One large decode in this process, by the model's VAE loaded alone (as diffusers' side
+/// loads its `AutoencoderKL` alone): prints `seconds peak_rss_gib` for the parent.
 fn child(a: &Args, how: &str) -> Result<()> {
-    let sd = StableDiffusion::load(&a.model, &LoadOptions::default())?;
-    let scale = sd.vae_scale_factor();
+    let vae = load_vae(&a.model.join("vae"), &LoadOptions::default())?;
+    let scale = vae.spatial_scale();
     let latents = Tensor::randn(
-        [1, 4, a.large / scale, a.large / scale],
+        [1, vae.latent_channels(), a.large / scale, a.large / scale],
         (Kind::Float, tch::Device::Cpu),
     );
     let params = GenerateParams {
@@ -121,10 +124,11 @@ fn child(a: &Args, how: &str) -> Result<()> {
         vae_tile_size: Some(a.tile),
         ..Default::default()
     };
+    let _no_grad = tch::no_grad_guard();
     let start = Instant::now();
-    let images = sd.decode_latents_for(&latents, &params, &|| false)?;
+    let images = vae_decode_with(&vae, &latents, &params, &|| Ok(()))?;
     let took = seconds(start);
-    assert_eq!(images.pixels.size()[1], a.large);
+    assert_eq!(images.size()[3], a.large);
     println!(
         "{{\"decode_s\": {took}, \"peak_rss_mib\": {}}}",
         status_mib("VmHWM:")

@@ -6,7 +6,8 @@ mod common;
 use common::{assert_close, case_params, fixtures, load_model, Refs};
 use stable_diffusion::models::tiny_vae::TinyVaeLayout;
 use stable_diffusion::pipeline::{
-    Control, GenerateParams, LoadOptions, Seamless, StableDiffusion, StepInfo, VaeTiling,
+    load_vae, vae_decode_with, vae_encode_with, Control, GenerateParams, LoadOptions, Seamless,
+    StableDiffusion, StepInfo, VaeTiling,
 };
 use stable_diffusion::Error;
 use tch::{Kind, Tensor};
@@ -235,7 +236,21 @@ fn vae_tiles_equal_diffusers_tiled_vae() {
                 Tensor::cat(&[d.mean, d.logvar], 1)
             }
         };
-        assert_close(name, &out, &refs.get(&format!("out_{name}")), 1e-4);
+        let reference = refs.get(&format!("out_{name}"));
+        assert_close(name, &out, &reference, 1e-4);
+        // The same through the VAE loaded alone, as a caller without a pipeline uses it.
+        let model = fixtures().join(case["model"].as_str().unwrap());
+        if model.join("vae").is_dir() {
+            let vae = load_vae(&model.join("vae"), &LoadOptions::default()).unwrap();
+            let alone = match case["op"].as_str().unwrap() {
+                "decode" => vae_decode_with(&vae, &input, &params, &no_stop).unwrap(),
+                _ => {
+                    let d = vae_encode_with(&vae, &input, &params, &no_stop).unwrap();
+                    Tensor::cat(&[d.mean, d.logvar], 1)
+                }
+            };
+            assert_close(&format!("{name} (VAE alone)"), &alone, &reference, 1e-4);
+        }
         if case["tiled"].as_bool() == Some(true) {
             let plain = refs.get(&format!("plain_{name}"));
             assert!(
@@ -450,6 +465,35 @@ fn engine_options_that_cannot_work_are_refused() {
         }),
         Err(Error::InvalidArgument(_))
     ));
+    // The VAE alone: a missing folder, a dtype no model loads in, bad tiles and latents.
+    let missing = fixtures().join("tiny-sd1").join("no-vae-here");
+    let e = load_vae(&missing, &LoadOptions::default()).err().unwrap();
+    common::contains_all(&e.to_string(), &["no-vae-here"]);
+    let ints = LoadOptions {
+        kind: Kind::Int,
+        ..Default::default()
+    };
+    let vae_dir = fixtures().join("tiny-sd1").join("vae");
+    let e = load_vae(&vae_dir, &ints).err().unwrap();
+    common::contains_all(&e.to_string(), &["dtype", "Int"]);
+    let vae = load_vae(&vae_dir, &LoadOptions::default()).unwrap();
+    let z = Tensor::zeros([1, 4, 16, 16], (Kind::Float, tch::Device::Cpu));
+    let tiled = GenerateParams {
+        vae_tiling: VaeTiling::On,
+        vae_tile_size: Some(12),
+        ..Default::default()
+    };
+    let e = vae_decode_with(&vae, &z, &tiled, &no_stop).err().unwrap();
+    common::contains_all(&e.to_string(), &["vae_tile_size", "12"]);
+    let flat = Tensor::zeros([4, 16, 16], (Kind::Float, tch::Device::Cpu));
+    let e = vae_decode_with(&vae, &flat, &tiled, &no_stop)
+        .err()
+        .unwrap();
+    common::contains_all(&e.to_string(), &["latents", "[4, 16, 16]"]);
+    let e = vae_encode_with(&vae, &flat, &tiled, &no_stop)
+        .err()
+        .unwrap();
+    common::contains_all(&e.to_string(), &["images", "[4, 16, 16]"]);
 }
 
 /// Hostile tiny-autoencoder files (a seeded loop over mutations of the fixture: tensors

@@ -299,6 +299,43 @@ pub fn load_tiny_vae(path: &Path, options: &LoadOptions) -> Result<AutoencoderTi
     Ok(model)
 }
 
+/// The dtypes a model may be loaded in.
+fn check_kind(kind: Kind) -> Result<()> {
+    match kind {
+        Kind::Float | Kind::Half | Kind::BFloat16 => Ok(()),
+        other => Err(Error::invalid(format!(
+            "dtype {other:?}: use fp32, fp16 or bf16"
+        ))),
+    }
+}
+
+/// Loads a diffusers `AutoencoderKL` folder (`config.json` and `diffusion_pytorch_model.*`,
+/// the `vae/` of a model folder) alone, its weights copied, for decoding or encoding without
+/// a pipeline ([`super::vae_decode_with`], [`super::vae_encode_with`]).
+pub fn load_vae(dir: &Path, options: &LoadOptions) -> Result<AutoencoderKL> {
+    check_kind(options.kind)?;
+    crate::runtime::use_threads(options.num_threads)?;
+    let _skip_init = crate::models::blocks::skip_random_init();
+    let config = VaeConfig::from_file(&dir.join("config.json"))?;
+    let copied = LoadOptions {
+        copy_weights: true,
+        ..options.clone()
+    };
+    let mut mappings = Vec::new();
+    let vae = load_component(
+        "VAE",
+        dir,
+        "diffusion_pytorch_model",
+        &copied,
+        |vs| build_vae(vs, &config),
+        vae_keys,
+        &mut mappings,
+    )?;
+    // Copied weights hold no mapping of the file.
+    debug_assert!(mappings.is_empty());
+    Ok(vae)
+}
+
 /// diffusers before 0.14 named the VAE's attention `query/key/value/proj_attn`.
 fn vae_keys(name: &str) -> Vec<String> {
     let mut keys = vec![name.to_string()];
@@ -385,12 +422,7 @@ impl StableDiffusion {
         bytes: impl FnOnce() -> u64,
         load: impl FnOnce() -> Result<Self>,
     ) -> Result<Self> {
-        if !matches!(options.kind, Kind::Float | Kind::Half | Kind::BFloat16) {
-            return Err(Error::invalid(format!(
-                "dtype {:?}: use fp32, fp16 or bf16",
-                options.kind
-            )));
-        }
+        check_kind(options.kind)?;
         crate::runtime::tune_allocator();
         crate::runtime::use_threads(options.num_threads)?;
         let _skip_init = crate::models::blocks::skip_random_init();

@@ -4,7 +4,7 @@ mod loader;
 pub mod preview;
 
 pub use crate::weights::progress::{LoadProgress, LoadProgressHook};
-pub use loader::{load_tiny_vae, LoadOptions, ModelFiles, WeightKernels};
+pub use loader::{load_tiny_vae, load_vae, LoadOptions, ModelFiles, WeightKernels};
 
 use crate::embeddings::{self, Embeddings, TokenEmbedding};
 use crate::image_io::Image;
@@ -1765,78 +1765,99 @@ impl StableDiffusion {
         params: &GenerateParams,
         stop: &dyn Fn() -> Result<()>,
     ) -> Result<Tensor> {
-        let size = z.size();
-        if size.len() != 4 {
-            return Err(Error::invalid(format!(
-                "latents must be [batch, channels, height, width], got {size:?}"
-            )));
-        }
-        let scale = self.vae_scale_factor();
-        match self.vae_tile(params, size[2] * scale, size[3] * scale)? {
-            Some(tile) => {
-                let tiles = Tiles {
-                    tile_in: tile / scale,
-                    tile_out: tile,
-                };
-                tiles.run(z, |t| self.vae.decode(t), stop)
-            }
-            None => self.vae.decode(z),
-        }
+        vae_decode_with(self.vae.as_ref(), z, params, stop)
     }
 
     /// The VAE's distribution over the latents of `images` (`[b, 3, h, w]` in [-1, 1]), in
-    /// tiles when `params` asks (the moments of overlapping tiles blended as diffusers'
-    /// `_tiled_encode` blends them).
+    /// tiles when `params` asks (see [`vae_encode_with`]).
     pub fn encode_image(
         &self,
         images: &Tensor,
         params: &GenerateParams,
         stop: &dyn Fn() -> Result<()>,
     ) -> Result<DiagonalGaussian> {
-        let size = images.size();
-        if size.len() != 4 {
-            return Err(Error::invalid(format!(
-                "images must be [batch, 3, height, width], got {size:?}"
-            )));
-        }
-        let Some(tile) = self.vae_tile(params, size[2], size[3])? else {
-            return self.vae.encode(images);
-        };
-        let tiles = Tiles {
-            tile_in: tile,
-            tile_out: tile / self.vae_scale_factor(),
-        };
-        let moments = tiles.run(
-            images,
-            |t| {
-                let d = self.vae.encode(t)?;
-                Ok(Tensor::f_cat(&[d.mean, d.logvar], 1)?)
-            },
-            stop,
-        )?;
-        DiagonalGaussian::from_moments(&moments)
+        vae_encode_with(self.vae.as_ref(), images, params, stop)
     }
+}
 
-    /// The tile side in pixels when an `h` x `w` image goes through the VAE in tiles for this
-    /// call, `None` when it goes whole. A tile only pays where the image is larger than it
-    /// (diffusers' rule).
-    fn vae_tile(&self, params: &GenerateParams, h: i64, w: i64) -> Result<Option<i64>> {
-        let tiled = match params.vae_tiling {
-            VaeTiling::Off => false,
-            VaeTiling::On => true,
-            VaeTiling::Auto => params.seamless.is_off() && h * w > AUTO_VAE_TILING_PIXELS,
-        };
-        if !tiled {
-            return Ok(None);
-        }
-        // Not through `validator()`, which clones the tokenizers and more for every call.
-        let tile = vae_tile_size(
-            params.vae_tile_size,
-            self.vae_scale_factor(),
-            self.vae.sample_size(),
-        )?;
-        Ok((h > tile || w > tile).then_some(tile))
+/// `vae`'s decode of unscaled latents `z` to images in about [-1, 1], in tiles when `params`
+/// asks; `stop` is asked before each tile. What a pipeline's decode runs, for a VAE loaded
+/// alone ([`load_vae`]). Of `params` only [`GenerateParams::vae_tiling`],
+/// [`GenerateParams::vae_tile_size`] and `seamless` (auto never tiles a seamless image) are
+/// read; the convolutions wrap around only where the caller installed
+/// [`crate::models::blocks::wrap_around`].
+pub fn vae_decode_with(
+    vae: &dyn Autoencoder,
+    z: &Tensor,
+    params: &GenerateParams,
+    stop: &dyn Fn() -> Result<()>,
+) -> Result<Tensor> {
+    let size = z.size();
+    if size.len() != 4 {
+        return Err(Error::invalid(format!(
+            "latents must be [batch, channels, height, width], got {size:?}"
+        )));
     }
+    let scale = vae.spatial_scale();
+    match vae_tile(vae, params, size[2] * scale, size[3] * scale)? {
+        Some(tile) => {
+            let tiles = Tiles {
+                tile_in: tile / scale,
+                tile_out: tile,
+            };
+            tiles.run(z, |t| vae.decode(t), stop)
+        }
+        None => vae.decode(z),
+    }
+}
+
+/// `vae`'s distribution over the latents of `images` (`[b, 3, h, w]` in [-1, 1]), in tiles
+/// when `params` asks (the moments of overlapping tiles blended as diffusers'
+/// `_tiled_encode` blends them).
+pub fn vae_encode_with(
+    vae: &dyn Autoencoder,
+    images: &Tensor,
+    params: &GenerateParams,
+    stop: &dyn Fn() -> Result<()>,
+) -> Result<DiagonalGaussian> {
+    let size = images.size();
+    if size.len() != 4 {
+        return Err(Error::invalid(format!(
+            "images must be [batch, 3, height, width], got {size:?}"
+        )));
+    }
+    let Some(tile) = vae_tile(vae, params, size[2], size[3])? else {
+        return vae.encode(images);
+    };
+    let tiles = Tiles {
+        tile_in: tile,
+        tile_out: tile / vae.spatial_scale(),
+    };
+    let moments = tiles.run(
+        images,
+        |t| {
+            let d = vae.encode(t)?;
+            Ok(Tensor::f_cat(&[d.mean, d.logvar], 1)?)
+        },
+        stop,
+    )?;
+    DiagonalGaussian::from_moments(&moments)
+}
+
+/// The tile side in pixels when an `h` x `w` image goes through `vae` in tiles for this
+/// call, `None` when it goes whole. A tile only pays where the image is larger than it
+/// (diffusers' rule).
+fn vae_tile(vae: &dyn Autoencoder, params: &GenerateParams, h: i64, w: i64) -> Result<Option<i64>> {
+    let tiled = match params.vae_tiling {
+        VaeTiling::Off => false,
+        VaeTiling::On => true,
+        VaeTiling::Auto => params.seamless.is_off() && h * w > AUTO_VAE_TILING_PIXELS,
+    };
+    if !tiled {
+        return Ok(None);
+    }
+    let tile = vae_tile_size(params.vae_tile_size, vae.spatial_scale(), vae.sample_size())?;
+    Ok((h > tile || w > tile).then_some(tile))
 }
 
 /// Decoder output in about [-1, 1] `[b, 3, h, w]` to pixels in [0, 1], `[b, h, w, 3]` float32
