@@ -52,7 +52,9 @@ fn prompts_parse_chunk_and_encode_as_a1111() {
             assert_eq!(weights, want_weights, "{name}: chunk weights");
             let clip_skip = case["clip_skip"].as_u64().unwrap() as usize;
             let z = sd.encode_prompt_a1111(prompt, clip_skip).unwrap();
-            assert_close(&name, &z, &refs.get(&name), 1e-5);
+            // Values up to about 5: 4e-5 is a few float32 rounding steps, which differ
+            // between CPUs (AVX2 against AVX-512 kernels); the references come from one.
+            assert_close(&name, &z, &refs.get(&name), 4e-5);
         }
     }
 }

@@ -14,7 +14,14 @@ use stable_diffusion::{Error, Result};
 use std::collections::HashMap;
 use tch::Tensor;
 
-const TOLERANCE: f64 = 1e-5;
+/// Samples after every step: max |Δ| / max |ref|.
+/// libtorch's float32 kernels round differently from one CPU to another (AVX2 against
+/// AVX-512 paths of `exp`, `log`, reductions), and the references were made on one CPU: a
+/// few float32 rounding steps of slack keep the tests meaning the same on every machine.
+const TOLERANCE: f64 = 4e-5;
+/// Noise levels, relative: a small σ = sqrt((1 - ᾱ) / ᾱ), with ᾱ near 1, moves by about
+/// 3e-6 for each float32 rounding step of ᾱ, so a few such steps.
+const SIGMA_TOLERANCE: f64 = 1.5e-5;
 
 fn ints(v: &Value) -> Vec<i64> {
     v.as_array()
@@ -76,7 +83,7 @@ fn sigma_error(ours: &[f32], theirs: &[f64], dropped: bool, what: &str) -> f64 {
         } else {
             ((a as f64 - b) / b).abs()
         };
-        assert!(err <= 1e-6, "{what}: sigma {k}: {a} vs {b}");
+        assert!(err <= SIGMA_TOLERANCE, "{what}: sigma {k}: {a} vs {b}");
         worst = worst.max(err);
     }
     worst
