@@ -249,7 +249,8 @@ typedef struct sd_load_progress {
   uint64_t bytes_done;
   /**
    * The weight files' bytes, known before loading starts (0 when not known, e.g. for
-   * TorchScript): `bytes_done / bytes_total` is the fraction done, ending close to 1.
+   * TorchScript): `bytes_done / bytes_total` is the fraction done, exactly 1 once the
+   * component is "done".
    */
   uint64_t bytes_total;
   /**

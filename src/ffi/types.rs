@@ -156,7 +156,8 @@ pub struct sd_load_progress {
     /// Bytes of those tensors as the files store them.
     pub bytes_done: u64,
     /// The weight files' bytes, known before loading starts (0 when not known, e.g. for
-    /// TorchScript): `bytes_done / bytes_total` is the fraction done, ending close to 1.
+    /// TorchScript): `bytes_done / bytes_total` is the fraction done, exactly 1 once the
+    /// component is "done".
     pub bytes_total: u64,
     /// Seconds since the load started.
     pub elapsed_seconds: f64,

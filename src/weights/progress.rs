@@ -16,8 +16,9 @@ pub struct LoadProgress {
     pub tensors_done: u64,
     /// Bytes of those tensors as stored in the files.
     pub bytes_done: u64,
-    /// The weight files' bytes, read before loading starts (0 when not known); `bytes_done`
-    /// ends close to it (file headers are not counted).
+    /// The weight files' bytes, read before loading starts (0 when not known). `bytes_done`
+    /// comes close to it (file headers and unused tensors are not counted) and is set to it
+    /// at "done", so that a progress bar ends full.
     pub bytes_total: u64,
     /// Seconds since the load started.
     pub elapsed_seconds: f64,
@@ -107,5 +108,8 @@ pub fn tensor(bytes: u64) -> Result<()> {
 
 /// The load finished.
 pub fn done() -> Result<()> {
-    report(|p| p.component = "done".into())
+    report(|p| {
+        p.component = "done".into();
+        p.bytes_done = p.bytes_done.max(p.bytes_total);
+    })
 }
