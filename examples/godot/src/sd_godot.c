@@ -5,6 +5,9 @@
  * It registers one class, `StableDiffusion` (extends Reference):
  *
  *     load(model_path: String, options: Dictionary = {}) -> bool
+ *     load_async(model_path: String, options: Dictionary = {}) -> bool
+ *     poll_load() -> Dictionary         state, part, bytes, fraction, done, status, error, loaded
+ *     cancel_load() -> bool
  *     unload() -> void
  *     is_loaded() -> bool
  *     get_info() -> Dictionary          what the model is (native size, family, scheduler)
@@ -23,10 +26,14 @@
  * (sd_step_preview) into a buffer of this instance under a mutex, and poll() turns it into an
  * Image on the main thread. The library's log messages are queued the same way.
  *
- * Ownership: an instance owns at most one pipeline and one job. unload(), load() and the
- * instance's destruction free the job (cancelling it and waiting for its worker, at most about
- * one denoising step) and then the pipeline; images are released as soon as they are copied
- * into Godot Images.
+ * load_async() loads on the library's worker thread (sd_pipeline_load_async) while the model
+ * loaded before stays usable; poll_load() reports its progress and, once it succeeded, puts
+ * the new model in place of the old one (as load() would) on the main thread.
+ *
+ * Ownership: an instance owns at most one pipeline, one job and one load job. unload(), load()
+ * and the instance's destruction free the job (cancelling it and waiting for its worker, at
+ * most about one denoising step), the load job (likewise, at most about one tensor's read)
+ * and then the pipeline; images are released as soon as they are copied into Godot Images.
  */
 #include <gdnative_api_struct.gen.h>
 
@@ -64,7 +71,7 @@ static struct {
 
 /* Live handles of the library in this process, for tests (live_handles()). */
 static struct {
-  long instances, pipelines, jobs, images;
+  long instances, pipelines, jobs, load_jobs, images;
 } live;
 
 static void live_add(long *counter, long delta) { __atomic_add_fetch(counter, delta, __ATOMIC_SEQ_CST); }
@@ -181,6 +188,8 @@ static int is_image(godot_object *obj) {
 typedef struct {
   sd_pipeline *pipe;
   sd_job *job;
+  sd_load_job *load_job;
+  char *load_path;    /* what load_job loads, for messages */
   int outcome_known;  /* the finished job's status has been read (sd_job_wait) */
   sd_status outcome;
   char *job_error;    /* the finished job's message, when it failed or was cancelled */
@@ -233,6 +242,17 @@ static void drop_job(sd_gd *self) {
   self->pending_log_count = 0;
   self->log_dropped = 0;
   pthread_mutex_unlock(&self->lock);
+}
+
+/* Frees the load job (cancelling it and waiting for its worker when it runs). */
+static void drop_load(sd_gd *self) {
+  if (self->load_job) {
+    sd_load_job_free(self->load_job);
+    self->load_job = NULL;
+    live_add(&live.load_jobs, -1);
+  }
+  free(self->load_path);
+  self->load_path = NULL;
 }
 
 static void drop_pipeline(sd_gd *self) {
@@ -310,6 +330,7 @@ static GDCALLINGCONV void sd_gd_destroy(godot_object *owner, void *method_data, 
   (void)owner;
   (void)method_data;
   if (!self) return;
+  drop_load(self);
   drop_pipeline(self);
   free(self->preview);
   free(self->last_error);
@@ -699,6 +720,57 @@ static int check_args(sd_gd *self, const char *method, int argc, int min, int ma
   return 0;
 }
 
+/* The model path and options of load() / load_async(), checked; the path (to free) or NULL
+ * with last_error() set. Strings of `options` are borrowed in `b` (free with borrowed_free). */
+static char *load_args(sd_gd *self, const char *method, int argc, godot_variant **argv,
+                       sd_load_options *options, borrowed *b) {
+  char *path;
+  memset(b, 0, sizeof *b);
+  sd_load_options_init(options, sizeof *options);
+  if (!check_args(self, method, argc, 1, 2)) return NULL;
+  clear_error(self);
+  if (sd_abi_version() != SD_ABI_VERSION) {
+    set_error(self, "%s: libstable_diffusion has ABI %u, this plugin was built for %d", method,
+              sd_abi_version(), SD_ABI_VERSION);
+    return NULL;
+  }
+  if (api->godot_variant_get_type(argv[0]) != GODOT_VARIANT_TYPE_STRING) {
+    set_error(self, "%s: model_path must be a String, got %s", method,
+              type_name(api->godot_variant_get_type(argv[0])));
+    return NULL;
+  }
+  if (argc == 2 && api->godot_variant_get_type(argv[1]) != GODOT_VARIANT_TYPE_NIL) {
+    godot_dictionary dict;
+    int ok;
+    if (api->godot_variant_get_type(argv[1]) != GODOT_VARIANT_TYPE_DICTIONARY) {
+      set_error(self, "%s: options must be a Dictionary, got %s", method,
+                type_name(api->godot_variant_get_type(argv[1])));
+      return NULL;
+    }
+    dict = api->godot_variant_as_dictionary(argv[1]);
+    ok = apply_dict(self, method, &dict, load_fields, NULL, options, b);
+    api->godot_dictionary_destroy(&dict);
+    if (!ok) {
+      borrowed_free(b);
+      return NULL;
+    }
+  }
+  path = variant_utf8(argv[0]);
+  if (!path) {
+    set_error(self, "%s: out of memory", method);
+    borrowed_free(b);
+  }
+  return path;
+}
+
+/* Makes `pipe` this instance's model. */
+static void install_pipeline(sd_gd *self, sd_pipeline *pipe) {
+  drop_pipeline(self);
+  self->pipe = pipe;
+  live_add(&live.pipelines, 1);
+  sd_pipeline_set_log_callback(pipe, on_log, self);
+}
+
 METHOD(m_load) {
   sd_gd *self = (sd_gd *)user_data;
   sd_load_options options;
@@ -708,51 +780,150 @@ METHOD(m_load) {
   sd_pipeline *pipe = NULL;
   UNUSED_METHOD_ARGS;
   if (!self) return v_nil(); /* its constructor ran out of memory */
-  if (!check_args(self, "load", argc, 1, 2)) return v_bool(0);
-  clear_error(self);
-  if (sd_abi_version() != SD_ABI_VERSION) {
-    set_error(self, "load: libstable_diffusion has ABI %u, this plugin was built for %d",
-              sd_abi_version(), SD_ABI_VERSION);
-    return v_bool(0);
-  }
-  if (api->godot_variant_get_type(argv[0]) != GODOT_VARIANT_TYPE_STRING) {
-    set_error(self, "load: model_path must be a String, got %s",
-              type_name(api->godot_variant_get_type(argv[0])));
-    return v_bool(0);
-  }
-  memset(&b, 0, sizeof b);
-  sd_load_options_init(&options, sizeof options);
-  if (argc == 2 && api->godot_variant_get_type(argv[1]) != GODOT_VARIANT_TYPE_NIL) {
-    godot_dictionary dict;
-    int ok;
-    if (api->godot_variant_get_type(argv[1]) != GODOT_VARIANT_TYPE_DICTIONARY) {
-      set_error(self, "load: options must be a Dictionary, got %s",
-                type_name(api->godot_variant_get_type(argv[1])));
-      return v_bool(0);
-    }
-    dict = api->godot_variant_as_dictionary(argv[1]);
-    ok = apply_dict(self, "load", &dict, load_fields, NULL, &options, &b);
-    api->godot_dictionary_destroy(&dict);
-    if (!ok) {
-      borrowed_free(&b);
-      return v_bool(0);
-    }
-  }
+  path = load_args(self, "load", argc, argv, &options, &b);
+  if (!path) return v_bool(0);
   /* The arguments are good: release the model loaded before (its memory too) and load. */
+  drop_load(self);
   drop_pipeline(self);
-  path = variant_utf8(argv[0]);
-  status = path ? sd_pipeline_load(path, &options, &pipe) : SD_ERR_OUT_OF_MEMORY;
-  if (status != SD_OK) {
-    set_error(self, "load %s: %s: %s", path ? path : "?", sd_status_string(status),
-              path ? sd_last_error() : "out of memory");
-  } else {
-    self->pipe = pipe;
-    live_add(&live.pipelines, 1);
-    sd_pipeline_set_log_callback(pipe, on_log, self);
-  }
+  status = sd_pipeline_load(path, &options, &pipe);
+  if (status != SD_OK)
+    set_error(self, "load %s: %s: %s", path, sd_status_string(status), sd_last_error());
+  else
+    install_pipeline(self, pipe);
   free(path);
   borrowed_free(&b);
   return v_bool(status == SD_OK);
+}
+
+/* Whether the load job is still loading. */
+static int load_running(sd_gd *self) {
+  sd_load_progress p;
+  if (!self->load_job) return 0;
+  memset(&p, 0, sizeof p);
+  p.struct_size = sizeof p;
+  sd_load_job_poll(self->load_job, &p);
+  return p.state == SD_JOB_QUEUED || p.state == SD_JOB_RUNNING;
+}
+
+METHOD(m_load_async) {
+  sd_gd *self = (sd_gd *)user_data;
+  sd_load_options options;
+  borrowed b;
+  char *path;
+  sd_status status;
+  sd_load_job *job = NULL;
+  UNUSED_METHOD_ARGS;
+  if (!self) return v_nil(); /* its constructor ran out of memory */
+  path = load_args(self, "load_async", argc, argv, &options, &b);
+  if (!path) return v_bool(0);
+  if (load_running(self)) {
+    set_error(self, "load_async: a load is still running (cancel_load() it or poll_load() until done)");
+    free(path);
+    borrowed_free(&b);
+    return v_bool(0);
+  }
+  drop_load(self);
+  /* The load's warnings reach the next poll() or poll_load(); `self` outlives the job (its
+   * destructor frees the job first). */
+  options.log_fn = on_log;
+  options.log_user_data = self;
+  status = sd_pipeline_load_async(path, &options, &job); /* copies the path and options */
+  borrowed_free(&b);
+  if (status != SD_OK) {
+    set_error(self, "load_async %s: %s: %s", path, sd_status_string(status), sd_last_error());
+    free(path);
+    return v_bool(0);
+  }
+  self->load_job = job;
+  self->load_path = path;
+  live_add(&live.load_jobs, 1);
+  return v_bool(1);
+}
+
+/* Moves the queued log lines into `d` under "log" (and "log_dropped"). */
+static void put_log(sd_gd *self, godot_dictionary *d) {
+  godot_array log;
+  int have_log = 0;
+  size_t i;
+  unsigned long dropped;
+  api->godot_array_new(&log);
+  pthread_mutex_lock(&self->lock);
+  dropped = self->log_dropped;
+  for (i = 0; i < self->pending_log_count; i++) {
+    godot_variant line = v_str(self->pending_log[i]);
+    api->godot_array_push_back(&log, &line);
+    api->godot_variant_destroy(&line);
+    free(self->pending_log[i]);
+    have_log = 1;
+  }
+  self->pending_log_count = 0;
+  self->log_dropped = 0;
+  pthread_mutex_unlock(&self->lock);
+  if (have_log) {
+    godot_variant v;
+    api->godot_variant_new_array(&v, &log);
+    dict_put(d, "log", v);
+    if (dropped) dict_put(d, "log_dropped", v_int((int64_t)dropped));
+  }
+  api->godot_array_destroy(&log);
+}
+
+static const char *state_name(int state);
+
+METHOD(m_poll_load) {
+  sd_gd *self = (sd_gd *)user_data;
+  godot_dictionary d;
+  sd_load_progress p;
+  int done;
+  UNUSED_METHOD_ARGS;
+  if (!self) return v_nil(); /* its constructor ran out of memory */
+  (void)argc;
+  (void)argv;
+  api->godot_dictionary_new(&d);
+  memset(&p, 0, sizeof p);
+  p.struct_size = sizeof p;
+  if (self->load_job) sd_load_job_poll(self->load_job, &p);
+  done = self->load_job && p.state != SD_JOB_QUEUED && p.state != SD_JOB_RUNNING;
+  dict_put(&d, "state", v_int(self->load_job ? p.state : -1));
+  dict_put(&d, "state_name", v_str(self->load_job ? state_name(p.state) : "idle"));
+  dict_put(&d, "part", v_str(p.component ? p.component : ""));
+  dict_put(&d, "tensors_done", v_int((int64_t)p.tensors_done));
+  dict_put(&d, "bytes_done", v_int((int64_t)p.bytes_done));
+  dict_put(&d, "bytes_total", v_int((int64_t)p.bytes_total));
+  dict_put(&d, "fraction",
+           v_real(p.bytes_total ? (double)p.bytes_done / (double)p.bytes_total : (done ? 1.0 : 0.0)));
+  dict_put(&d, "elapsed", v_real(p.elapsed_seconds));
+  dict_put(&d, "done", v_bool(done));
+  if (done) {
+    /* Finished: install the model or keep the error, then forget the job (reported once). */
+    sd_pipeline *pipe = NULL;
+    sd_status status = sd_load_job_take_pipeline(self->load_job, &pipe);
+    if (status == SD_OK) {
+      install_pipeline(self, pipe);
+      clear_error(self);
+    } else {
+      set_error(self, "load_async %s: %s: %s", self->load_path ? self->load_path : "?",
+                sd_status_string(status), sd_last_error());
+      dict_put(&d, "error", v_str(self->last_error));
+    }
+    dict_put(&d, "status", v_int(status));
+    dict_put(&d, "status_name", v_str(sd_status_string(status)));
+    dict_put(&d, "loaded", v_bool(status == SD_OK));
+    drop_load(self);
+  }
+  put_log(self, &d);
+  return v_dict(&d);
+}
+
+METHOD(m_cancel_load) {
+  sd_gd *self = (sd_gd *)user_data;
+  UNUSED_METHOD_ARGS;
+  if (!self) return v_nil(); /* its constructor ran out of memory */
+  (void)argc;
+  (void)argv;
+  if (!load_running(self)) return v_bool(0);
+  sd_load_job_cancel(self->load_job);
+  return v_bool(1);
 }
 
 METHOD(m_unload) {
@@ -761,6 +932,7 @@ METHOD(m_unload) {
   if (!self) return v_nil(); /* its constructor ran out of memory */
   (void)argc;
   (void)argv;
+  drop_load(self);
   drop_pipeline(self);
   return v_nil();
 }
@@ -912,11 +1084,6 @@ METHOD(m_poll) {
   {
     /* The latest preview, when a new one came since the last poll. */
     godot_variant image = v_nil();
-    godot_array log;
-    int have_log = 0;
-    size_t i;
-    unsigned long dropped;
-    api->godot_array_new(&log);
     pthread_mutex_lock(&self->lock);
     if (self->preview_serial != self->preview_seen && self->preview_width) {
       api->godot_variant_destroy(&image);
@@ -925,29 +1092,13 @@ METHOD(m_poll) {
       self->preview_seen = self->preview_serial;
       dict_put(&d, "preview_step", v_int(self->preview_step));
     }
-    dropped = self->log_dropped;
-    for (i = 0; i < self->pending_log_count; i++) {
-      godot_variant line = v_str(self->pending_log[i]);
-      api->godot_array_push_back(&log, &line);
-      api->godot_variant_destroy(&line);
-      free(self->pending_log[i]);
-      have_log = 1;
-    }
-    self->pending_log_count = 0;
-    self->log_dropped = 0;
     pthread_mutex_unlock(&self->lock);
     if (api->godot_variant_get_type(&image) != GODOT_VARIANT_TYPE_NIL)
       dict_put(&d, "preview", image);
     else
       api->godot_variant_destroy(&image);
-    if (have_log) {
-      godot_variant v;
-      api->godot_variant_new_array(&v, &log);
-      dict_put(&d, "log", v);
-      if (dropped) dict_put(&d, "log_dropped", v_int((int64_t)dropped));
-    }
-    api->godot_array_destroy(&log);
   }
+  put_log(self, &d);
   return v_dict(&d);
 }
 
@@ -1058,6 +1209,7 @@ METHOD(m_live_handles) {
   dict_put(&d, "instances", v_int(live_get(&live.instances)));
   dict_put(&d, "pipelines", v_int(live_get(&live.pipelines)));
   dict_put(&d, "jobs", v_int(live_get(&live.jobs)));
+  dict_put(&d, "load_jobs", v_int(live_get(&live.load_jobs)));
   dict_put(&d, "images", v_int(live_get(&live.images)));
   return v_dict(&d);
 }
@@ -1081,7 +1233,25 @@ static const method_spec methods[] = {
      "last_error() set on failure.",
      {"model_path", "options"},
      {GODOT_VARIANT_TYPE_STRING, GODOT_VARIANT_TYPE_DICTIONARY}},
-    {"unload", m_unload, "Cancels the job, frees it and the model.", {NULL, NULL}, {0, 0}},
+    {"load_async", m_load_async,
+     "Starts loading a model on a worker thread and returns at once; the model loaded before "
+     "stays usable until poll_load() installs the new one (cancelling a job still running on "
+     "it, as load() does). Options as load(). Returns false "
+     "with last_error() set when refused (bad arguments, a load still running).",
+     {"model_path", "options"},
+     {GODOT_VARIANT_TYPE_STRING, GODOT_VARIANT_TYPE_DICTIONARY}},
+    {"poll_load", m_poll_load,
+     "The async load's progress without blocking: state, state_name, part, tensors_done, "
+     "bytes_done, bytes_total, fraction, elapsed, done; once done (reported once, then idle) "
+     "status, status_name, loaded (the new model is in place) or error; log lines.",
+     {NULL, NULL},
+     {0, 0}},
+    {"cancel_load", m_cancel_load, "Asks the async load to stop; true when one was running.",
+     {NULL, NULL},
+     {0, 0}},
+    {"unload", m_unload, "Cancels the job and the async load, frees them and the model.",
+     {NULL, NULL},
+     {0, 0}},
     {"is_loaded", m_is_loaded, "Whether a model is loaded.", {NULL, NULL}, {0, 0}},
     {"get_info", m_get_info,
      "What the model is: family, native_width, native_height, vae_scale_factor, "

@@ -1,4 +1,4 @@
-# The demo: loads a model, generates a texture on the library's worker thread while the scene
+# The demo: loads a model on the library's worker thread, generates a texture on the library's worker thread while the scene
 # keeps running, shows the step previews, and paints the result onto the floor, whose material
 # repeats it 2 x 2 (uv1_scale) to show it tiled.
 extends Spatial
@@ -17,6 +17,7 @@ export var guidance := 5.0
 export var first_seed := 42
 
 var sd = null
+var loading := false
 var busy := false
 var next_seed := 0
 
@@ -35,13 +36,11 @@ func _ready():
 	sd = StableDiffusion.new()
 	var path = resolve_model_path()
 	status_label.text = "loading %s" % path
-	# Loading runs on this thread: well under a second for models/tiny, seconds for SD 1.5.
-	if not sd.load(path, {}):
+	# Loading runs on a worker thread (seconds for an SD 1.5 model); _process polls it.
+	if not sd.load_async(path, {}):
 		fail(sd.last_error())
 		return
-	status_label.text = "loaded %s" % path
-	if autostart:
-		generate()
+	loading = true
 
 
 func resolve_model_path() -> String:
@@ -81,6 +80,8 @@ func cancel():
 
 
 func _process(_delta):
+	if loading:
+		poll_load()
 	if not busy:
 		return
 	var p = sd.poll()  # never blocks
@@ -108,6 +109,22 @@ func _process(_delta):
 	emit_signal("texture_ready", texture)
 
 
+func poll_load():
+	var p = sd.poll_load()  # never blocks
+	for line in p.get("log", []):
+		print("stable diffusion: ", line)
+	status_label.text = "loading: %s %d%%" % [p["part"], int(p["fraction"] * 100)]
+	if not p["done"]:
+		return
+	loading = false
+	if not p["loaded"]:
+		fail(p.get("error", p["status_name"]))
+		return
+	status_label.text = "loaded in %.1f s" % p["elapsed"]
+	if autostart:
+		generate()
+
+
 func floor_material() -> SpatialMaterial:
 	return floor_mesh.get_surface_material(0) as SpatialMaterial
 
@@ -119,7 +136,7 @@ func fail(message: String):
 
 
 func _exit_tree():
-	# Frees the job (cancelling it: at most about one step's wait) and the model.
+	# Frees the load and the job (cancelling them: at most about one step's wait) and the model.
 	if sd != null:
 		sd.unload()
 		sd = null

@@ -3,7 +3,7 @@
 #     SD_MODEL=models/tiny SD_GODOT_OUT=/tmp/out \
 #         godot3-server --path examples/godot/project -s res://tests/test_generate.gd
 #
-# Loads the model, generates asynchronously while this (main) thread keeps running frames,
+# Loads the model (also on a worker thread, polled, cancelled), generates asynchronously while this (main) thread keeps running frames,
 # checks progress, previews and log lines, saves the image as PNG and reads it back, runs image
 # to image with a mask that needs converting, cancels a run, checks the refusals (bad model
 # path, bad options and parameters, a second job while one runs), runs the demo scene, and
@@ -86,6 +86,28 @@ func poll_until_done(sd):
 			r["previews"] += 1
 			r["preview_size"] = p["preview"].get_size()
 		r["log"] += p.get("log", [])
+		if p["done"]:
+			return r
+		yield(self, "idle_frame")
+		var now = OS.get_ticks_msec()
+		r["max_gap_ms"] = max(r["max_gap_ms"], now - last_frame)
+		last_frame = now
+
+
+# Polls the async load once a frame until done (a coroutine). Returns {last, polls,
+# fraction_never_fell, max_gap_ms}.
+func poll_load_until_done(sd):
+	var r = {"polls": 0, "fraction_never_fell": true, "max_gap_ms": 0, "last": {}}
+	yield(self, "idle_frame")
+	var last_frame = OS.get_ticks_msec()
+	var fraction = 0.0
+	while true:
+		var p = sd.poll_load()
+		r["polls"] += 1
+		r["last"] = p
+		if p["fraction"] < fraction:
+			r["fraction_never_fell"] = false
+		fraction = p["fraction"]
 		if p["done"]:
 			return r
 		yield(self, "idle_frame")
@@ -242,10 +264,49 @@ func _run():
 	yield(self, "idle_frame")
 	yield(self, "idle_frame")
 
+	phase("async load", 60)
+	var loader = StableDiffusion.new()
+	check(loader.poll_load()["state_name"] == "idle", "poll_load() without a load says idle")
+	check(not loader.cancel_load(), "cancel_load() without a load == false")
+	check(not loader.load_async(model, {"dtype": "fp64"}) and "dtype" in loader.last_error(), "load_async with a bad dtype refused at once: '%s'" % loader.last_error())
+	check(loader.load_async("no/such/model", {}), "load_async of a bad path starts")
+	var lp = yield(poll_load_until_done(loader), "completed")
+	check(not lp["last"]["loaded"] and "no/such/model" in lp["last"].get("error", "") and not loader.is_loaded(), "and ends with an error naming it: '%s'" % lp["last"].get("error", ""))
+	check(loader.poll_load()["state_name"] == "idle", "a finished load is reported once, then idle")
+	check(loader.load_async(model, {}), "load_async returned at once %s" % loader.last_error())
+	check(loader.cancel_load(), "cancel_load() == true while it loads")
+	lp = yield(poll_load_until_done(loader), "completed")
+	check(lp["last"]["state_name"] == "cancelled" and lp["last"]["status_name"] == "cancelled" and not lp["last"]["loaded"] and not loader.is_loaded(), "the load ended cancelled, nothing loaded: %s" % lp["last"])
+	t = OS.get_ticks_msec()
+	check(loader.load_async(model, {}), "a load after the cancelled one starts")
+	check(not loader.load_async(model, {}) and "running" in loader.last_error(), "a second load while one runs is refused: '%s'" % loader.last_error())
+	lp = yield(poll_load_until_done(loader), "completed")
+	print("godot-test: async load: %d polls in %d ms; last %s" % [lp["polls"], OS.get_ticks_msec() - t, lp["last"]])
+	check(lp["last"]["loaded"] and lp["last"]["status"] == 0 and loader.is_loaded(), "the async load succeeded and the model is in place")
+	check(lp["last"]["bytes_total"] > 0 and lp["last"]["bytes_done"] == lp["last"]["bytes_total"] and lp["last"]["fraction"] == 1.0, "all %d bytes read" % lp["last"]["bytes_total"])
+	check(lp["fraction_never_fell"], "the fraction never went back")
+	check(lp["max_gap_ms"] < 1000, "the longest frame during the load took %d ms" % lp["max_gap_ms"])
+	check(loader.get_info().get("native_width", 0) > 0, "get_info() of the loaded model")
+	check(loader.generate_async({"prompt": "a red circle", "width": 32, "height": 32, "steps": 2}), "the loaded model generates %s" % loader.last_error())
+	r = yield(poll_until_done(loader), "completed")
+	check(r["last"]["state"] == STATE_SUCCEEDED and loader.take_image() is Image, "an image from the async-loaded model")
+	check(loader.load_async(model, {}), "a load into an instance with a model starts")
+	check(loader.is_loaded(), "the old model stays usable while the new one loads")
+	loader.unload()
+	check(loader.live_handles()["load_jobs"] == 0 and not loader.is_loaded(), "unload() during a load frees the load job: %s" % loader.live_handles())
+	check(loader.load_async(model, {}), "a load started and then the instance dropped")
+	var instances = sd.live_handles()["instances"]
+	loader = null  # the destructor cancels the load and waits for its worker
+	# The finished coroutines that were given `loader` let go of it by the next frames.
+	for _i in 3:
+		yield(self, "idle_frame")
+	var after = sd.live_handles()
+	check(after["instances"] == instances - 1 and after["load_jobs"] == 0, "dropping an instance during a load freed its load job: %s" % after)
+
 	phase("nothing outlives its object", 30)
 	sd.unload()
 	var live = sd.live_handles()
-	check(live["pipelines"] == 0 and live["jobs"] == 0 and live["images"] == 0, "unload() freed everything: %s" % live)
+	check(live["pipelines"] == 0 and live["jobs"] == 0 and live["load_jobs"] == 0 and live["images"] == 0, "unload() freed everything: %s" % live)
 	var other = StableDiffusion.new()
 	check(other.load(model, {}), "a second instance loads")
 	check(other.generate_async({"prompt": "x", "steps": 500}), "and starts a 500-step job")
