@@ -5,9 +5,9 @@
 //! - the tiny autoencoder's decode against the VAE's at one size (a TAESD-size tiny autoencoder
 //!   with seeded random weights: its cost does not depend on the values);
 //! - the VAE decode of one large image in tiles against untiled, each in a fresh process that
-//!   loads the VAE alone, with its peak RSS; with `--python PY` (the venv of `tools/make_fixtures.sh`) diffusers' tiled
-//!   and untiled `AutoencoderKL` decode alternate with ours (`tools/bench/diffusers_bench.py
-//!   decode`), and the table gives the ratios.
+//!   loads the VAE alone, with its peak RSS; with `--python PY` (the venv of
+//!   `tools/make_fixtures.sh`) diffusers' tiled and untiled `AutoencoderKL` decode alternate
+//!   with ours (`tools/bench/diffusers_bench.py decode`), and the table gives the ratios.
 //!
 //!     cargo run --release --example bench_engine -- --model ~/.cache/stable-diffusion-bench/sd15-random \
 //!         [--size 256] [--steps 4] [--rounds 2] [--decode-size 512] [--large 1024] [--tile 512] \

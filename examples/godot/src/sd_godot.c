@@ -894,6 +894,8 @@ METHOD(m_poll_load) {
            v_real(p.bytes_total ? (double)p.bytes_done / (double)p.bytes_total : (done ? 1.0 : 0.0)));
   dict_put(&d, "elapsed", v_real(p.elapsed_seconds));
   dict_put(&d, "done", v_bool(done));
+  /* The load's log lines first: installing the model drops what a job left queued. */
+  put_log(self, &d);
   if (done) {
     /* Finished: install the model or keep the error, then forget the job (reported once). */
     sd_pipeline *pipe = NULL;
@@ -911,7 +913,6 @@ METHOD(m_poll_load) {
     dict_put(&d, "loaded", v_bool(status == SD_OK));
     drop_load(self);
   }
-  put_log(self, &d);
   return v_dict(&d);
 }
 

@@ -95,9 +95,9 @@ func poll_until_done(sd):
 
 
 # Polls the async load once a frame until done (a coroutine). Returns {last, polls,
-# fraction_never_fell, max_gap_ms}.
+# fraction_never_fell, max_gap_ms, log}.
 func poll_load_until_done(sd):
-	var r = {"polls": 0, "fraction_never_fell": true, "max_gap_ms": 0, "last": {}}
+	var r = {"polls": 0, "fraction_never_fell": true, "max_gap_ms": 0, "last": {}, "log": []}
 	yield(self, "idle_frame")
 	var last_frame = OS.get_ticks_msec()
 	var fraction = 0.0
@@ -108,6 +108,7 @@ func poll_load_until_done(sd):
 		if p["fraction"] < fraction:
 			r["fraction_never_fell"] = false
 		fraction = p["fraction"]
+		r["log"] += p.get("log", [])
 		if p["done"]:
 			return r
 		yield(self, "idle_frame")
@@ -285,6 +286,7 @@ func _run():
 	check(lp["last"]["loaded"] and lp["last"]["status"] == 0 and loader.is_loaded(), "the async load succeeded and the model is in place")
 	check(lp["last"]["bytes_total"] > 0 and lp["last"]["bytes_done"] == lp["last"]["bytes_total"] and lp["last"]["fraction"] == 1.0, "all %d bytes read" % lp["last"]["bytes_total"])
 	check(lp["fraction_never_fell"], "the fraction never went back")
+	check(lp["log"].size() > 0, "the load's log reached poll_load(): %s" % [lp["log"]])
 	check(lp["max_gap_ms"] < 1000, "the longest frame during the load took %d ms" % lp["max_gap_ms"])
 	check(loader.get_info().get("native_width", 0) > 0, "get_info() of the loaded model")
 	check(loader.generate_async({"prompt": "a red circle", "width": 32, "height": 32, "steps": 2}), "the loaded model generates %s" % loader.last_error())
