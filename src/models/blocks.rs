@@ -166,6 +166,8 @@ impl PackedWeight {
             None => self.form.get_or_init(|| {
                 let packed = pack().ok()?;
                 let emptied = packed::release_dense(weight);
+                // float32: the only kind that packs.
+                crate::runtime::release_cached_memory_every(self.numel.saturating_mul(4));
                 Some((packed, emptied))
             }),
         };

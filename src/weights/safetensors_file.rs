@@ -116,14 +116,19 @@ impl SafetensorsFile {
     pub fn release(&self, name: &str) {
         if let Some(info) = self.tensors.get(name) {
             // `tensor` copies out of the map before returning: no slice of it is alive.
-            drop_mapped_pages(&self.mmap, info.start, info.end - info.start);
+            drop_mapped_pages(
+                &self.mmap,
+                info.start,
+                info.end - info.start,
+                PageSpan::Covering,
+            );
         }
     }
 
     /// Drops every resident page of the file: reading a small tensor maps the whole page-cache
     /// folio around it, which can cover tensors already released.
     pub fn release_all_pages(&self) {
-        drop_mapped_pages(&self.mmap, 0, self.mmap.len());
+        drop_mapped_pages(&self.mmap, 0, self.mmap.len(), PageSpan::Covering);
     }
 
     /// The tensor `name` as a view of the mapping, without a copy, when it is stored in `kind`
@@ -212,7 +217,10 @@ pub fn release_if_mapped(address: usize, len: usize) -> bool {
                 .checked_add(len)
                 .is_some_and(|end| end <= base + map.len());
         if inside {
-            drop_mapped_pages(&map, address - base, len);
+            // Only the pages wholly inside: the layer's bias or norm beside it is still read
+            // in place, and re-reading a dropped page it shares would map the whole page-cache
+            // folio around it again (megabytes of the weight just let go, with large folios).
+            drop_mapped_pages(&map, address - base, len, PageSpan::Inside);
             return true;
         }
     }
@@ -224,20 +232,39 @@ pub fn release_if_mapped(address: usize, len: usize) -> bool {
 /// pages in its RSS: without it a model loaded from a memory-mapped file peaks at about twice
 /// its size. `map` must be a whole file mapping (page-aligned); the caller guarantees that no
 /// slice of that range is alive and that no page of it was written.
-pub(crate) fn drop_mapped_pages(map: &[u8], start: usize, len: usize) {
-    // SAFETY: the range is widened to whole pages inside the mapping; a page shared with a
+pub(crate) fn drop_mapped_pages(map: &[u8], start: usize, len: usize, span: PageSpan) {
+    // SAFETY: the range is rounded to whole pages inside the mapping; a page shared with a
     // neighbouring tensor is simply read again from the file if that tensor is read later.
     let page = page_size();
     let base = map.as_ptr() as usize;
     let end = start.saturating_add(len).min(map.len());
-    if start >= end {
+    let (from, to) = match span {
+        PageSpan::Covering => (
+            (base + start) / page * page,
+            (base + end).div_ceil(page) * page,
+        ),
+        PageSpan::Inside => (
+            (base + start).div_ceil(page) * page,
+            (base + end) / page * page,
+        ),
+    };
+    if from >= to {
         return;
     }
-    let from = (base + start) / page * page;
-    let to = (base + end).div_ceil(page) * page;
     unsafe {
         libc::madvise(from as *mut libc::c_void, to - from, libc::MADV_DONTNEED);
     }
+}
+
+/// Which pages [`drop_mapped_pages`] drops for a byte range that need not be page-aligned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PageSpan {
+    /// Every page the range touches: for bytes copied out, whose neighbours are either copied
+    /// too or read back from the file if needed.
+    Covering,
+    /// Only the pages wholly inside the range: for a weight whose neighbours are still used in
+    /// place, so that none of their pages is dropped and faulted back.
+    Inside,
 }
 
 fn page_size() -> usize {

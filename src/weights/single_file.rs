@@ -18,7 +18,7 @@
 //! the pages of each are released once it is copied, so loading never holds a second copy of
 //! the model.
 use super::ckpt;
-use super::safetensors_file::{checked_shape, drop_mapped_pages, kind_of};
+use super::safetensors_file::{checked_shape, drop_mapped_pages, kind_of, PageSpan};
 use super::TensorSource;
 use crate::models::{ClipTextConfig, UNetConfig, VaeConfig};
 use crate::schedulers::{PredictionType, SchedulerConfig};
@@ -170,7 +170,7 @@ impl Backing {
     /// caller's buffer is never touched.
     fn release(&self, start: usize, len: usize) {
         if let Self::Map(m) = self {
-            drop_mapped_pages(m, start, len);
+            drop_mapped_pages(m, start, len, PageSpan::Covering);
         }
     }
 }
