@@ -332,11 +332,11 @@ impl Checkpoint {
                             bytes.len()
                         )));
                     }
-                    Tensor::f_from_data_size(bytes, &raw.shape, raw.kind)?
+                    super::tensor_from_bytes(bytes, &raw.shape, raw.kind)?
                 }
                 Some(stride) => {
                     let n = (bytes.len() / elt) as i64;
-                    Tensor::f_from_data_size(bytes, &[n], raw.kind)?
+                    super::tensor_from_bytes(&bytes[..n as usize * elt], &[n], raw.kind)?
                         .f_as_strided(&raw.shape, stride, 0)?
                         .f_contiguous()?
                 }
