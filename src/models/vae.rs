@@ -195,7 +195,10 @@ impl SpatialAttention {
             .f_view([b, c, h * w])?
             .f_transpose(1, 2)?;
         let out = self.attn.forward(&tokens, None)?;
-        let out = out.f_transpose(1, 2)?.f_reshape([b, c, h, w])?;
+        // `[b, h*w, c]` is already the channels-last layout: viewed as `[b, c, h, w]` without a
+        // copy, so the layers after the attention stay in channels-last (`blocks::channels_last`);
+        // a reshape to NCHW made every later convolution reorder its activations.
+        let out = out.f_view([b, h, w, c])?.f_permute([0, 3, 1, 2])?;
         add_into(out, xs)
     }
 }
@@ -505,5 +508,33 @@ impl super::traits::Autoencoder for UpcastVae {
     }
     fn sample_size(&self) -> Option<i64> {
         self.inner.config().sample_size
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    /// The mid block's attention hands on its output in channels-last strides whatever the
+    /// layout of its input, so that the decoder's later layers stay in channels-last; its
+    /// values do not depend on the input's layout.
+    #[test]
+    fn spatial_attention_output_is_channels_last() {
+        let _g = tch::no_grad_guard();
+        tch::manual_seed(5);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let attn = SpatialAttention::new(vs.root(), 32, 8);
+        for (b, h, w) in [(1, 4, 4), (2, 3, 5), (1, 7, 2)] {
+            let x = Tensor::randn([b, 32, h, w], (Kind::Float, Device::Cpu));
+            let from_nchw = attn.forward(&x).unwrap();
+            let from_nhwc = attn.forward(&channels_last(&x).unwrap()).unwrap();
+            for out in [&from_nchw, &from_nhwc] {
+                assert_eq!(out.size(), vec![b, 32, h, w]);
+                assert_eq!(out.stride(), vec![h * w * 32, 1, w * 32, 32]);
+            }
+            let diff = (&from_nchw - &from_nhwc).abs().max().double_value(&[]);
+            assert!(diff < 1e-5, "{b}x{h}x{w}: the layouts differ by {diff}");
+        }
     }
 }
