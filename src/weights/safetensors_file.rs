@@ -217,9 +217,10 @@ pub fn release_if_mapped(address: usize, len: usize) -> bool {
                 .checked_add(len)
                 .is_some_and(|end| end <= base + map.len());
         if inside {
-            // Only the pages wholly inside: the layer's bias or norm beside it is still read
-            // in place, and re-reading a dropped page it shares would map the whole page-cache
-            // folio around it again (megabytes of the weight just let go, with large folios).
+            // Only the pages wholly inside: a neighbouring weight that was not packed is still
+            // read in place, and re-reading a dropped page it shares would map the whole
+            // page-cache folio around it again (megabytes of the weight just let go, with large
+            // folios). Biases and norms are never in place (`weights::load_into_mapped`).
             drop_mapped_pages(&map, address - base, len, PageSpan::Inside);
             return true;
         }
