@@ -7,7 +7,8 @@
 //! 1.5 step on 2 cores went to the kernel's page-fault path. With both thresholds at 256 MiB
 //! those buffers are reused within the process. Measured with `make bench --ours-only` (README):
 //! at 256x256 a step took 2.9 s instead of 4.0 s, for 0.23 GiB more peak RSS; at 512x512 no
-//! speed change showed, for 0.7 GiB more.
+//! speed change showed, for 0.7 GiB more. Most of that was the decode's, which now runs in a
+//! [`OneOffPhase`] with glibc's usual ceiling instead.
 //!
 //! This changes malloc for the whole process, so it can be turned off: set
 //! `SD_MALLOC_TUNING=0` in the environment before the first load.
@@ -28,18 +29,22 @@ fn wanted() -> bool {
     std::env::var("SD_MALLOC_TUNING").map_or(true, |v| v.trim() != "0")
 }
 
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn set_thresholds() -> bool {
+    set_both_thresholds(MALLOC_THRESHOLD_BYTES)
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn set_both_thresholds(bytes: i32) -> bool {
     // SAFETY: mallopt only changes malloc's parameters; both values are within glibc's limits
     // (it refuses, returning 0, values it does not accept).
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, MALLOC_THRESHOLD_BYTES) == 1
-            && libc::mallopt(libc::M_TRIM_THRESHOLD, MALLOC_THRESHOLD_BYTES) == 1
+        libc::mallopt(libc::M_MMAP_THRESHOLD, bytes) == 1
+            && libc::mallopt(libc::M_TRIM_THRESHOLD, bytes) == 1
     }
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn set_thresholds() -> bool {
+fn set_both_thresholds(_bytes: i32) -> bool {
     false
 }
 
@@ -69,10 +74,10 @@ pub fn use_threads(threads: Option<usize>) -> crate::Result<()> {
     Ok(())
 }
 
-/// Hands the memory malloc keeps for reuse back to the kernel, between phases whose buffers
-/// differ (the denoising loop, then the VAE decode): otherwise the loop's freed activations
-/// stay resident beside the decode's, which at 256x256 raised the peak RSS by 0.76 GiB.
-/// Nothing to do when the settings above are not in force.
+/// Hands the memory malloc keeps for reuse back to the kernel. A [`OneOffPhase`] does it on
+/// entering and leaving, so that the denoising loop's freed activations do not stay resident
+/// beside the decode's (at 256x256 they raised the peak RSS by 0.76 GiB). Nothing to do when
+/// the settings above are not in force.
 pub fn release_cached_memory() {
     if tune_allocator() {
         trim();
@@ -97,6 +102,54 @@ pub fn release_cached_memory_every(bytes: usize) {
     if total >= PACKED_BYTES_PER_TRIM {
         SINCE_TRIM.store(0, Ordering::Relaxed);
         release_cached_memory();
+    }
+}
+
+/// Both glibc thresholds while a [`OneOffPhase`] runs: the ceiling of glibc's own dynamic mmap
+/// threshold, so buffers from 32 MiB up are mapped and unmapped on their own as in an untuned
+/// process.
+pub const ONE_OFF_THRESHOLD_BYTES: i32 = 32 << 20;
+
+/// How many [`OneOffPhase`]s are alive, in all threads.
+static ONE_OFF_PHASES: std::sync::Mutex<usize> = std::sync::Mutex::new(0);
+
+/// While alive, malloc keeps no large freed buffer for reuse (the thresholds drop to
+/// [`ONE_OFF_THRESHOLD_BYTES`]); for work that runs once per image, the VAE decode and
+/// encode. The denoising loop reuses its buffers step after step, which is what the high
+/// thresholds buy; the decode's buffers are of other sizes, and in the loop's heap they left
+/// holes: a 512x512 decode grew the RSS by 1.2 GiB with the high thresholds and by 0.8 GiB
+/// without, at no cost in time (bench child, SD 1.5 size, 2 runs each). Entering and leaving
+/// also trim, so the loop's cached buffers are not kept beside the decode's. Phases nest and
+/// may overlap across threads: the thresholds come back when the last one ends.
+#[must_use = "the phase ends when this is dropped"]
+pub struct OneOffPhase {
+    tuned: bool,
+}
+
+/// Starts a [`OneOffPhase`] (nothing to do when the allocator settings are not in force).
+pub fn one_off_phase() -> OneOffPhase {
+    let tuned = tune_allocator();
+    if tuned {
+        let mut phases = ONE_OFF_PHASES.lock().unwrap_or_else(|e| e.into_inner());
+        if *phases == 0 {
+            set_both_thresholds(ONE_OFF_THRESHOLD_BYTES);
+        }
+        *phases += 1;
+        trim();
+    }
+    OneOffPhase { tuned }
+}
+
+impl Drop for OneOffPhase {
+    fn drop(&mut self) {
+        if self.tuned {
+            let mut phases = ONE_OFF_PHASES.lock().unwrap_or_else(|e| e.into_inner());
+            *phases = phases.saturating_sub(1);
+            if *phases == 0 {
+                set_thresholds();
+            }
+            trim();
+        }
     }
 }
 

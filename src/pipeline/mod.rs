@@ -1408,17 +1408,15 @@ impl StableDiffusion {
         params: &GenerateParams,
         cancelled: &dyn Fn() -> bool,
     ) -> Result<Images> {
-        crate::runtime::release_cached_memory();
+        let _phase = crate::runtime::one_off_phase();
         let _wrap = blocks::wrap_around(params.seamless);
-        let images = self.finish(
+        self.finish(
             &run.latents,
             params,
             run.mask.as_ref(),
             run.init.as_ref(),
             cancelled,
-        );
-        crate::runtime::release_cached_memory();
-        images
+        )
     }
 
     /// Prompt embeddings, preceded by the negative prompt's when guidance is on, and SDXL's
@@ -1798,6 +1796,7 @@ pub fn vae_decode_with(
             "latents must be [batch, channels, height, width], got {size:?}"
         )));
     }
+    let _phase = crate::runtime::one_off_phase();
     let scale = vae.spatial_scale();
     match vae_tile(vae, params, size[2] * scale, size[3] * scale)? {
         Some(tile) => {
@@ -1826,6 +1825,7 @@ pub fn vae_encode_with(
             "images must be [batch, 3, height, width], got {size:?}"
         )));
     }
+    let _phase = crate::runtime::one_off_phase();
     let Some(tile) = vae_tile(vae, params, size[2], size[3])? else {
         return vae.encode(images);
     };
