@@ -707,3 +707,59 @@ fn reading_biases_never_maps_back_released_weights() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The text encoder's token table, used in place from its file, does not stay resident after
+/// a lookup (a prompt reads a few dozen of its rows), and each later lookup still reads the
+/// stored rows. Seeded tables of 2-8 MiB (the fixture's rows, then more past the tokenizer's
+/// ids) and both weight kernels; three encodes each, every output equal to transformers'
+/// reference for the fixture's ids.
+#[test]
+fn token_table_leaves_memory_after_each_lookup() {
+    let _g = tch::no_grad_guard();
+    let refs = Refs::open("tiny-sd1");
+    let (ids, expected) = (refs.get("text_ids"), refs.get("text_hidden"));
+    let mut rng = common::Rng::new(23);
+    for case in 0..3 {
+        let model = ScratchModel::new("tiny-sd1", &format!("table{case}"));
+        let dir = model.root.join("text_encoder");
+        let file = dir.join("model.safetensors");
+        let name = "text_model.embeddings.token_embedding.weight";
+        let mut tensors = Tensor::read_safetensors(&file).unwrap();
+        let table = &mut tensors.iter_mut().find(|(n, _)| n == name).unwrap().1;
+        let (rows, width) = table.size2().unwrap();
+        let extra = 16384 * (1 + rng.below(4) as i64);
+        let more = Tensor::arange(extra * width, (Kind::Float, tch::Device::Cpu))
+            .view([extra, width])
+            .sin();
+        *table = Tensor::cat(&[table.shallow_clone(), more], 0);
+        let table_bytes = ((rows + extra) * width * 4) as u64;
+        Tensor::write_safetensors(&tensors, &file).unwrap();
+        let config_path = dir.join("config.json");
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+        config["vocab_size"] = (rows + extra).into();
+        std::fs::write(&config_path, config.to_string()).unwrap();
+
+        let weight_kernels = [WeightKernels::Plain, WeightKernels::Packed][case % 2];
+        let options = LoadOptions {
+            weight_kernels,
+            ..Default::default()
+        };
+        let sd = StableDiffusion::load(&model.root, &options).unwrap();
+        for round in 0..3 {
+            let hidden = sd.text_encoder.forward(&ids, 0).unwrap();
+            common::assert_close(
+                &format!("case {case} round {round} text_hidden"),
+                &hidden,
+                &expected,
+                1e-4,
+            );
+            let resident = mapped_rss_bytes(&file);
+            assert!(
+                resident < table_bytes / 4,
+                "case {case} ({weight_kernels:?}) round {round}: {resident} bytes of the text \
+                 encoder file resident after a lookup; the table alone is {table_bytes}"
+            );
+        }
+    }
+}

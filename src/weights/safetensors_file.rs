@@ -207,7 +207,8 @@ fn register_map(map: &Arc<MmapMut>) {
 /// If `address..address + len` lies inside a live weight-file map, drops its resident pages
 /// (as [`drop_mapped_pages`]) and returns true; memory of any other kind is left alone. For a
 /// weight used in place whose layer now works from a packed copy: no page of a weight file's
-/// map is ever written by us, so the dropped pages read back unchanged if they are needed.
+/// map is ever written by us, so the dropped pages read back unchanged if they are needed (the
+/// text encoder's token table relies on this after each lookup).
 pub fn release_if_mapped(address: usize, len: usize) -> bool {
     let maps = LIVE_MAPS.lock().unwrap_or_else(|e| e.into_inner());
     for map in maps.iter().filter_map(|m| m.upgrade()) {
