@@ -361,15 +361,20 @@ impl Decoder {
         let mut h = self
             .mid
             .forward(&channels_last(&self.conv_in.forward(z)?)?)?;
+        // Each activation is given up to the layer that reads it last, so that it is freed
+        // (or normalised in place) as early as possible: the decoder's large activations
+        // bound the peak memory of a decode.
         for (resnets, up) in &self.blocks {
             for r in resnets {
-                h = r.forward(&h, None)?;
+                h = r.forward_owned(h, None)?;
             }
             if let Some(u) = up {
-                h = u.forward(&h, None)?;
+                h = u.forward_owned(h, None)?;
             }
         }
-        let out = self.conv_out.forward(&self.norm_out.forward_silu(&h)?)?;
+        let out = self
+            .conv_out
+            .forward(&self.norm_out.forward_silu_owned(h)?)?;
         Ok(out.f_contiguous()?)
     }
 }
