@@ -120,7 +120,8 @@ static ONE_OFF_PHASES: std::sync::Mutex<usize> = std::sync::Mutex::new(0);
 /// holes: a 512x512 decode grew the RSS by 1.2 GiB with the high thresholds and by 0.8 GiB
 /// without, at no cost in time (bench child, SD 1.5 size, 2 runs each). Entering and leaving
 /// also trim, so the loop's cached buffers are not kept beside the decode's. Phases nest and
-/// may overlap across threads: the thresholds come back when the last one ends.
+/// may overlap across threads: the thresholds come back when the last one ends (a loop that
+/// runs meanwhile in another thread runs with the lower ones: slower, not different).
 #[must_use = "the phase ends when this is dropped"]
 pub struct OneOffPhase {
     tuned: bool,

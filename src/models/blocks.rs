@@ -491,7 +491,7 @@ impl GroupNorm {
 
     /// [`GroupNorm::forward_silu`] in `xs`'s own memory, for a caller that gives `xs` up: no
     /// second buffer of its size (in the VAE decoder at 512x512, up to 256 MiB). For a float32
-    /// channels-last `[n, c, h, w]` tensor without a gradient: per-channel sums and sums of
+    /// channels-last `[n, c, h, w]` tensor, with no gradient recorded: per-channel sums and sums of
     /// squares over slices of pixels (a few MiB of scratch, accumulated in float64), then one
     /// scale and shift per channel and the SiLU, in place; the same values as `group_norm` to
     /// rounding. libtorch's `var_mean` and `vector_norm` over these strides took 4-7x the
@@ -535,6 +535,11 @@ impl GroupNorm {
         let bias = self.bias.f_to_kind(Kind::Double)?.f_view([1, g, c / g])?;
         let scale = weight.f_mul(&rstd)?;
         let shift = bias.f_sub(&mean.f_mul(&scale)?)?;
+        // A gradient recorded through the affine parameters needs `xs` as it was: `xs` is
+        // still untouched here.
+        if scale.requires_grad() || shift.requires_grad() {
+            return self.forward_silu(&xs);
+        }
         let per_channel = |t: Tensor| -> Result<Tensor> {
             Ok(t.f_reshape([n, c, 1, 1])?.f_to_kind(Kind::Float)?)
         };
@@ -906,6 +911,13 @@ mod tests {
             let out = up.forward_owned(plain.copy(), None).unwrap();
             assert!(max_diff(&out, &expected) == 0.0, "case {case}: upsample");
         }
+        // With a gradient recorded through the affine parameters the input is left as it was.
+        let vs = nn::VarStore::new(Device::Cpu);
+        let norm = GroupNorm::new(vs.root() / "g", 2, 4, 1e-6);
+        let xs = channels_last(&seeded(7, &[1, 4, 5, 6])).unwrap();
+        let kept = xs.copy();
+        let out = tch::with_grad(|| norm.forward_silu_owned(xs.shallow_clone()).unwrap());
+        assert!(out.requires_grad() && xs.equal(&kept));
     }
 
     /// Layers built to pack their weights give libtorch's plain results (to rounding) for

@@ -437,8 +437,8 @@ impl ClipTextTransformer {
     }
 
     /// Drops the resident pages of the token table when it is used in place from a weight
-    /// file's map. A prompt reads a few dozen of its rows, yet the whole table (144 MiB for SD
-    /// 1.5, 253 MiB for SDXL's second encoder) stayed resident through the denoising loop and
+    /// file's map. A prompt reads a few dozen of its rows, yet the whole table (145 MiB for SD
+    /// 1.5, 241 MiB for SDXL's second encoder) stayed resident through the denoising loop and
     /// the decode: it was mapped in at load, and with large page-cache folios a row's fault maps
     /// megabytes around it. The rows come back from the page cache at the next lookup; the table
     /// is never written, so nothing is lost.
