@@ -34,6 +34,40 @@ impl ScratchModel {
     }
 }
 
+impl ScratchModel {
+    /// Widens the text encoder's MLP to `intermediate` (seeded weights, config to match), so
+    /// that its layers span many pages and packing pays for them.
+    fn widen_text_encoder(&self, intermediate: i64, seed: u64) {
+        let dir = self.root.join("text_encoder");
+        let file = dir.join("model.safetensors");
+        let mut rng = common::Rng::new(seed);
+        let tensors: Vec<(String, Tensor)> = Tensor::read_safetensors(&file)
+            .unwrap()
+            .into_iter()
+            .map(|(name, t)| {
+                let shape = match (name.contains(".mlp.fc1."), name.contains(".mlp.fc2.")) {
+                    (true, _) if t.dim() == 2 => vec![intermediate, t.size()[1]],
+                    (true, _) => vec![intermediate],
+                    (_, true) if t.dim() == 2 => vec![t.size()[0], intermediate],
+                    _ => return (name, t),
+                };
+                let n: i64 = shape.iter().product();
+                let phase = rng.below(1000) as f64;
+                let values = (Tensor::arange(n, (Kind::Float, tch::Device::Cpu)) * 0.37 + phase)
+                    .sin()
+                    * 0.05;
+                (name, values.view(shape.as_slice()))
+            })
+            .collect();
+        Tensor::write_safetensors(&tensors, &file).unwrap();
+        let config_path = dir.join("config.json");
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+        config["intermediate_size"] = intermediate.into();
+        std::fs::write(&config_path, config.to_string()).unwrap();
+    }
+}
+
 impl Drop for ScratchModel {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.root);
@@ -406,26 +440,67 @@ fn mapped_and_copied_weights_render_the_same_image() {
         seed: 4,
         ..Default::default()
     };
-    let mut images = Vec::new();
-    for copy_weights in [false, true] {
-        let sd = StableDiffusion::load(
-            &fixtures().join("tiny-sd1"),
-            &LoadOptions {
-                copy_weights,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        images.push(sd.generate(&params, None).unwrap().to_rgb8().unwrap());
+    // With given kernels: `Auto` picks the text encoder's by where its weights are.
+    for weight_kernels in [WeightKernels::Plain, WeightKernels::Packed] {
+        let mut images = Vec::new();
+        for copy_weights in [false, true] {
+            let sd = StableDiffusion::load(
+                &fixtures().join("tiny-sd1"),
+                &LoadOptions {
+                    copy_weights,
+                    weight_kernels,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            images.push(sd.generate(&params, None).unwrap().to_rgb8().unwrap());
+        }
+        assert_eq!(images[0], images[1], "{weight_kernels:?}");
     }
-    assert_eq!(images[0], images[1]);
 }
 
 /// `WeightKernels::Auto` is the packed path for SD 1.x/2.x and the plain one for SDXL (folders
 /// and single files): bit for bit the image of the kernels it stands for, and within rounding
-/// of the other (which does change it, so the comparison can tell them apart).
+/// of the other (which does change it, so the comparison can tell them apart). An SD 1.x/2.x
+/// folder used in place is the exception for its text encoder, which stays plain so that its
+/// weights can leave memory between prompts (`idle_parts_leave_memory_between_calls`); with
+/// its weights copied, its images are the packed ones bit for bit.
 #[test]
 fn weight_kernels_default_by_family() {
+    let _g = tch::no_grad_guard();
+    let load = |model: &Path, weight_kernels, copy_weights| {
+        let options = LoadOptions {
+            weight_kernels,
+            copy_weights,
+            ..Default::default()
+        };
+        StableDiffusion::load(model, &options).unwrap()
+    };
+    let params = stable_diffusion::pipeline::GenerateParams {
+        prompt: "a red circle".into(),
+        steps: 2,
+        guidance: 5.0,
+        seed: 3,
+        width: Some(64),
+        height: Some(64),
+        ..Default::default()
+    };
+    for model in [fixtures().join("tiny-sd1"), fixtures().join("tiny-sd2")] {
+        let render = |weight_kernels| {
+            load(&model, weight_kernels, true)
+                .generate(&params, None)
+                .unwrap()
+                .pixels
+        };
+        let auto = render(WeightKernels::Auto);
+        let d = common::max_abs_diff(&auto, &render(WeightKernels::Packed));
+        assert_eq!(
+            d,
+            0.0,
+            "{}: auto with copied weights is not packed",
+            model.display()
+        );
+    }
     // A single file reads its configs and tokenizers from the folder it was written from.
     let render = |model: &Path, weight_kernels| {
         let folder = model.extension().map(|_| {
@@ -461,8 +536,6 @@ fn weight_kernels_default_by_family() {
     };
     let single = fixtures().join("single");
     for (model, default) in [
-        (fixtures().join("tiny-sd1"), WeightKernels::Packed),
-        (fixtures().join("tiny-sd2"), WeightKernels::Packed),
         (fixtures().join("tiny-sdxl"), WeightKernels::Plain),
         (single.join("tiny-sd1.safetensors"), WeightKernels::Packed),
         (single.join("tiny-sdxl.safetensors"), WeightKernels::Plain),
@@ -706,6 +779,106 @@ fn reading_biases_never_maps_back_released_weights() {
         drop((vars, vs, owners));
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The text encoders and the VAE, used in place from their files, let their pages go once
+/// loaded and once a call has used them, so that only the UNet's weights stay resident
+/// through a denoising loop; the images are those of the same weights copied into memory.
+/// Seeded widths of the text encoder (its layers then span many pages), each weight kernel
+/// choice, txt2img and a VAE encode; encoding or decoding directly (no pipeline call around
+/// it) leaves the pages resident, which shows the check can fail.
+#[test]
+fn idle_parts_leave_memory_between_calls() {
+    let _g = tch::no_grad_guard();
+    let mut rng = common::Rng::new(41);
+    let kernels = [
+        WeightKernels::Auto,
+        WeightKernels::Plain,
+        WeightKernels::Packed,
+    ];
+    for case in 0..3u64 {
+        let model = ScratchModel::new("tiny-sd1", &format!("idle{case}"));
+        let intermediate = 2048 * (1 + rng.below(4) as i64);
+        model.widen_text_encoder(intermediate, case);
+        let text_file = model.root.join("text_encoder").join("model.safetensors");
+        let vae_file = model
+            .root
+            .join("vae")
+            .join("diffusion_pytorch_model.safetensors");
+        let vae_bytes = std::fs::metadata(&vae_file).unwrap().len();
+        // fc1 and fc2 of its five layers, float32.
+        let widened = (2 * 5 * intermediate * 32 * 4) as u64;
+        let weight_kernels = kernels[case as usize];
+        let load = |copy_weights| {
+            let options = LoadOptions {
+                weight_kernels,
+                copy_weights,
+                ..Default::default()
+            };
+            StableDiffusion::load(&model.root, &options).unwrap()
+        };
+        let (mapped, copied) = (load(false), load(true));
+        let idle = |when: &str| {
+            let (text, vae) = (mapped_rss_bytes(&text_file), mapped_rss_bytes(&vae_file));
+            eprintln!("case {case} ({weight_kernels:?}) {when}: text {text} of {widened}, vae {vae} of {vae_bytes}");
+            assert!(
+                text < widened / 8 && vae < vae_bytes / 4,
+                "case {case} ({weight_kernels:?}) {when}: {text} bytes of the text encoder's \
+                 file and {vae} of the VAE's resident"
+            );
+        };
+        idle("loaded");
+        for round in 0..2 {
+            let params = stable_diffusion::pipeline::GenerateParams {
+                prompt: "a red circle".into(),
+                steps: 2,
+                guidance: 5.0,
+                seed: rng.below(1 << 20) as u64,
+                width: Some(64),
+                height: Some(64),
+                ..Default::default()
+            };
+            if weight_kernels != WeightKernels::Packed {
+                // All of it: Auto leaves a text encoder used in place on the plain kernels
+                // (packed, the dense fc1 weights, half of it, would have left).
+                let _ = mapped.encode_prompt("a blue square", 1, 0).unwrap();
+                let text = mapped_rss_bytes(&text_file);
+                assert!(
+                    text > widened * 3 / 4,
+                    "case {case}: encoding left {text} resident"
+                );
+            }
+            let z = common::locked_randn(&[1, 4, 8, 8]);
+            let _ = mapped.vae.decode(&z).unwrap();
+            let vae = mapped_rss_bytes(&vae_file);
+            assert!(
+                vae > vae_bytes / 4,
+                "case {case}: decoding left {vae} resident"
+            );
+
+            let image = mapped.generate(&params, None).unwrap().pixels;
+            idle(&format!("round {round} generated"));
+            let want = copied.generate(&params, None).unwrap().pixels;
+            // Auto packs the text encoder only when its weights are copied: rounding apart.
+            let tolerance = if weight_kernels == WeightKernels::Auto {
+                1e-3
+            } else {
+                0.0
+            };
+            let d = common::max_abs_diff(&image, &want);
+            assert!(
+                d <= tolerance,
+                "case {case} round {round}: images differ by {d}"
+            );
+
+            let images = common::locked_randn(&[1, 3, 64, 64]).clamp(-1.0, 1.0);
+            let stop = || Ok(());
+            let latents = mapped.encode_image(&images, &params, &stop).unwrap().mean;
+            let want = copied.encode_image(&images, &params, &stop).unwrap().mean;
+            assert_eq!(common::max_abs_diff(&latents, &want), 0.0);
+            idle(&format!("round {round} encoded an image"));
+        }
+    }
 }
 
 /// The text encoder's token table, used in place from its file, does not stay resident after

@@ -75,8 +75,9 @@ pub fn variable(vs: &nn::Path, name: &str, dims: &[i64], init: Init) -> Tensor {
         None => false,
     });
     if counted {
-        Tensor::empty([0], (tch::Kind::Float, tch::Device::Cpu))
-    } else if SKIP_INIT.with(|s| s.get()) {
+        return Tensor::empty([0], (tch::Kind::Float, tch::Device::Cpu));
+    }
+    let var = if SKIP_INIT.with(|s| s.get()) {
         vs.add(name, Tensor::empty(dims, (vs.kind(), vs.device())), true)
     } else if let Init::Const(_) = init {
         vs.var(name, dims, init)
@@ -85,7 +86,51 @@ pub fn variable(vs: &nn::Path, name: &str, dims: &[i64], init: Init) -> Tensor {
         // lock, so that building a model never lands inside another thread's seeded draws.
         let _guard = crate::rng::GLOBAL_RNG.lock();
         vs.var(name, dims, init)
+    };
+    if crate::weights::worth_mapping(&var) {
+        MAPPED.with(|m| {
+            if let Some(list) = m.borrow_mut().as_mut() {
+                // The same variable: loading later points it into the file, and this sees it.
+                list.push(var.shallow_clone());
+            }
+        });
     }
+    var
+}
+
+thread_local! {
+    /// The variables loading may point into a weight file, while [`collect_mapped`] runs.
+    static MAPPED: std::cell::RefCell<Option<Vec<Tensor>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `build` and returns what it built with the variables it created that loading may
+/// point into a weight file's map ([`crate::weights::MappedWeights`]). Calls nest: an outer
+/// call also gets what an inner one collected.
+pub fn collect_mapped<T>(build: impl FnOnce() -> T) -> (T, crate::weights::MappedWeights) {
+    struct Restore(Option<Vec<Tensor>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let outer = self.0.take();
+            MAPPED.with(|m| {
+                let mut m = m.borrow_mut();
+                let inner = m.take().unwrap_or_default();
+                *m = outer.map(|mut o| {
+                    o.extend(inner.iter().map(Tensor::shallow_clone));
+                    o
+                });
+            });
+        }
+    }
+    let restore = Restore(MAPPED.with(|m| m.borrow_mut().replace(Vec::new())));
+    let built = build();
+    let collected = MAPPED.with(|m| {
+        m.borrow()
+            .as_ref()
+            .map(|l| l.iter().map(Tensor::shallow_clone).collect())
+            .unwrap_or_default()
+    });
+    drop(restore);
+    (built, crate::weights::MappedWeights::new(collected))
 }
 
 /// The number of parameters the model that `build` makes would have, without allocating them:

@@ -76,6 +76,10 @@ pub trait TextEncoder: Send {
     fn adapter_targets(&self) -> Option<&Targets> {
         None
     }
+    /// Lets the pages of weights it uses in place from a weight file go until its next call
+    /// (see [`crate::weights::MappedWeights`]); the pipeline calls it once a call's text
+    /// conditioning is made. Nothing to do for a model that holds its weights in memory.
+    fn release_mapped_weights(&self) {}
     /// The width of a token embedding, when the backend takes embedding vectors
     /// ([`TextEncoder::forward_fixed`]).
     fn embedding_width(&self) -> Option<i64> {
@@ -148,6 +152,10 @@ pub trait Autoencoder: Send {
     fn sample_size(&self) -> Option<i64> {
         None
     }
+    /// Lets the pages of weights it uses in place from a weight file go until its next call
+    /// (see [`crate::weights::MappedWeights`]); the pipeline calls it after each decode or
+    /// encode, tiles and all. Nothing to do for a model that holds its weights in memory.
+    fn release_mapped_weights(&self) {}
 
     /// Latents as the UNet sees them: `(z - shift) * scaling_factor`.
     fn scale_latents(&self, z: &Tensor) -> Result<Tensor> {
@@ -193,6 +201,9 @@ impl TextEncoder for ClipTextTransformer {
     }
     fn adapter_targets(&self) -> Option<&Targets> {
         Some(ClipTextTransformer::adapter_targets(self))
+    }
+    fn release_mapped_weights(&self) {
+        ClipTextTransformer::release_mapped_weights(self);
     }
     fn embedding_width(&self) -> Option<i64> {
         Some(self.config().hidden_size)
@@ -274,5 +285,8 @@ impl Autoencoder for AutoencoderKL {
     }
     fn sample_size(&self) -> Option<i64> {
         self.config().sample_size
+    }
+    fn release_mapped_weights(&self) {
+        AutoencoderKL::release_mapped_weights(self);
     }
 }

@@ -65,7 +65,8 @@ pub struct LoadOptions {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum WeightKernels {
     /// The faster of the two for the model's family, as measured with `make bench`: packed for
-    /// SD 1.x/2.x, plain for SDXL. Packing an SDXL UNet's 922 linear layers takes some 23 s at
+    /// SD 1.x/2.x, plain for SDXL (and plain for a text encoder used in place from its file,
+    /// which then need not stay resident between prompts). Packing an SDXL UNet's 922 linear layers takes some 23 s at
     /// the first step on a 2-core AVX2 machine and its steps ran no faster packed (24.4 s
     /// against 22.6 s at 512x512), while an SD 1.5-size UNet packs in a few seconds and then
     /// steps faster (0.80x of diffusers' step at 256x256 against 0.97x plain).
@@ -87,6 +88,19 @@ impl WeightKernels {
             Self::Auto => !sdxl,
             Self::Packed => true,
             Self::Plain => false,
+        }
+    }
+
+    /// Whether a text encoder packs its weights. Auto leaves one whose weights are used in
+    /// place from the file on the plain kernels: packed, its linear layers would stay in
+    /// memory of their own (325 MiB for SD 1.5) through every denoising loop, while used in
+    /// place they leave once the prompt is encoded
+    /// ([`super::StableDiffusion::release_idle_weights`]). That costs a prompt pair about
+    /// 30 ms of paging back in and 10-15 % in the kernels (`make bench`).
+    pub(crate) fn packs_text_encoder(self, sdxl: bool, in_place: bool) -> bool {
+        match self {
+            Self::Auto => !sdxl && !in_place,
+            other => other.packs(sdxl),
         }
     }
 }
@@ -446,7 +460,11 @@ impl StableDiffusion {
         Ok(sd)
     }
 
-    /// Loads a diffusers-layout Stable Diffusion folder.
+    /// Loads a diffusers-layout Stable Diffusion folder. Loading maps the pages of every
+    /// weight used in place (`SafetensorsFile::populate`), so that each file is read once and
+    /// in order; the parts that run only now and then (the text encoders, the VAE) let them go
+    /// as soon as they are loaded, and again after each call, rather than keep them resident
+    /// beside the UNet.
     fn load_folder(root: &Path, options: &LoadOptions) -> Result<Self> {
         let files = ModelFiles::new(root)?;
         let mut mappings = Vec::new();
@@ -472,6 +490,7 @@ impl StableDiffusion {
                 text_encoder_keys,
                 &mut mappings,
             )?;
+            encoder.release_mapped_weights();
             let tokenizer_dir = files.part("tokenizer_2");
             if !tokenizer_dir.is_dir() {
                 return Err(Error::bad_model(format!(
@@ -495,6 +514,11 @@ impl StableDiffusion {
                     ClipTokenizer::standard()?
                 };
                 let text_config = ClipTextConfig::from_file(&text_dir.join("config.json"))?;
+                let _text_pack = pack_weights(
+                    options
+                        .weight_kernels
+                        .packs_text_encoder(second.is_some(), !options.copy_weights),
+                );
                 let text_encoder = load_component(
                     "text encoder",
                     &text_dir,
@@ -504,6 +528,7 @@ impl StableDiffusion {
                     text_encoder_keys,
                     &mut mappings,
                 )?;
+                text_encoder.release_mapped_weights();
                 (tokenizer, text_encoder, second)
             }
         };
@@ -536,6 +561,7 @@ impl StableDiffusion {
             vae_keys,
             &mut mappings,
         )?;
+        vae.release_mapped_weights();
 
         let sched_path = files.part("scheduler").join("scheduler_config.json");
         let scheduler_config = if sched_path.is_file() {

@@ -9,7 +9,7 @@ pub mod progress;
 pub mod safetensors_file;
 pub mod single_file;
 
-pub use safetensors_file::{release_if_mapped, MappingOwner, SafetensorsFile};
+pub use safetensors_file::{release_if_mapped, MappedWeights, MappingOwner, SafetensorsFile};
 
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
@@ -120,7 +120,7 @@ pub fn load_into_from(
 /// MiB on Linux 6.x with ext4), so reading a bias in place maps back the whole folio around
 /// it, undoing the page drop of the packed weight beside it. Copying them let an SD 1.5
 /// pipeline hold about 400 MiB less after its first step.
-fn worth_mapping(var: &Tensor) -> bool {
+pub(crate) fn worth_mapping(var: &Tensor) -> bool {
     matches!(var.dim(), 2 | 4)
 }
 

@@ -210,23 +210,74 @@ fn register_map(map: &Arc<MmapMut>) {
 /// map is ever written by us, so the dropped pages read back unchanged if they are needed (the
 /// text encoder's token table relies on this after each lookup).
 pub fn release_if_mapped(address: usize, len: usize) -> bool {
-    let maps = LIVE_MAPS.lock().unwrap_or_else(|e| e.into_inner());
-    for map in maps.iter().filter_map(|m| m.upgrade()) {
-        let base = map.as_ptr() as usize;
-        let inside = address >= base
-            && address
-                .checked_add(len)
-                .is_some_and(|end| end <= base + map.len());
-        if inside {
+    release_mapped_ranges([(address, len)]) == 1
+}
+
+/// [`release_if_mapped`] for each `(address, len)` of `ranges`, under one look at the live
+/// maps; returns how many lay in one.
+fn release_mapped_ranges(ranges: impl IntoIterator<Item = (usize, usize)>) -> usize {
+    let maps: Vec<Arc<MmapMut>> = LIVE_MAPS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter_map(|m| m.upgrade())
+        .collect();
+    let mut released = 0;
+    for (address, len) in ranges {
+        let inside = |map: &&Arc<MmapMut>| {
+            let base = map.as_ptr() as usize;
+            address >= base
+                && address
+                    .checked_add(len)
+                    .is_some_and(|end| end <= base + map.len())
+        };
+        if let Some(map) = maps.iter().find(inside) {
             // Only the pages wholly inside: a neighbouring weight that was not packed is still
             // read in place, and re-reading a dropped page it shares would map the whole
             // page-cache folio around it again (megabytes of the weight just let go, with large
             // folios). Biases and norms are never in place (`weights::load_into_mapped`).
-            drop_mapped_pages(&map, address - base, len, PageSpan::Inside);
-            return true;
+            drop_mapped_pages(map, address - map.as_ptr() as usize, len, PageSpan::Inside);
+            released += 1;
         }
     }
-    false
+    released
+}
+
+/// The weights of one model part that loading may point into a weight file's map
+/// ([`super::load_into_mapped`]): its matrices and convolution kernels, gathered as the part is
+/// built ([`crate::models::blocks::collect_mapped`]). A part that runs only now and then (a
+/// text encoder, the VAE) lets their pages go when it is done ([`MappedWeights::release`]),
+/// so that the file's pages are not resident beside the denoising loop: they read back from
+/// the page cache (or the file) at the next call. Weights that were copied or packed are
+/// left alone.
+#[derive(Debug, Default)]
+pub struct MappedWeights {
+    tensors: Vec<Tensor>,
+}
+
+impl MappedWeights {
+    pub(crate) fn new(tensors: Vec<Tensor>) -> Self {
+        Self { tensors }
+    }
+
+    /// Drops the resident pages of those weights that lie in a live weight file's map;
+    /// returns how many did. A weight file's map is never written by us, so nothing is lost:
+    /// a later read maps the same bytes back.
+    pub fn release(&self) -> usize {
+        release_mapped_ranges(self.tensors.iter().filter(|t| t.defined()).map(|t| {
+            let len = t.numel().saturating_mul(t.kind().elt_size_in_bytes());
+            (t.data_ptr() as usize, len)
+        }))
+    }
+
+    /// How many weights there are.
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
 }
 
 /// Drops the resident pages of `map[start..start + len]` from this process (they read back
