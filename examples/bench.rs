@@ -197,10 +197,7 @@ fn child(args: &[String]) -> Result<()> {
                     sd.encode_prompt_sdxl(NEGATIVE, NEGATIVE, 1, 0)?,
                 );
             } else {
-                let _ = (
-                    sd.encode_prompt(PROMPT, 1, 0)?,
-                    sd.encode_prompt(NEGATIVE, 1, 0)?,
-                );
+                let _ = sd.encode_prompt_pair(PROMPT, NEGATIVE, 1, 0)?;
             }
             // As a generation does once its conditioning is made: the next encode pages the
             // text encoders' weights back in, and that is part of what it costs.

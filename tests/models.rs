@@ -53,6 +53,52 @@ fn text_encoder_matches_transformers() {
     }
 }
 
+/// A prompt and a negative prompt encoded together (one batch through the text encoder when
+/// neither skips layers, two passes otherwise) give transformers' states of each: the
+/// negative's first, `clip_skip` applied to the prompt only, each repeated `batch` times.
+#[test]
+fn prompt_pair_matches_transformers() {
+    let _g = tch::no_grad_guard();
+    for model in MODELS {
+        let sd = load(model);
+        let refs = Refs::open(model);
+        let prompts = cases(model)["text_prompts"].as_array().unwrap().clone();
+        let plain = refs.get("text_hidden");
+        let skip1 = refs.get("text_hidden_skip1");
+        for (batch, clip_skip, order) in [
+            (1, 0, [0, 1]),
+            (2, 0, [1, 0]),
+            (3, 1, [0, 1]),
+            (1, 1, [1, 0]),
+        ] {
+            let [negative, prompt] = order;
+            let pair = sd
+                .encode_prompt_pair(
+                    prompts[prompt].as_str().unwrap(),
+                    prompts[negative].as_str().unwrap(),
+                    batch,
+                    clip_skip,
+                )
+                .unwrap();
+            let states = if clip_skip == 0 { &plain } else { &skip1 };
+            let b = batch as i64;
+            let want = Tensor::cat(
+                &[
+                    plain.get(negative as i64).unsqueeze(0).repeat([b, 1, 1]),
+                    states.get(prompt as i64).unsqueeze(0).repeat([b, 1, 1]),
+                ],
+                0,
+            );
+            assert_close(
+                &format!("{model} pair, batch {batch}, clip skip {clip_skip}"),
+                &pair,
+                &want,
+                TOL,
+            );
+        }
+    }
+}
+
 #[test]
 fn vae_encode_decode_match_diffusers() {
     let _g = tch::no_grad_guard();
