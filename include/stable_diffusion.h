@@ -315,15 +315,17 @@ typedef struct sd_load_options {
    * a diffusers folder's weights stored in the requested dtype are used in place from a
    * private copy-on-write map of their files (loading reads only the headers; nothing is
    * ever written to the files). The files must then stay as they are while the pipeline
-   * lives: truncating one under a running pipeline faults the process, as with any
-   * memory-mapped weights.
+   * lives: truncating one under a running pipeline faults the process, and rewriting one
+   * changes the weights it reads, as with any memory-mapped weights (the pages of a part
+   * that is idle are let go between calls and read back from the file).
    */
   int32_t copy_weights;
   /**
    * Which kernels float32 models run with on the CPU, one of `SD_WEIGHTS_*`.
    * `SD_WEIGHTS_AUTO` (0, the default) picks the faster for the family: weights packed
    * once into oneDNN's blocked layout for SD 1.x/2.x, libtorch's plain kernels for SDXL
-   * (packing its weights costs more than it saves). `SD_WEIGHTS_PLAIN` (1) and
+   * (packing its weights costs more than it saves); a text encoder used in place from its
+   * file stays plain, so that its weights leave memory between prompts. `SD_WEIGHTS_PLAIN` (1) and
    * `SD_WEIGHTS_PACKED` (2) force one. The two differ by rounding only (within 1e-5); a
    * pipeline always uses the same, so its images depend on each call's parameters only.
    */

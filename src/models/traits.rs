@@ -116,6 +116,10 @@ pub trait Denoiser: Send {
         }
     }
     /// SDXL UNets: `(width of the added conditions, width of one embedded time id)`.
+    /// Lets the pages of weights it uses in place from a weight file go until its next call
+    /// (see [`crate::weights::MappedWeights`]); the pipeline calls it when a denoising loop
+    /// is over. Nothing to do for a model that holds its weights in memory.
+    fn release_mapped_weights(&self) {}
     fn added_input_dims(&self) -> Option<(i64, i64)> {
         None
     }
@@ -230,6 +234,9 @@ impl TextEncoder for ClipTextTransformer {
 impl Denoiser for UNet2DConditionModel {
     fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
         UNet2DConditionModel::forward(self, sample, timestep, context)
+    }
+    fn release_mapped_weights(&self) {
+        UNet2DConditionModel::release_mapped_weights(self);
     }
     fn in_channels(&self) -> i64 {
         self.config().in_channels

@@ -1,8 +1,8 @@
 //! UNet2DConditionModel: predicts the noise (or v) in a latent from the timestep and the text.
 use super::adapters::{self, Target, Targets};
 use super::blocks::{
-    add_into, Attention, Conv2d, Downsample2D, GroupNorm, LayerNorm, Linear, ResnetBlock2D,
-    ResnetConfig, Upsample2D,
+    add_into, collect_mapped, Attention, Conv2d, Downsample2D, GroupNorm, LayerNorm, Linear,
+    ResnetBlock2D, ResnetConfig, Upsample2D,
 };
 use super::config::{read_json, PerBlock};
 use super::fast::{FastPass, TokenMerge, TokenMerging};
@@ -11,6 +11,7 @@ use crate::limits::{
     MAX_CONFIG_LAYERS, MAX_CONFIG_POSITIONS,
 };
 use crate::weights::single_file::UNetMap;
+use crate::weights::MappedWeights;
 use crate::{Error, Result};
 use std::path::Path;
 use tch::nn;
@@ -628,11 +629,15 @@ pub struct UNet2DConditionModel {
     conv_out: Conv2d,
     config: UNetConfig,
     adapter_targets: Targets,
+    /// Its weights that may be used in place ([`UNet2DConditionModel::release_mapped_weights`]).
+    mapped: MappedWeights,
 }
 
 impl UNet2DConditionModel {
     pub fn new(vs: nn::Path, config: &UNetConfig) -> Result<Self> {
-        let (mut unet, mut targets) = adapters::collect(|| Self::build(vs, config))?;
+        let (built, mapped) = collect_mapped(|| adapters::collect(|| Self::build(vs, config)));
+        let (mut unet, mut targets) = built?;
+        unet.mapped = mapped;
         // LoRAs made for the original (LDM / SGM) layout name the layers that way
         // (`input_blocks.4.1.proj_in`): both names lead to the same layer.
         let map = UNetMap::new(config)?;
@@ -651,6 +656,15 @@ impl UNet2DConditionModel {
     /// The layers a LoRA may target, by diffusers' module path and by the original layout's.
     pub fn adapter_targets(&self) -> &Targets {
         &self.adapter_targets
+    }
+
+    /// Drops the resident pages of its weights used in place from a weight file's map (see
+    /// [`MappedWeights`]): a pipeline does it when its denoising loop is over, so that the
+    /// decode does not run beside them (SDXL's UNet, used in place on the plain kernels, is 9.6
+    /// GiB in float32). The next loop pages them back in from the page cache (about 20 ms per
+    /// 470 MiB). Packed layers hold copies of their own, which stay.
+    pub fn release_mapped_weights(&self) {
+        self.mapped.release();
     }
 
     fn build(vs: nn::Path, config: &UNetConfig) -> Result<Self> {
@@ -791,6 +805,7 @@ impl UNet2DConditionModel {
             conv_out: Conv2d::new(&vs / "conv_out", ch[0], c.out_channels, 3, 1, 1),
             config: config.clone(),
             adapter_targets: Targets::new(),
+            mapped: MappedWeights::default(),
         })
     }
 

@@ -37,7 +37,9 @@ pub struct LoadOptions {
     /// their file when the model runs on the CPU: loading reads only the headers, the file's
     /// pages serve as the weights, and nothing is written back. The cost of the default: the
     /// file must stay as it is while the model lives (truncating it under a running model
-    /// faults the process, as with any memory-mapped weights).
+    /// faults the process, and rewriting it changes the weights it reads, as with any
+    /// memory-mapped weights; the pages of a part that is idle are let go between calls and
+    /// read back from the file, [`super::StableDiffusion::release_idle_weights`]).
     pub copy_weights: bool,
     /// Which kernels float32 models run with on the CPU (see [`WeightKernels`]).
     pub weight_kernels: WeightKernels,
