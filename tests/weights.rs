@@ -519,20 +519,7 @@ fn weight_kernels_default_by_family() {
             },
         )
         .unwrap_or_else(|e| panic!("{}: {e}", model.display()));
-        sd.generate(
-            &stable_diffusion::pipeline::GenerateParams {
-                prompt: "a red circle".into(),
-                steps: 2,
-                guidance: 5.0,
-                seed: 3,
-                width: Some(64),
-                height: Some(64),
-                ..Default::default()
-            },
-            None,
-        )
-        .unwrap()
-        .pixels
+        sd.generate(&params, None).unwrap().pixels
     };
     let single = fixtures().join("single");
     for (model, default) in [

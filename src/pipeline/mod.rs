@@ -1344,7 +1344,10 @@ impl StableDiffusion {
 
         let cfg = params.guidance > 1.0;
         let editing = init.is_some() || handed.is_some();
-        let (context, added) = self.text_context(params, cfg, width, height, editing, &stop)?;
+        let context = self.text_context(params, cfg, width, height, editing, &stop);
+        // The text encoders are done whatever the outcome (see `release_idle_weights`).
+        self.release_text_encoders();
+        let (context, added) = context?;
         stop()?;
         let double = |t: &Tensor| -> Result<Tensor> {
             Ok(if cfg {
@@ -1454,26 +1457,6 @@ impl StableDiffusion {
         )
     }
 
-    /// Prompt embeddings, preceded by the negative prompt's when guidance is on, and SDXL's
-    /// added conditions in the same order; the text encoders then let the pages of their
-    /// weights used in place go, whatever the outcome (see
-    /// [`StableDiffusion::release_idle_weights`]).
-    fn text_context(
-        &self,
-        params: &GenerateParams,
-        cfg: bool,
-        width: i64,
-        height: i64,
-        editing: bool,
-        stop: &dyn Fn() -> Result<()>,
-    ) -> Result<(Tensor, Option<AddedConditions>)> {
-        let context = self.encode_context(params, cfg, width, height, editing, stop);
-        for (_, encoder) in self.encoders() {
-            encoder.release_mapped_weights();
-        }
-        context
-    }
-
     /// Drops the resident pages of the weights that its parts use in place from their weight
     /// files (see [`crate::weights::MappedWeights`]; weights copied or packed in memory stay).
     /// A call does it part by part as each part's work is done: the text encoders once the
@@ -1484,14 +1467,20 @@ impl StableDiffusion {
     /// cache at the next call (about 20 ms per 470 MiB). For callers that run the parts
     /// themselves ([`StableDiffusion::encode_prompt`]), or that go idle.
     pub fn release_idle_weights(&self) {
-        for (_, encoder) in self.encoders() {
-            encoder.release_mapped_weights();
-        }
+        self.release_text_encoders();
         self.unet.release_mapped_weights();
         self.vae.release_mapped_weights();
     }
 
-    fn encode_context(
+    fn release_text_encoders(&self) {
+        for (_, encoder) in self.encoders() {
+            encoder.release_mapped_weights();
+        }
+    }
+
+    /// Prompt embeddings, preceded by the negative prompt's when guidance is on, and SDXL's
+    /// added conditions in the same order.
+    fn text_context(
         &self,
         params: &GenerateParams,
         cfg: bool,
