@@ -768,10 +768,10 @@ fn reading_biases_never_maps_back_released_weights() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// The text encoders and the VAE, used in place from their files, let their pages go once
-/// loaded and once a call has used them, so that only the UNet's weights stay resident
-/// through a denoising loop, and the UNet's go when the loop is over; the images are those of
-/// the same weights copied into memory.
+/// Every part used in place from its files lets its pages go once loaded and once a call has
+/// used it: the text encoders after the conditioning, the UNet when the loop is over, the VAE
+/// after each decode or encode, so that only the UNet's weights are resident through a loop;
+/// the images are those of the same weights copied into memory.
 /// Seeded widths of the text encoder (its layers then span many pages), each weight kernel
 /// choice, txt2img and a VAE encode; encoding or decoding directly (no pipeline call around
 /// it) leaves the pages resident, which shows the check can fail.
@@ -808,8 +808,7 @@ fn idle_parts_leave_memory_between_calls() {
         let (mapped, copied) = (load(false), load(true));
         let unet_file = model.unet_file();
         let unet_bytes = std::fs::metadata(&unet_file).unwrap().len();
-        // Once a call is over the UNet's pages have gone too (just loaded, they are there).
-        let idle = |when: &str, call_over: bool| {
+        let idle = |when: &str| {
             let (text, vae) = (mapped_rss_bytes(&text_file), mapped_rss_bytes(&vae_file));
             let unet = mapped_rss_bytes(&unet_file);
             eprintln!(
@@ -817,12 +816,12 @@ fn idle_parts_leave_memory_between_calls() {
                  of {vae_bytes}, unet {unet} of {unet_bytes}"
             );
             assert!(
-                text < widened / 8 && vae < vae_bytes / 4 && (!call_over || unet < unet_bytes / 4),
+                text < widened / 8 && vae < vae_bytes / 4 && unet < unet_bytes / 4,
                 "case {case} ({weight_kernels:?}) {when}: {text} bytes of the text encoder's \
                  file, {vae} of the VAE's and {unet} of the UNet's resident"
             );
         };
-        idle("loaded", false);
+        idle("loaded");
         for round in 0..2 {
             let params = stable_diffusion::pipeline::GenerateParams {
                 prompt: "a red circle".into(),
@@ -852,7 +851,7 @@ fn idle_parts_leave_memory_between_calls() {
             );
 
             let image = mapped.generate(&params, None).unwrap().pixels;
-            idle(&format!("round {round} generated"), true);
+            idle(&format!("round {round} generated"));
             let want = copied.generate(&params, None).unwrap().pixels;
             // Auto packs the text encoder only when its weights are copied: rounding apart.
             let tolerance = if weight_kernels == WeightKernels::Auto {
@@ -871,7 +870,7 @@ fn idle_parts_leave_memory_between_calls() {
             let latents = mapped.encode_image(&images, &params, &stop).unwrap().mean;
             let want = copied.encode_image(&images, &params, &stop).unwrap().mean;
             assert_eq!(common::max_abs_diff(&latents, &want), 0.0);
-            idle(&format!("round {round} encoded an image"), true);
+            idle(&format!("round {round} encoded an image"));
         }
     }
 }
