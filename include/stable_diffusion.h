@@ -325,8 +325,8 @@ typedef struct sd_load_options {
    * `SD_WEIGHTS_AUTO` (0, the default) picks the faster for the family: weights packed
    * once into oneDNN's blocked layout for SD 1.x/2.x, libtorch's plain kernels for SDXL
    * (packing its weights costs more than it saves); a text encoder used in place from its
-   * file stays plain, so that its weights leave memory between prompts. `SD_WEIGHTS_PLAIN` (1) and
-   * `SD_WEIGHTS_PACKED` (2) force one. The two differ by rounding only (within 1e-5); a
+   * file stays plain, so that its weights leave memory between prompts. `SD_WEIGHTS_PLAIN`
+   * (1) and `SD_WEIGHTS_PACKED` (2) force one. The two differ by rounding only (within 1e-5); a
    * pipeline always uses the same, so its images depend on each call's parameters only.
    */
   int32_t plain_weights;

@@ -107,28 +107,19 @@ thread_local! {
 /// point into a weight file's map ([`crate::weights::MappedWeights`]). Calls nest: an outer
 /// call also gets what an inner one collected.
 pub fn collect_mapped<T>(build: impl FnOnce() -> T) -> (T, crate::weights::MappedWeights) {
+    /// Puts the outer call's list back, even if `build` panics.
     struct Restore(Option<Vec<Tensor>>);
     impl Drop for Restore {
         fn drop(&mut self) {
-            let outer = self.0.take();
-            MAPPED.with(|m| {
-                let mut m = m.borrow_mut();
-                let inner = m.take().unwrap_or_default();
-                *m = outer.map(|mut o| {
-                    o.extend(inner.iter().map(Tensor::shallow_clone));
-                    o
-                });
-            });
+            MAPPED.with(|m| *m.borrow_mut() = self.0.take());
         }
     }
-    let restore = Restore(MAPPED.with(|m| m.borrow_mut().replace(Vec::new())));
+    let mut restore = Restore(MAPPED.with(|m| m.borrow_mut().replace(Vec::new())));
     let built = build();
-    let collected = MAPPED.with(|m| {
-        m.borrow()
-            .as_ref()
-            .map(|l| l.iter().map(Tensor::shallow_clone).collect())
-            .unwrap_or_default()
-    });
+    let collected = MAPPED.with(|m| m.borrow_mut().take()).unwrap_or_default();
+    if let Some(outer) = restore.0.as_mut() {
+        outer.extend(collected.iter().map(Tensor::shallow_clone));
+    }
     drop(restore);
     (built, crate::weights::MappedWeights::new(collected))
 }

@@ -450,9 +450,7 @@ impl ClipTextTransformer {
     /// is never written, so nothing is lost. Cheap enough for every lookup, unlike
     /// [`ClipTextTransformer::release_mapped_weights`].
     fn release_token_table(&self) {
-        let t = &self.token_embedding;
-        let bytes = t.numel().saturating_mul(t.kind().elt_size_in_bytes());
-        crate::weights::release_if_mapped(t.data_ptr() as usize, bytes);
+        crate::weights::release_tensor_if_mapped(&self.token_embedding);
     }
 
     /// Drops the resident pages of all its weights used in place from a weight file's map

@@ -152,8 +152,7 @@ pub fn to_dense(packed: &Tensor) -> std::result::Result<Tensor, String> {
 /// weight is ever used again) and `false` is returned; otherwise the tensor is emptied, its
 /// memory freed, and `true` says so (the dense weight must then come from the packed one).
 pub fn release_dense(weight: &Tensor) -> bool {
-    let bytes = weight.numel() * weight.kind().elt_size_in_bytes();
-    if crate::weights::release_if_mapped(weight.data_ptr() as usize, bytes) {
+    if crate::weights::release_tensor_if_mapped(weight) {
         return false;
     }
     // The same TensorImpl as the variable store's variable: emptying it frees the storage.

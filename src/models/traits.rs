@@ -115,11 +115,11 @@ pub trait Denoiser: Send {
             Err(Error::Unsupported(super::fast::NEEDS_NATIVE_UNET.into()))
         }
     }
-    /// SDXL UNets: `(width of the added conditions, width of one embedded time id)`.
     /// Lets the pages of weights it uses in place from a weight file go until its next call
     /// (see [`crate::weights::MappedWeights`]); the pipeline calls it when a denoising loop
     /// is over. Nothing to do for a model that holds its weights in memory.
     fn release_mapped_weights(&self) {}
+    /// SDXL UNets: `(width of the added conditions, width of one embedded time id)`.
     fn added_input_dims(&self) -> Option<(i64, i64)> {
         None
     }

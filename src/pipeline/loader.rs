@@ -68,8 +68,8 @@ pub struct LoadOptions {
 pub enum WeightKernels {
     /// The faster of the two for the model's family, as measured with `make bench`: packed for
     /// SD 1.x/2.x, plain for SDXL (and plain for a text encoder used in place from its file,
-    /// which then need not stay resident between prompts). Packing an SDXL UNet's 922 linear layers takes some 23 s at
-    /// the first step on a 2-core AVX2 machine and its steps ran no faster packed (24.4 s
+    /// which then need not stay resident between prompts). Packing an SDXL UNet's 922 linear
+    /// layers takes some 23 s at the first step on a 2-core AVX2 machine and its steps ran no faster packed (24.4 s
     /// against 22.6 s at 512x512), while an SD 1.5-size UNet packs in a few seconds and then
     /// steps faster (0.80x of diffusers' step at 256x256 against 0.97x plain).
     #[default]
@@ -98,7 +98,8 @@ impl WeightKernels {
     /// memory of their own (325 MiB for SD 1.5) through every denoising loop, while used in
     /// place they leave once the prompt is encoded
     /// ([`super::StableDiffusion::release_idle_weights`]). That costs a prompt pair about
-    /// 30 ms of paging back in and 10-15 % in the kernels (`make bench`).
+    /// 30 ms of paging back in and 10-15 % in the kernels (a probe of 12 pairs per run, 3
+    /// runs each); encoding the pair as one batch (`encode_prompt_pair`) more than makes up.
     pub(crate) fn packs_text_encoder(self, sdxl: bool, in_place: bool) -> bool {
         match self {
             Self::Auto => !sdxl && !in_place,

@@ -9,6 +9,7 @@ pub mod progress;
 pub mod safetensors_file;
 pub mod single_file;
 
+pub(crate) use safetensors_file::release_tensor_if_mapped;
 pub use safetensors_file::{release_if_mapped, MappedWeights, MappingOwner, SafetensorsFile};
 
 use crate::{Error, Result};

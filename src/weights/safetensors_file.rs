@@ -213,6 +213,17 @@ pub fn release_if_mapped(address: usize, len: usize) -> bool {
     release_mapped_ranges([(address, len)]) == 1
 }
 
+/// [`release_if_mapped`] for the bytes of `t`.
+pub(crate) fn release_tensor_if_mapped(t: &Tensor) -> bool {
+    release_mapped_ranges([byte_range(t)]) == 1
+}
+
+/// Where `t`'s elements lie: `(address, bytes)`.
+fn byte_range(t: &Tensor) -> (usize, usize) {
+    let len = t.numel().saturating_mul(t.kind().elt_size_in_bytes());
+    (t.data_ptr() as usize, len)
+}
+
 /// [`release_if_mapped`] for each `(address, len)` of `ranges`, under one look at the live
 /// maps; returns how many lay in one.
 fn release_mapped_ranges(ranges: impl IntoIterator<Item = (usize, usize)>) -> usize {
@@ -245,11 +256,10 @@ fn release_mapped_ranges(ranges: impl IntoIterator<Item = (usize, usize)>) -> us
 
 /// The weights of one model part that loading may point into a weight file's map
 /// ([`super::load_into_mapped`]): its matrices and convolution kernels, gathered as the part is
-/// built ([`crate::models::blocks::collect_mapped`]). A part that runs only now and then (a
-/// text encoder, the VAE) lets their pages go when it is done ([`MappedWeights::release`]),
-/// so that the file's pages are not resident beside the denoising loop: they read back from
-/// the page cache (or the file) at the next call. Weights that were copied or packed are
-/// left alone.
+/// built ([`crate::models::blocks::collect_mapped`]). A part lets their pages go when its
+/// work in a call is done ([`MappedWeights::release`]), so that the file's pages are not
+/// resident while other parts run: they read back from the page cache (or the file) at the
+/// next call. Weights that were copied or packed are left alone.
 #[derive(Debug, Default)]
 pub struct MappedWeights {
     tensors: Vec<Tensor>,
@@ -264,19 +274,7 @@ impl MappedWeights {
     /// returns how many did. A weight file's map is never written by us, so nothing is lost:
     /// a later read maps the same bytes back.
     pub fn release(&self) -> usize {
-        release_mapped_ranges(self.tensors.iter().filter(|t| t.defined()).map(|t| {
-            let len = t.numel().saturating_mul(t.kind().elt_size_in_bytes());
-            (t.data_ptr() as usize, len)
-        }))
-    }
-
-    /// How many weights there are.
-    pub fn len(&self) -> usize {
-        self.tensors.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.tensors.is_empty()
+        release_mapped_ranges(self.tensors.iter().filter(|t| t.defined()).map(byte_range))
     }
 }
 
