@@ -12,7 +12,8 @@
 //! intra-op threads (default: the physical cores). Each round runs both, in alternating order,
 //! each in a new process; the table gives medians over the rounds and the ratio ours/diffusers.
 //! Rows: load, text encode (positive and negative prompt, warm), time to the end of the first
-//! step, one step (UNet on the CFG batch of 2 plus the scheduler: median gap between step
+//! step (from the txt2img call, and from spawning the cold process, which adds imports and the
+//! load), one step (UNet on the CFG batch of 2 plus the scheduler: median gap between step
 //! callbacks), decode (last step to image), the txt2img call, the cold process (spawn to exit,
 //! imports and library loading included) and the process's peak RSS. The images of the two
 //! sides are compared (max difference in 8-bit levels). `--dtype bf16` measures the CPU fast
@@ -177,7 +178,11 @@ fn child(args: &[String]) -> Result<()> {
         ..Default::default()
     };
     let mut marks = Vec::with_capacity(steps);
+    let mut first_unix_s = f64::NAN;
     let mut on_step = |_: &StepInfo| {
+        if marks.is_empty() {
+            first_unix_s = unix_seconds();
+        }
         marks.push(Instant::now());
         Control::Continue
     };
@@ -219,6 +224,7 @@ fn child(args: &[String]) -> Result<()> {
     let result = serde_json::json!({
         "load_s": load_s,
         "first_step_s": (*first - t0).as_secs_f64(),
+        "first_step_unix_s": first_unix_s,
         "step_s": median(gaps),
         "decode_s": (end - *last).as_secs_f64(),
         "total_s": (end - t0).as_secs_f64(),
@@ -230,15 +236,27 @@ fn child(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Wall-clock seconds since the epoch: the one clock the bench and its children share, so that
+/// the time from spawning a child to its first step can be measured across processes.
+fn unix_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(f64::NAN, |d| d.as_secs_f64())
+}
+
 struct Run {
     figures: Value,
     cold_s: f64,
+    /// From spawning the child to the end of its first step: imports, library loading, the
+    /// model's load and the first step, which is what a user waits for before any progress.
+    spawn_to_first_step_s: f64,
     disturbed: bool,
     image: Vec<u8>,
 }
 
 fn run_side(side: &str, cmd: &mut Command, image: &Path) -> Result<Run> {
     let idle = wait_for_idle();
+    let spawned_unix_s = unix_seconds();
     let start = Instant::now();
     let out = cmd
         .output()
@@ -263,9 +281,12 @@ fn run_side(side: &str, cmd: &mut Command, image: &Path) -> Result<Run> {
     let figures: Value =
         serde_json::from_str(line).map_err(|e| Error::Internal(format!("{side}: {e}")))?;
     let image = std::fs::read(image).map_err(|e| Error::io(image, e))?;
+    let spawn_to_first_step_s =
+        figures["first_step_unix_s"].as_f64().unwrap_or(f64::NAN) - spawned_unix_s;
     Ok(Run {
         figures,
         cold_s,
+        spawn_to_first_step_s,
         disturbed: !idle || !idle_after,
         image,
     })
@@ -413,10 +434,11 @@ fn main() -> Result<()> {
         }
         println!();
         println!("|---|---|{}", if o.ours_only { "" } else { "---|---|" });
-        let rows: [(&str, &str, &str); 8] = [
+        let rows: [(&str, &str, &str); 9] = [
             ("load", "load_s", "s"),
             ("text encode (both prompts, warm)", "encode_s", "s"),
             ("txt2img call to end of first step", "first_step_s", "s"),
+            ("spawn to end of first step", "spawn_first", "s"),
             ("one step (UNet, CFG batch 2), median", "step_s", "s"),
             ("decode (last step to image)", "decode_s", "s"),
             ("txt2img call", "total_s", "s"),
@@ -430,6 +452,8 @@ fn main() -> Result<()> {
                         .map(|r| {
                             if key == "cold" {
                                 r.cold_s
+                            } else if key == "spawn_first" {
+                                r.spawn_to_first_step_s
                             } else {
                                 r.figures[key].as_f64().unwrap_or(f64::NAN)
                             }
