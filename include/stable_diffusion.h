@@ -784,7 +784,7 @@ typedef int32_t sd_vae_tiling;
 typedef int32_t sd_weights;
 
 /**
- * 32-bit float: the default, and the only sensible choice on the CPU.
+ * 32-bit float: the default, and the fastest on CPUs without AVX-512.
  */
 #define SD_DTYPE_FP32 0
 
@@ -794,7 +794,8 @@ typedef int32_t sd_weights;
 #define SD_DTYPE_FP16 1
 
 /**
- * bfloat16: halves memory; CPUs with bf16 support and recent GPUs.
+ * bfloat16: halves memory; fastest on CPUs with AVX-512 and on recent GPUs. Other CPUs
+ * widen each product to float32: the memory is halved, the step is somewhat slower.
  */
 #define SD_DTYPE_BF16 2
 

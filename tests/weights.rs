@@ -2,6 +2,7 @@
 mod common;
 
 use common::{copy_dir, fixtures, Refs};
+use stable_diffusion::models::bf16_cpu;
 use stable_diffusion::pipeline::{LoadOptions, StableDiffusion, WeightKernels};
 use stable_diffusion::weights::single_file::ModelOverrides;
 use stable_diffusion::Error;
@@ -181,20 +182,111 @@ fn bf16_weights_run_on_cpu() {
     };
     let sd = StableDiffusion::load(&fixtures().join("tiny-sd2"), &options).unwrap();
     let refs = Refs::open("tiny-sd2");
-    let out = sd
-        .unet
-        .forward(
-            &refs.get("unet_sample").to_kind(Kind::BFloat16),
-            537.0,
-            &refs.get("unet_ehs").to_kind(Kind::BFloat16),
+    // This CPU's own bf16 kernels, then products widened to float32 as on a CPU without fast
+    // bf16 kernels (the same path twice where this CPU has none).
+    for widen in [false, true] {
+        let _widen = widen.then(bf16_cpu::force_widening);
+        let out = sd
+            .unet
+            .forward(
+                &refs.get("unet_sample").to_kind(Kind::BFloat16),
+                537.0,
+                &refs.get("unet_ehs").to_kind(Kind::BFloat16),
+            )
+            .unwrap();
+        assert_eq!(out.kind(), Kind::BFloat16);
+        let expected = refs.get("unet_out");
+        let err = common::max_abs_diff(&out.to_kind(Kind::Float), &expected);
+        let scale = expected.abs().max().double_value(&[]);
+        eprintln!("bf16 UNet (widened: {widen}): max abs error {err:.3e} of {scale:.3}");
+        assert!(err < 0.05 * scale, "bf16 UNet error {err} too large");
+    }
+}
+
+#[test]
+fn bf16_layers_widened_to_float32() {
+    // Seeded shapes of linear and convolution layers held in bf16, run with their products
+    // widened to float32: the result must be the float32 product of the same bf16 values,
+    // rounded to bf16 (float32 holds every bf16 value exactly), and agree with libtorch's own
+    // bf16 kernels to bf16's precision.
+    use stable_diffusion::models::blocks::{Conv2d, Linear};
+    let _g = tch::no_grad_guard();
+    let _widen = bf16_cpu::force_widening();
+    let mut rng = common::Rng::new(0x5eed_bf16);
+    let close = |got: &Tensor, native: &Tensor, what: &str| {
+        let scale = native
+            .to_kind(Kind::Float)
+            .abs()
+            .max()
+            .double_value(&[])
+            .max(1e-3);
+        let err = common::max_abs_diff(&got.to_kind(Kind::Float), &native.to_kind(Kind::Float));
+        assert!(
+            err <= 0.02 * scale,
+            "{what}: {err} against libtorch's bf16 ({scale})"
+        );
+    };
+    for case in 0..12 {
+        tch::manual_seed(case);
+        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        let (batch, bias) = (1 + rng.below(2) as i64, rng.below(2) == 0);
+        let (inp, out) = (1 + rng.below(48) as i64, 1 + rng.below(48) as i64);
+
+        let tokens = 1 + rng.below(20) as i64;
+        let mut linear = Linear::new(vs.root() / "l", inp, out, bias);
+        linear.weight = linear.weight.to_kind(Kind::BFloat16);
+        linear.bias = linear.bias.map(|b| (b + 0.1).to_kind(Kind::BFloat16));
+        let xs = Tensor::randn([batch, tokens, inp], (Kind::BFloat16, tch::Device::Cpu));
+        let got = linear.forward(&xs).unwrap();
+        assert_eq!(got.kind(), Kind::BFloat16, "case {case}");
+        let wide = |t: &Tensor| t.to_kind(Kind::Float);
+        let expected = wide(&xs)
+            .linear(
+                &wide(&linear.weight),
+                linear.bias.as_ref().map(wide).as_ref(),
+            )
+            .to_kind(Kind::BFloat16);
+        assert!(got.equal(&expected), "case {case}: linear {inp}->{out}");
+        close(
+            &got,
+            &xs.linear(&linear.weight, linear.bias.as_ref()),
+            "linear",
+        );
+
+        let kernel = [1, 3][rng.below(2)];
+        let stride = 1 + rng.below(2) as i64;
+        let padding = kernel / 2;
+        let (c_in, c_out) = (1 + rng.below(16) as i64, 1 + rng.below(16) as i64);
+        let side = 2 + rng.below(10) as i64;
+        let mut conv =
+            Conv2d::with_bias(vs.root() / "c", c_in, c_out, kernel, stride, padding, bias);
+        conv.weight = conv.weight.to_kind(Kind::BFloat16);
+        conv.bias = conv.bias.map(|b| (b - 0.1).to_kind(Kind::BFloat16));
+        let xs = Tensor::randn(
+            [batch, c_in, side, side],
+            (Kind::BFloat16, tch::Device::Cpu),
+        );
+        let got = conv.forward(&xs).unwrap();
+        assert_eq!(got.kind(), Kind::BFloat16, "case {case}");
+        let conv_of = |xs: &Tensor, w: &Tensor, b: Option<&Tensor>| {
+            xs.conv2d(w, b, [stride, stride], [padding, padding], [1, 1], 1)
+        };
+        let expected = conv_of(
+            &wide(&xs),
+            &wide(&conv.weight),
+            conv.bias.as_ref().map(wide).as_ref(),
         )
-        .unwrap();
-    assert_eq!(out.kind(), Kind::BFloat16);
-    let expected = refs.get("unet_out");
-    let err = common::max_abs_diff(&out.to_kind(Kind::Float), &expected);
-    let scale = expected.abs().max().double_value(&[]);
-    eprintln!("bf16 UNet: max abs error {err:.3e} of {scale:.3}");
-    assert!(err < 0.05 * scale, "bf16 UNet error {err} too large");
+        .to_kind(Kind::BFloat16);
+        assert!(
+            got.equal(&expected),
+            "case {case}: conv {c_in}->{c_out} k{kernel} s{stride}"
+        );
+        close(
+            &got,
+            &conv_of(&xs, &conv.weight, conv.bias.as_ref()),
+            "conv",
+        );
+    }
 }
 
 /// Resident bytes (`Rss:` of /proc/self/smaps) of this process's mappings of `path`.

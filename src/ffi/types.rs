@@ -28,11 +28,12 @@ pub struct sd_image {
 
 /// Number type the weights are held and computed in (`sd_load_options.dtype`).
 pub type sd_dtype = i32;
-/// 32-bit float: the default, and the only sensible choice on the CPU.
+/// 32-bit float: the default, and the fastest on CPUs without AVX-512.
 pub const SD_DTYPE_FP32: sd_dtype = 0;
 /// 16-bit float: halves memory; for CUDA and MPS.
 pub const SD_DTYPE_FP16: sd_dtype = 1;
-/// bfloat16: halves memory; CPUs with bf16 support and recent GPUs.
+/// bfloat16: halves memory; fastest on CPUs with AVX-512 and on recent GPUs. Other CPUs
+/// widen each product to float32: the memory is halved, the step is somewhat slower.
 pub const SD_DTYPE_BF16: sd_dtype = 2;
 
 /// The step callback's answer: go on with the run.

@@ -8,6 +8,7 @@
 //! installed on the running thread ([`activate`]) each targeted layer adds
 //! `scale * up(down(x))` to its output, as diffusers' unfused PEFT layers do. With nothing
 //! installed a layer computes exactly what it computed before, bit for bit.
+use super::bf16_cpu;
 use crate::Result;
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -138,19 +139,14 @@ pub(crate) fn add_deltas(
     let mut ys = ys;
     for d in deltas {
         let low = match conv {
-            None => xs
-                .f_linear(&d.down, None::<Tensor>)?
-                .f_linear(&d.up, None::<Tensor>)?,
-            Some((stride, padding)) => xs
-                .f_conv2d(
-                    &d.down,
-                    None::<Tensor>,
-                    [stride, stride],
-                    [padding, padding],
-                    [1, 1],
-                    1,
-                )?
-                .f_conv2d(&d.up, None::<Tensor>, [1, 1], [0, 0], [1, 1], 1)?,
+            None => bf16_cpu::linear(&bf16_cpu::linear(xs, &d.down, None)?, &d.up, None)?,
+            Some((stride, padding)) => bf16_cpu::conv2d(
+                &bf16_cpu::conv2d(xs, &d.down, None, stride, padding)?,
+                &d.up,
+                None,
+                1,
+                0,
+            )?,
         };
         ys = ys.f_add(&low.f_mul_scalar(d.scale)?)?;
     }

@@ -1,6 +1,7 @@
 //! Layers shared by the UNet, the VAE and the text encoder. Each holds its variables in the
 //! `VarStore` under diffusers' names, so weights load by name, and every forward is fallible.
 use super::adapters::{self, LayerId, LayerShape};
+use super::bf16_cpu;
 use super::int8::{self, Int8Linear};
 use super::packed;
 use crate::Result;
@@ -287,7 +288,7 @@ impl Linear {
         if let Some(ys) = packed.and_then(|p| packed::linear(xs, p, self.bias.as_ref()).ok()) {
             return Ok(ys);
         }
-        Ok(xs.f_linear(&self.packed.dense(&self.weight)?, self.bias.as_ref())?)
+        bf16_cpu::linear(xs, &self.packed.dense(&self.weight)?, self.bias.as_ref())
     }
 }
 
@@ -374,14 +375,13 @@ impl Conv2d {
         if let Some(ys) = packed.and_then(|p| packed::conv(xs, p, bias, stride, padding).ok()) {
             return Ok(ys);
         }
-        Ok(xs.f_conv2d(
+        bf16_cpu::conv2d(
+            xs,
             &self.packed.dense(&self.weight)?,
             self.bias.as_ref(),
-            [stride, stride],
-            [padding, padding],
-            [1, 1],
-            1,
-        )?)
+            stride,
+            padding,
+        )
     }
 }
 
@@ -691,16 +691,24 @@ pub fn multi_head_attention(
         let len = t.size()[1];
         Ok(t.f_view([b, len, heads, head_dim])?.f_transpose(1, 2)?)
     };
-    let out = Tensor::f_scaled_dot_product_attention(
-        &split(q)?,
-        &split(k)?,
-        &split(v)?,
-        None::<Tensor>,
-        0.0,
-        causal,
-        None,
-        false,
-    )?;
+    let attend = |q: &Tensor, k: &Tensor, v: &Tensor| -> Result<Tensor> {
+        Ok(Tensor::f_scaled_dot_product_attention(
+            &split(q)?,
+            &split(k)?,
+            &split(v)?,
+            None::<Tensor>,
+            0.0,
+            causal,
+            None,
+            false,
+        )?)
+    };
+    let out = if bf16_cpu::widens(q) {
+        use bf16_cpu::wide;
+        attend(&wide(q)?, &wide(k)?, &wide(v)?)?.f_to_kind(Kind::BFloat16)?
+    } else {
+        attend(q, k, v)?
+    };
     Ok(out.f_transpose(1, 2)?.f_reshape([b, n, inner])?)
 }
 

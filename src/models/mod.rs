@@ -1,5 +1,6 @@
 //! The networks of Stable Diffusion.
 pub mod adapters;
+pub mod bf16_cpu;
 pub mod blocks;
 pub mod clip;
 pub mod clip_vision;
