@@ -196,6 +196,8 @@ fn child(args: &[String]) -> Result<()> {
         .map(|_| {
             let t = Instant::now();
             let _g = tch::no_grad_guard();
+            // As a generation encodes: each layer's in-place pages go once it has run.
+            let _layers = stable_diffusion::models::clip::release_layers_as_they_run();
             if sd.sdxl.is_some() {
                 let _ = (
                     sd.encode_prompt_sdxl(PROMPT, PROMPT, 1, 0)?,

@@ -76,6 +76,40 @@ fn lora_images_match_diffusers() {
     }
 }
 
+/// LoRAs in bf16 pipelines, whose text encoders stay in float32 from their files while the
+/// deltas are bound in bf16: the images are diffusers' float32 ones within bf16's rounding,
+/// much closer to them than to the images without the LoRAs, in SD 1.x and SDXL.
+#[test]
+fn lora_images_in_bf16_match_diffusers_within_rounding() {
+    let cases = common::cases("lora");
+    let refs = Refs::open("lora");
+    for name in ["sd1_kohya", "sd1_both", "sdxl_peft"] {
+        let case = cases["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap();
+        let options = stable_diffusion::pipeline::LoadOptions {
+            kind: tch::Kind::BFloat16,
+            ..Default::default()
+        };
+        let model = case["model"].as_str().unwrap();
+        let sd = StableDiffusion::load(&fixtures().join(model), &options).unwrap();
+        let mut params = common::case_params(case);
+        params.loras = loras_of(case);
+        let with = run(&sd, &params);
+        let expected = refs.get(&format!("out_{name}"));
+        let base = refs.get(&format!("out_{name}_base"));
+        let (err, effect) = (max_abs_diff(&with, &expected), max_abs_diff(&with, &base));
+        eprintln!("{name} in bf16: {err:.4} from diffusers' image, {effect:.4} from the base");
+        assert!(
+            err < 0.04 && err < effect / 2.0,
+            "{name}: {err} (effect {effect})"
+        );
+    }
+}
+
 /// Applying LoRAs is per call: a call without them, after calls with them (and after a
 /// refused one), gives the image of a freshly loaded pipeline bit for bit, in every family.
 #[test]

@@ -1191,8 +1191,14 @@ fn sdxl_single_files_make_the_folders_images() {
             serde_json::from_str(&std::fs::read_to_string(&vae_config).unwrap()).unwrap();
         json["force_upcast"] = serde_json::json!(false);
         std::fs::write(&vae_config, json.to_string()).unwrap();
+        // A float32 folder loaded in place in bf16 keeps its text encoders in float32: the
+        // copied folder holds them, like the file, in bf16.
+        let folder_options = LoadOptions {
+            copy_weights: true,
+            ..options.clone()
+        };
         let folder =
-            StableDiffusion::load(&dir, &options).unwrap_or_else(|e| panic!("{model}: {e}"));
+            StableDiffusion::load(&dir, &folder_options).unwrap_or_else(|e| panic!("{model}: {e}"));
         let overrides = ModelOverrides {
             config_dir: Some(dir.clone()),
             ..Default::default()

@@ -1,7 +1,7 @@
 //! Weight loading: errors that name the tensor, dtype conversion, and user files left untouched.
 mod common;
 
-use common::{copy_dir, fixtures, Refs};
+use common::{copy_dir, fixtures, Pick, Refs};
 use stable_diffusion::models::bf16_cpu;
 use stable_diffusion::pipeline::{LoadOptions, StableDiffusion, WeightKernels};
 use stable_diffusion::weights::single_file::ModelOverrides;
@@ -964,6 +964,97 @@ fn idle_parts_leave_memory_between_calls() {
             assert_eq!(common::max_abs_diff(&latents, &want), 0.0);
             idle(&format!("round {round} encoded an image"));
         }
+    }
+}
+
+/// In a bf16 pipeline on the CPU, a text encoder stored in float32 and used in place runs in
+/// float32 from its file: its conditioning is the float32 pipeline's cast to bf16, bit for bit
+/// (a bf16 copy, as with copied weights, differs by rounding). Under
+/// `release_layers_as_they_run`, as a generation encodes, its pages do not stay resident;
+/// without it they do. Seeded widths of the encoder and prompts; SD 1.x and SDXL's two
+/// encoders.
+#[test]
+fn bf16_pipeline_runs_a_float32_text_encoder_from_its_file() {
+    use stable_diffusion::models::clip::release_layers_as_they_run;
+    let _g = tch::no_grad_guard();
+    let mut rng = common::Rng::new(77);
+    let prompts = [
+        "a red circle",
+        "a photo of a cat, wearing sunglasses!",
+        "",
+        "a small green cross in the top left on a black background",
+    ];
+    let load = |root: &Path, kind, copy_weights| {
+        let options = LoadOptions {
+            kind,
+            copy_weights,
+            ..Default::default()
+        };
+        StableDiffusion::load(root, &options).unwrap()
+    };
+    for case in 0..2u64 {
+        let model = ScratchModel::new("tiny-sd1", &format!("bf16te{case}"));
+        let intermediate = 2048 * (1 + rng.below(3) as i64);
+        model.widen_text_encoder(intermediate, case);
+        let text_file = model.root.join("text_encoder").join("model.safetensors");
+        let widened = (2 * 5 * intermediate * 32 * 4) as u64;
+        let float32 = load(&model.root, Kind::Float, false);
+        let bf16 = load(&model.root, Kind::BFloat16, false);
+        let copied = load(&model.root, Kind::BFloat16, true);
+        for _ in 0..2 {
+            let (prompt, negative) = (*rng.pick(&prompts), *rng.pick(&prompts));
+            let want = float32
+                .encode_prompt_pair(prompt, negative, 1, 0)
+                .unwrap()
+                .to_kind(Kind::BFloat16);
+            let got = bf16.encode_prompt_pair(prompt, negative, 1, 0).unwrap();
+            assert_eq!(got.kind(), Kind::BFloat16);
+            assert!(got.equal(&want), "case {case}: {prompt:?} / {negative:?}");
+            let held_in_bf16 = copied.encode_prompt_pair(prompt, negative, 1, 0).unwrap();
+            let rounding = common::max_abs_diff(
+                &held_in_bf16.to_kind(Kind::Float),
+                &want.to_kind(Kind::Float),
+            );
+            assert!(
+                rounding > 0.0 && rounding < 0.1,
+                "case {case}: a bf16 copy differs by {rounding}"
+            );
+        }
+        // A direct encode leaves the pages resident (the check below can fail); one made as a
+        // generation makes it does not. (The float32 pipeline maps the same file.)
+        float32.release_idle_weights();
+        let _ = bf16.encode_prompt("a blue square", 1, 0).unwrap();
+        let resident = mapped_rss_bytes(&text_file);
+        assert!(
+            resident > widened * 3 / 4,
+            "case {case}: {resident} resident"
+        );
+        bf16.release_idle_weights();
+        {
+            let _layers = release_layers_as_they_run();
+            let _ = bf16.encode_prompt("a blue square", 1, 0).unwrap();
+        }
+        // What stays: small tensors read whole, and neighbours of a released layer that a
+        // later fault maps back with its page-cache folio (a generation then lets go of all).
+        let resident = mapped_rss_bytes(&text_file);
+        assert!(resident < widened / 4, "case {case}: {resident} resident");
+    }
+
+    // SDXL's two encoders: states and pooled outputs.
+    let root = fixtures().join("tiny-sdxl");
+    let float32 = load(&root, Kind::Float, false);
+    let bf16 = load(&root, Kind::BFloat16, false);
+    for prompt in prompts {
+        let (states, pooled) = float32.encode_prompt_sdxl(prompt, "a dog", 2, 0).unwrap();
+        let (got_states, got_pooled) = bf16.encode_prompt_sdxl(prompt, "a dog", 2, 0).unwrap();
+        assert!(
+            got_states.equal(&states.to_kind(Kind::BFloat16)),
+            "{prompt:?}"
+        );
+        assert!(
+            got_pooled.equal(&pooled.to_kind(Kind::BFloat16)),
+            "{prompt:?}"
+        );
     }
 }
 

@@ -137,12 +137,21 @@ pub(crate) fn add_deltas(
         return Ok(ys);
     };
     let mut ys = ys;
+    // Deltas are bound in the pipeline's dtype; a layer held in another (a float32 text
+    // encoder in a bf16 pipeline) gets them in its own.
+    let in_kind = |t: &Tensor| -> Result<Tensor> {
+        Ok(match t.kind() == xs.kind() {
+            true => t.shallow_clone(),
+            false => t.f_to_kind(xs.kind())?,
+        })
+    };
     for d in deltas {
+        let (down, up) = (in_kind(&d.down)?, in_kind(&d.up)?);
         let low = match conv {
-            None => bf16_cpu::linear(&bf16_cpu::linear(xs, &d.down, None)?, &d.up, None)?,
+            None => bf16_cpu::linear(&bf16_cpu::linear(xs, &down, None)?, &up, None)?,
             Some((stride, padding)) => bf16_cpu::conv2d(
-                &bf16_cpu::conv2d(xs, &d.down, None, stride, padding)?,
-                &d.up,
+                &bf16_cpu::conv2d(xs, &down, None, stride, padding)?,
+                &up,
                 None,
                 1,
                 0,

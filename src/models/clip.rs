@@ -171,10 +171,31 @@ struct EncoderLayer {
     fc2: Linear,
     heads: i64,
     act: Activation,
+    /// Its weights that may be used in place, let go as soon as it has run while
+    /// [`release_layers_as_they_run`] is in force.
+    mapped: MappedWeights,
+}
+
+thread_local! {
+    static RELEASE_LAYERS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// While the returned guard lives, text encoders running on this thread let the pages of each
+/// layer's in-place weights go as soon as that layer has run, so that an encoder is never
+/// resident whole: a pipeline encodes this way when the encoder's pages would be let go after
+/// the encode anyway, and a bf16 pipeline's UNet, a heap copy, stays resident beside it.
+pub fn release_layers_as_they_run() -> super::blocks::FlagGuard {
+    super::blocks::FlagGuard::set(&RELEASE_LAYERS, true)
 }
 
 impl EncoderLayer {
     fn new(vs: nn::Path, c: &ClipTextConfig, act: Activation) -> Self {
+        let (mut layer, mapped) = collect_mapped(|| Self::build(vs, c, act));
+        layer.mapped = mapped;
+        layer
+    }
+
+    fn build(vs: nn::Path, c: &ClipTextConfig, act: Activation) -> Self {
         let d = c.hidden_size;
         let attn = &vs / "self_attn";
         Self {
@@ -188,6 +209,7 @@ impl EncoderLayer {
             fc2: Linear::new(&vs / "mlp" / "fc2", c.intermediate_size, d, true),
             heads: c.num_attention_heads,
             act,
+            mapped: MappedWeights::default(),
         }
     }
 
@@ -203,7 +225,11 @@ impl EncoderLayer {
         let xs = xs.f_add(&self.out_proj.forward(&attn)?)?;
         let h = self.layer_norm2.forward(&xs)?;
         let h = self.fc2.forward(&self.act.apply(&self.fc1.forward(&h)?)?)?;
-        Ok(xs.f_add(&h)?)
+        let out = xs.f_add(&h)?;
+        if RELEASE_LAYERS.with(std::cell::Cell::get) {
+            self.mapped.release();
+        }
+        Ok(out)
     }
 }
 
@@ -220,6 +246,8 @@ pub struct ClipTextTransformer {
     adapter_targets: Targets,
     /// Its weights that may be used in place ([`ClipTextTransformer::release_mapped_weights`]).
     mapped: MappedWeights,
+    /// The dtype its outputs are handed on in, when not its own ([`ClipTextTransformer::with_output_kind`]).
+    output_kind: Option<Kind>,
 }
 
 /// SDXL's view of a text encoder's output (see [`ClipTextTransformer::forward_penultimate`]).
@@ -285,6 +313,21 @@ impl ClipTextTransformer {
             config: config.clone(),
             adapter_targets: Targets::new(),
             mapped: MappedWeights::default(),
+            output_kind: None,
+        })
+    }
+
+    /// The encoder, handing its hidden states and pooled outputs on in `kind` (a float32
+    /// encoder used in place inside a bf16 pipeline on the CPU, see the loader).
+    pub fn with_output_kind(mut self, kind: Kind) -> Self {
+        self.output_kind = (kind != self.kind()).then_some(kind);
+        self
+    }
+
+    fn output(&self, xs: Tensor) -> Result<Tensor> {
+        Ok(match self.output_kind {
+            Some(kind) => xs.f_to_kind(kind)?,
+            None => xs,
         })
     }
 
@@ -316,7 +359,7 @@ impl ClipTextTransformer {
         for layer in &self.layers[..self.layers.len() - clip_skip] {
             xs = layer.forward(&xs)?;
         }
-        self.final_layer_norm.forward(&xs)
+        self.output(self.final_layer_norm.forward(&xs)?)
     }
 
     /// SDXL's conditioning (diffusers' `hidden_states[-(clip_skip + 2)]`): the hidden states
@@ -359,7 +402,7 @@ impl ClipTextTransformer {
             }
             xs = layer.forward(&xs)?;
         }
-        let hidden = hidden.unwrap_or_else(|| xs.shallow_clone());
+        let hidden = self.output(hidden.unwrap_or_else(|| xs.shallow_clone()))?;
         if !pooled {
             return Ok(TextStates {
                 hidden,
@@ -384,7 +427,7 @@ impl ClipTextTransformer {
         };
         Ok(TextStates {
             hidden,
-            pooled: Some(pooled),
+            pooled: Some(self.output(pooled)?),
         })
     }
 

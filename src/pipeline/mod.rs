@@ -1344,7 +1344,12 @@ impl StableDiffusion {
 
         let cfg = params.guidance > 1.0;
         let editing = init.is_some() || handed.is_some();
-        let context = self.text_context(params, cfg, width, height, editing, &stop);
+        let context = {
+            // Their pages go after the encode anyway; layer by layer, the encoders are never
+            // resident whole beside a UNet held in memory.
+            let _layers = crate::models::clip::release_layers_as_they_run();
+            self.text_context(params, cfg, width, height, editing, &stop)
+        };
         // The text encoders are done whatever the outcome (see `release_idle_weights`).
         self.release_text_encoders();
         let (context, added) = context?;
